@@ -1,0 +1,184 @@
+"""Tiny checkpoints in the exact official `-Diffusers` layout, written by the reference stack itself.
+
+Every parity test in this suite compares our code with diffusers/transformers at the *same weights*. The weights
+live in folders that diffusers' and transformers' own `save_pretrained` wrote, laid out like the official
+Skywork/SkyReels-V2-*-Diffusers folders (model_index.json, transformer/, vae/, text_encoder/ sharded with its
+index, tokenizer/spiece.model, and for I2V image_encoder/ and image_processor/). So loading is tested too.
+
+Folders (session-scoped, built once, a few seconds in all):
+  t2v    SkyReelsV2Pipeline                                 in_channels 16
+  i2v    SkyReelsV2ImageToVideoPipeline   + CLIP tower      in_channels 36, image_dim, added_kv_proj_dim
+  flf2v  SkyReelsV2ImageToVideoPipeline   + CLIP tower      as i2v plus pos_embed_seq_len (first-last frame)
+  df     SkyReelsV2DiffusionForcingPipeline                 inject_sample_info=True (fps conditioning)
+"""
+import io
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# A small multilingual corpus for the tokenizer: enough pieces that real prompts split into many tokens.
+CORPUS = [
+    "A cat and a dog baking a cake together in a kitchen.",
+    "The cat is carefully measuring flour, while the dog is stirring the batter with a wooden spoon.",
+    "The kitchen is cozy, with sunlight streaming through the window.",
+    "CG animation style, a small blue bird takes off from the ground, flapping its wings.",
+    "The camera follows the bird upward, capturing its flight and the vastness of the sky.",
+    "A serene lake surrounded by towering mountains, with a few swans gracefully gliding across the water.",
+    "一只猫和一只狗在厨房里一起烤蛋糕。阳光透过窗户洒进来，厨房里很温馨。",
+    "镜头跟随小鸟向上飞，捕捉它的飞行和天空的辽阔。",
+    "Le chat et le chien préparent un gâteau à la cuisine, près de la fenêtre ensoleillée.",
+    "Über den Wolken muss die Freiheit wohl grenzenlos sein. Straße, Größe, schön.",
+    "El pájaro azul despega del suelo, batiendo sus alas bajo el cielo despejado.",
+    "青い鳥が地面から飛び立ち、空高く舞い上がる。カメラは鳥を追いかける。",
+    "Кошка и собака пекут торт на кухне. Солнечный свет льётся через окно.",
+    "고양이와 개가 부엌에서 함께 케이크를 굽고 있다.",
+    "Ο γάτος και ο σκύλος ψήνουν ένα κέικ μαζί στην κουζίνα.",
+    "Một con mèo và một con chó đang nướng bánh cùng nhau trong bếp.",
+    "Bright colors, overexposed, static, blurred details, subtitles, worst quality, low quality, JPEG artifacts.",
+    "ugly, incomplete, extra fingers, poorly drawn hands, deformed, disfigured, misshapen limbs, fused fingers.",
+]
+
+HEIGHT, WIDTH = 32, 48  # -> 4x6 latents -> 2x3 tokens per latent frame
+
+
+def seed_sigmas(n):
+    """The seed's (and the original SkyReels-V2's) unshifted sigma spacing: linspace(0.999, 0, n+1)[:-1]."""
+    return np.linspace(0.999, 0.0, n + 1)[:-1]
+
+
+def make_seed_spaced_scheduler_class():
+    """diffusers >= 0.37 spaces flow sigmas as linspace(1, 1/1000, n+1)[:-1], which no longer reproduces the seed's
+    step table (999, 995, 991, ...). The pipelines call `scheduler.set_timesteps(n)` with no sigmas, so for parity we
+    give them a scheduler whose set_timesteps hands the seed's sigmas to diffusers' own `set_timesteps(sigmas=...)`.
+    diffusers then applies the shift itself; nothing else about its solver changes."""
+    from diffusers import UniPCMultistepScheduler
+
+    class SeedSpacedUniPC(UniPCMultistepScheduler):
+        def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None):
+            if sigmas is None:
+                sigmas = seed_sigmas(num_inference_steps)
+            super().set_timesteps(device=device, sigmas=sigmas, mu=mu)
+
+    return SeedSpacedUniPC
+
+
+def randomize_(module, seed):
+    """diffusers zero-initialises some parameters (output projections, pos_embed); give every parameter non-zero
+    random values so that every weight matters in a comparison. Scales keep activations O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            r = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if name.endswith("gamma") or ("norm" in name and name.endswith("weight")):
+                v = 1.0 + 0.1 * r
+            elif p.ndim >= 2:
+                v = r / max(1.0, p[0].numel()) ** 0.5
+            else:
+                v = 0.1 * r
+            p.copy_(v.to(p.dtype))
+    return module
+
+
+def train_spiece(path):
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS * 8), model_writer=buf, vocab_size=400, model_type="unigram",
+        character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
+        minloglevel=2)
+    with open(path, "wb") as f:
+        f.write(buf.getvalue())
+
+
+def tiny_text_config(vocab_size):
+    from transformers import UMT5Config
+
+    return UMT5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                      feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", layer_norm_epsilon=1e-6,
+                      is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False)
+
+
+TINY_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+                        out_channels=16, text_dim=32, freq_dim=32, ffn_dim=48, num_layers=2, cross_attn_norm=True,
+                        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32)
+TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
+TINY_CLIP = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+                 patch_size=8, projection_dim=16, hidden_act="gelu", layer_norm_eps=1e-5)
+CLIP_TOKENS = (32 // 8) ** 2 + 1
+
+
+def _tokenizer(root):
+    from transformers import AutoTokenizer
+
+    raw = os.path.join(root, "_spiece")
+    os.makedirs(raw, exist_ok=True)
+    train_spiece(os.path.join(raw, "spiece.model"))
+    from transformers import T5Tokenizer
+
+    tok = T5Tokenizer.from_pretrained(raw, extra_ids=0)
+    return tok, os.path.join(raw, "spiece.model")
+
+
+def build_folder(root, kind, tok, spiece):
+    from diffusers import (AutoencoderKLWan, SkyReelsV2DiffusionForcingPipeline, SkyReelsV2ImageToVideoPipeline,
+                           SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler)
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection, UMT5EncoderModel
+
+    torch.manual_seed(0)
+    text_encoder = randomize_(UMT5EncoderModel(tiny_text_config(len(tok))), 1).eval()
+    vae = randomize_(AutoencoderKLWan(**TINY_VAE), 2).eval()
+    tcfg = dict(TINY_TRANSFORMER)
+    shift = 5.0 if kind in ("i2v", "flf2v") else 8.0
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
+    extra = {}
+    if kind in ("i2v", "flf2v"):
+        inner = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
+        tcfg.update(in_channels=36, image_dim=TINY_CLIP["hidden_size"], added_kv_proj_dim=inner)
+        if kind == "flf2v":
+            tcfg.update(pos_embed_seq_len=2 * CLIP_TOKENS)
+        extra["image_encoder"] = randomize_(CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CLIP)), 3).eval()
+        extra["image_processor"] = CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True, do_resize=True,
+            resample=3, image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
+        cls = SkyReelsV2ImageToVideoPipeline
+    elif kind == "df":
+        tcfg.update(inject_sample_info=True)
+        cls = SkyReelsV2DiffusionForcingPipeline
+    else:
+        cls = SkyReelsV2Pipeline
+    transformer = randomize_(SkyReelsV2Transformer3DModel(**tcfg), 4).eval()
+    pipe = cls(tokenizer=tok, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler, **extra)
+    path = os.path.join(root, kind)
+    pipe.save_pretrained(path)
+    # Shard the text encoder (as the official 22 GB UMT5-XXL is) so every load exercises the index.
+    shutil.rmtree(os.path.join(path, "text_encoder"))
+    text_encoder.save_pretrained(os.path.join(path, "text_encoder"), max_shard_size="20KB")
+    # transformers 5 writes tokenizer.json only; the official folders carry spiece.model, which is what we read.
+    shutil.copy(spiece, os.path.join(path, "tokenizer", "spiece.model"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_folders(tmp_path_factory):
+    """{kind: path} for the four tiny official-layout folders."""
+    root = str(tmp_path_factory.mktemp("ckpt"))
+    tok, spiece = _tokenizer(root)
+    return {kind: build_folder(root, kind, tok, spiece) for kind in ("t2v", "i2v", "flf2v", "df")}
+
+
+def diffusers_pipeline(path):
+    """The reference pipeline for a tiny folder, float32 on CPU, with the seed's sigma spacing."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32)
+    pipe.scheduler = make_seed_spaced_scheduler_class().from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
