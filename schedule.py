@@ -1,1 +1,170 @@
-"""(to be written)"""
+"""The noise schedule, the diffusion-forcing step matrix, and the UniPC solver that walks it.
+
+Read in order: `timesteps` picks the sigmas, `step_matrix` decides which latent frame sits at which sigma at each
+iteration, and `unipc_step` moves every frame that the matrix updates one step along its own schedule.
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def timesteps(num_inference_steps, shift):
+    """The timesteps the model sees, (n,) int64, and the sigmas the solver walks, (n+1,) float32 ending in 0.
+
+    The spacing is the original SkyReels-V2's: linspace(0.999, 0, n+1)[:-1], then the flow shift. diffusers >= 0.37
+    spaces flow sigmas as linspace(1, 1/1000, n+1)[:-1] instead, which no longer reproduces the original step table
+    (999, 995, 991, ... for 30 steps at shift 8). The arithmetic (float64 in numpy, timesteps truncated, sigmas then
+    rounded to float32) is diffusers' own, so both give identical values for the same spacing.
+    """
+    s = np.linspace(0.999, 0.0, num_inference_steps + 1)[:-1]
+    sigmas = shift * s / (1 + (shift - 1) * s)  # a shift > 1 spends more steps at high noise
+    ts = torch.from_numpy(sigmas * 1000).long()
+    return ts, torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))
+
+
+def step_matrix(num_latent_frames, step_template, base_num_latent_frames, ar_step=0, num_pre_ready=0,
+                causal_block_size=1):
+    """Diffusion forcing's schedule: which timestep every latent frame is at, iteration by iteration.
+
+    Frames are grouped in causal blocks of `causal_block_size` that always share a timestep. Each block walks the
+    same template, but starts `ar_step` iterations after the block before it, so earlier frames are always cleaner
+    than later ones (ar_step=0: all blocks in lock-step). The first `num_pre_ready` frames (a video prefix) are
+    already clean and never updated.
+
+    Progress is an index into the padded template [999, *step_template, 0]: index 0 is "not started" (pure noise,
+    999), index i in 1..n is "at step_template[i-1]", and index n+1 is "finished" (clean, 0). A frame is updated at
+    an iteration when its index moved there and it is not finished; updating it denoises from that timestep on.
+
+    The model sees at most `base_num_latent_frames` frames at once: `valid_interval[i] = (start, end)` is that
+    window for iteration i. It slides right by a block whenever the block just past its end starts, and keeps the
+    last `base_num_latent_frames` frames that have started.
+
+    Returns step_matrix (iterations, F) int64 timesteps, step_index (iterations, F) template indices, update_mask
+    (iterations, F) bool, and valid_interval, a list of (start, end) frame ranges; F is num_latent_frames rounded
+    down to whole blocks.
+    """
+    n = len(step_template)
+    num_blocks = num_latent_frames // causal_block_size
+    window_blocks = base_num_latent_frames // causal_block_size
+    # With a sliding window, the first block must finish before the window has to move past it.
+    if window_blocks < num_blocks and ar_step < n / window_blocks:
+        raise ValueError(f"`ar_step` should be at least {math.ceil(n / window_blocks)} in your setting "
+                         f"({n} steps, a window of {window_blocks} blocks), got {ar_step}")
+    template = torch.cat([torch.tensor([999]), step_template.long().cpu(), torch.tensor([0])])
+    finished = n + 1
+
+    row = torch.zeros(num_blocks, dtype=torch.long)
+    row[:num_pre_ready // causal_block_size] = finished
+    rows, masks = [], []
+    while (row < n).any():
+        new = torch.zeros_like(row)
+        for b in range(num_blocks):
+            if b == 0 or row[b - 1] >= n:  # nothing ahead of it is still denoising: advance one step
+                new[b] = row[b] + 1
+            else:  # trail the block ahead by ar_step steps
+                new[b] = new[b - 1] - ar_step
+        new = new.clamp(0, finished)
+        masks.append((new != row) & (new != finished))
+        rows.append(new)
+        row = new
+
+    intervals, end = [], window_blocks
+    for mask in masks:
+        if end < num_blocks and mask[end]:
+            end += 1
+        intervals.append((max(end - window_blocks, 0) * causal_block_size, end * causal_block_size))
+
+    step_index = torch.stack(rows).repeat_interleave(causal_block_size, dim=1)  # (iterations, F)
+    update_mask = torch.stack(masks).repeat_interleave(causal_block_size, dim=1)
+    return template[step_index].to(step_template.device), step_index, update_mask, intervals
+
+
+@dataclass
+class UniPC:
+    """Per-frame solver state: every latent frame has its own position on the sigma schedule and its own history."""
+    sigmas: torch.Tensor  # (n+1,) float32, ends in 0
+    step: torch.Tensor  # (F,) int64: steps each frame has taken, its index into sigmas
+    x0: torch.Tensor = None  # (B, C, F, H, W) float32: each frame's x0 prediction at its latest step
+    x0_prev: torch.Tensor = None  # ... and at the step before
+    last_sample: torch.Tensor = None  # the sample each frame's latest step started from (after correction)
+    alias_first_step: bool = False
+
+
+def unipc_init(sigmas, num_frames, alias_first_step=False):
+    """alias_first_step=True reproduces the diffusion-forcing loops of the original SkyReels-V2 and of diffusers. They
+    write each frame's step result into the very tensor its scheduler kept as "last sample", which at a frame's
+    first step is a view of the latents. So the corrector at the frame's second step starts from the first step's
+    output instead of its input. The lock-step (T2V, I2V) pipelines do not do this."""
+    return UniPC(sigmas=sigmas, step=torch.zeros(num_frames, dtype=torch.long), alias_first_step=alias_first_step)
+
+
+def _per_frame(c):
+    return c[:, None, None]  # (F,) -> (F, 1, 1): broadcasts over (B, C, F, H, W)
+
+
+def _log_snr(sigma):
+    return torch.log(1 - sigma) - torch.log(sigma)  # flow matching: x = (1 - sigma) * x0 + sigma * noise
+
+
+def _uni_bh2(x, m0, m1, sigma_t, sigma_s0, sigma_s1, order, model_t=None):
+    """One UniPC update (B(h) = e^h - 1, "bh2") from sigma_s0 to sigma_t, in the x0 (data) parameterisation.
+
+    x is the sample at sigma_s0; m0 and m1 are x0 predictions at sigma_s0 and at sigma_s1, the step before, and m1
+    is used where order == 2. Without model_t this is the predictor UniP. With model_t, the x0 prediction at
+    sigma_t, it is the corrector UniC, which recomputes the sample at sigma_t using that prediction too.
+    sigma_* and order are (F,): each frame has its own coefficients.
+    """
+    second = order == 2
+    lam_s0 = _log_snr(sigma_s0)
+    h = _log_snr(sigma_t) - lam_s0
+    rk = torch.where(second, (_log_snr(sigma_s1) - lam_s0) / h, -1.0)  # -1: any harmless value for order 1
+    hh = -h  # the x0 parameterisation integrates in -lambda
+    h_phi_1 = torch.expm1(hh)
+    b_h = h_phi_1  # bh2: B(h) = e^h - 1
+    d1 = (m1 - m0) / _per_frame(rk)
+    x_t = _per_frame(sigma_t / sigma_s0) * x - _per_frame((1 - sigma_t) * h_phi_1) * m0
+    if model_t is None:  # UniP-2 uses the fixed weight 1/2 on the first difference
+        res = _per_frame(torch.where(second, 0.5, 0.0)) * d1
+    else:  # UniC-2 weights solve R rho = b, R = [[1, 1], [rk, 1]], as diffusers does (bit-identical); UniC-1: 1/2
+        phi_2 = h_phi_1 / hh - 1
+        b = torch.stack([phi_2 / b_h, (phi_2 / hh - 0.5) * 2 / b_h], dim=-1)  # (f, 2)
+        R = torch.ones(len(rk), 2, 2, dtype=rk.dtype, device=rk.device)
+        R[:, 1, 0] = rk
+        rho = torch.linalg.solve(R, b)  # (f, 2)
+        rho_1, rho_t = torch.where(second, rho[:, 0], 0.0), torch.where(second, rho[:, 1], 0.5)
+        res = _per_frame(rho_1) * d1 + _per_frame(rho_t) * (model_t - m0)
+    return x_t - _per_frame((1 - sigma_t) * b_h) * res
+
+
+def unipc_step(state, model_output, latents, update):
+    """Step the frames in `update` ((F,) bool) one sigma along their own schedules; the rest stay as they are.
+
+    model_output is the flow prediction (noise - x0) for all frames of latents, (B, C, F, H, W). This is diffusers'
+    UniPCMultistepScheduler (flow_prediction, solver_order=2, bh2, lower_order_final) with one scheduler per frame.
+    """
+    f = update.cpu().nonzero()[:, 0]  # the frames that step now
+    n, sig, k = len(state.sigmas) - 1, state.sigmas.to(latents.device), state.step[f].to(latents.device)  # k: (f,)
+    if (k >= n).any():
+        raise ValueError("a frame was stepped past the end of its schedule")
+    if state.x0 is None:
+        state.x0, state.x0_prev, state.last_sample = (torch.zeros_like(latents, dtype=torch.float32) for _ in range(3))
+    prev, prev2 = (k - 1).clamp(min=0), (k - 2).clamp(min=0)  # clamped where unused: first steps have no history
+    x = latents[:, :, f].float()  # (B, C, f, H, W)
+    m0, m1, last = state.x0[:, :, f], state.x0_prev[:, :, f], state.last_sample[:, :, f]
+    x0 = x - _per_frame(sig[k]) * model_output[:, :, f].float()
+
+    # UniC: from a frame's second step on, redo its previous step with the x0 just predicted at its end.
+    corrected = _uni_bh2(last, m0, m1, sig[k], sig[prev], sig[prev2], torch.where(k >= 2, 2, 1), model_t=x0)
+    x = torch.where(_per_frame(k > 0), corrected, x)
+    # UniP: second order, except at a frame's first step (no history yet) and its last, to sigma = 0.
+    x_next = _uni_bh2(x, x0, m0, sig[k + 1], sig[k], sig[prev], torch.where((k == 0) | (k == n - 1), 1, 2))
+
+    if state.alias_first_step:
+        x = torch.where(_per_frame(k == 0), x_next, x)
+    state.x0_prev[:, :, f], state.x0[:, :, f], state.last_sample[:, :, f] = m0, x0, x
+    state.step[f] += 1
+    out = latents.clone()
+    out[:, :, f] = x_next.to(latents.dtype)
+    return out
