@@ -1,1 +1,477 @@
-"""(to be written)"""
+"""SkyReels-V2 networks: the video DiT and the CLIP vision tower of the image-to-video checkpoints.
+
+One DiT class serves every checkpoint; the variants are switches in its config.json:
+  T2V    one timestep per sample, text cross-attention;
+  I2V    36 input channels (noise + mask + image latents) and CLIP image tokens as extra keys/values in the
+         cross-attention; first-last-frame checkpoints add a learned position table for the two images' tokens;
+  DF     diffusion forcing: one timestep per latent frame, fps conditioning (inject_sample_info), and optionally
+         block-causal self-attention.
+Parameter names are the official checkpoint keys (diffusers' for transformer/, transformers'
+CLIPVisionModelWithProjection for image_encoder/), so a state dict loads strictly by name. Modules are built on
+the meta device and filled from the checkpoint, so nothing here registers buffers.
+"""
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+
+def gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+def quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)
+
+
+def fields_from(cls, config):
+    """Dataclass cls from a config.json dict; keys that are not its fields (class names, versions) are ignored."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The DiT
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    # Defaults are diffusers' SkyReelsV2Transformer3DModel defaults, so a config.json that omits a key means the same.
+    patch_size: tuple = (1, 2, 2)
+    num_attention_heads: int = 16
+    attention_head_dim: int = 128
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 8192
+    num_layers: int = 32
+    cross_attn_norm: bool = True
+    qk_norm: str = "rms_norm_across_heads"  # every checkpoint; diffusers builds the q, k RMS norms whatever it says
+    eps: float = 1e-6
+    image_dim: int | None = None  # I2V: width of the CLIP image tokens
+    added_kv_proj_dim: int | None = None  # I2V: input width of the image key/value projections
+    rope_max_seq_len: int = 1024  # positions per axis (frames, height, width) the rotary embedding covers
+    pos_embed_seq_len: int | None = None  # first-last frame: tokens of the two images together
+    inject_sample_info: bool = False  # DF: fps conditioning
+
+    @classmethod
+    def from_config(cls, config):
+        return fields_from(cls, config)
+
+    @property
+    def dim(self):
+        return self.num_attention_heads * self.attention_head_dim
+
+
+# Named sizes; a checkpoint's variant adds switches, e.g. I2V: in_channels=36, image_dim=1280,
+# added_kv_proj_dim=dim; first-last frame: pos_embed_seq_len=514; DF: inject_sample_info=True.
+DIT_CONFIGS = {
+    "tiny": DiTConfig(num_attention_heads=2, attention_head_dim=12, text_dim=32, freq_dim=32, ffn_dim=48,
+                      num_layers=2, rope_max_seq_len=32),
+    "1.3B": DiTConfig(num_attention_heads=12, ffn_dim=8960, num_layers=30),
+    "14B": DiTConfig(num_attention_heads=40, ffn_dim=13824, num_layers=40),
+}
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in float32 and returned in the input's dtype, as the reference's FP32LayerNorm: mean and
+    variance over thousands of channels of the residual stream are where bf16 rounding would hurt most."""
+
+    def forward(self, x):
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class MLP(nn.Module):
+    """Linear, activation, Linear, under the names of diffusers' FeedForward (net.0.proj, net.2; net.1 was a
+    dropout)."""
+
+    def __init__(self, dim_in, hidden, dim_out, act):
+        super().__init__()
+        self.net = nn.ModuleList([nn.Module(), nn.Identity(), nn.Linear(hidden, dim_out)])
+        self.net[0].proj = nn.Linear(dim_in, hidden)
+        self.act = act
+
+    def forward(self, x):
+        return self.net[2](self.act(self.net[0].proj(x)))
+
+
+class TwoLinear(nn.Module):
+    """Linear, activation, Linear, under the names linear_1, linear_2 (the time and text embedders)."""
+
+    def __init__(self, dim_in, dim, act):
+        super().__init__()
+        self.linear_1, self.linear_2, self.act = nn.Linear(dim_in, dim), nn.Linear(dim, dim), act
+
+    def forward(self, x):
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding [cos | sin] of t (...) -> (..., dim), float64: t reaches 1000, and in float32 the phase
+    t * freq would already be off by ~1e-4. (diffusers: flip_sin_to_cos=True, downscale_freq_shift=0.)"""
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=t.device) / (dim // 2))
+    phase = t.double()[..., None] * freqs  # (..., dim/2)
+    return torch.cat([phase.cos(), phase.sin()], dim=-1)
+
+
+def rope_tables(head_dim, f, h, w, device, theta=10000.0):
+    """3D rotary angles for an f x h x w token grid: cos, sin (f*h*w, head_dim/2), float32. The head dimension is
+    split in a height and a width part of 2*(head_dim//6) channels each and a frame part of the rest; each part
+    rotates its channel pairs by its own axis position."""
+    hw_dim = 2 * (head_dim // 6)
+    angles = []
+    for n, d in ((f, head_dim - 2 * hw_dim), (h, hw_dim), (w, hw_dim)):
+        freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
+        angles.append(torch.arange(n, dtype=torch.float64, device=device)[:, None] * freqs)  # (n, d/2)
+    grid = torch.cat([angles[0][:, None, None].expand(f, h, w, -1), angles[1][None, :, None].expand(f, h, w, -1),
+                      angles[2][None, None, :].expand(f, h, w, -1)], dim=-1)  # (f, h, w, head_dim/2)
+    grid = grid.flatten(0, 2)  # (f*h*w, head_dim/2), tokens in (frame, row, column) order
+    return grid.cos().float(), grid.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the channel pairs (2i, 2i+1) of x (B, H, L, Dh) by the angles of cos, sin (L, Dh/2); in float32
+    (the products promote), rounded once to x's dtype."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, L, Dh/2) each
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+def block_causal_attention(q, k, v, block_tokens):
+    """Self-attention where the queries of block b see the keys of blocks 0..b. One SDPA call per block over its
+    prefix: exact, and each call can use the flash kernel, where a dense (L, L) mask costs L^2 memory (2.6 GB at
+    540P) and a slower kernel. A trailing partial block is a block of its own (diffusers cannot build its mask
+    when the frames are not a multiple of the block size)."""
+    out = torch.empty_like(q)
+    for start in range(0, q.shape[2], block_tokens):
+        end = min(start + block_tokens, q.shape[2])
+        out[:, :, start:end] = F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end])
+    return out
+
+
+class Attention(nn.Module):
+    """Multi-head attention with q and k RMS-normed across all heads. Self-attention gets the rotary tables;
+    cross-attention gets the text tokens, and in I2V also the image tokens through their own key/value
+    projections, whose attention output is added to the text's."""
+
+    def __init__(self, dim, heads, eps, added_kv_dim=None):
+        super().__init__()
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # to_out.1 was a dropout
+        self.norm_q, self.norm_k = nn.RMSNorm(dim, eps=eps), nn.RMSNorm(dim, eps=eps)
+        if added_kv_dim is not None:
+            self.add_k_proj, self.add_v_proj = nn.Linear(added_kv_dim, dim), nn.Linear(added_kv_dim, dim)
+            self.norm_added_k = nn.RMSNorm(dim, eps=eps)
+
+    def split_heads(self, x):
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, L, D) -> (B, H, L, Dh)
+
+    def forward(self, x, context=None, image_context=None, rope=None, causal_block_tokens=0):
+        source = x if context is None else context
+        q = self.split_heads(self.norm_q(self.to_q(x)))
+        k = self.split_heads(self.norm_k(self.to_k(source)))
+        v = self.split_heads(self.to_v(source))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if causal_block_tokens:
+            out = block_causal_attention(q, k, v, causal_block_tokens)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        if image_context is not None:
+            k_img = self.split_heads(self.norm_added_k(self.add_k_proj(image_context)))
+            v_img = self.split_heads(self.add_v_proj(image_context))
+            out = out + F.scaled_dot_product_attention(q, k_img, v_img)
+        return self.to_out[0](out.transpose(1, 2).flatten(2))  # (B, L, D)
+
+
+def modulate(norm, x, shift, scale):
+    """norm(x) * (1 + scale) + shift, with x (B, L, D) and shift, scale (B, G, 1, D) for G groups of frames (one
+    group: a timestep per sample; F groups: a timestep per latent frame). Broadcast per group, so no (L, D)
+    modulation tensor is built; float32 as the reference, rounded once to x's dtype."""
+    y = norm(x.float()).unflatten(1, (shift.shape[1], -1))  # (B, G, L/G, D)
+    return (y * (1 + scale) + shift).flatten(1, 2).type_as(x)
+
+
+def gated_residual(x, y, gate):
+    """x + y * gate per frame group (as `modulate`), summed in float32 as the reference, rounded once."""
+    out = x.float().unflatten(1, (gate.shape[1], -1)) + y.unflatten(1, (gate.shape[1], -1)) * gate
+    return out.flatten(1, 2).type_as(x)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = LayerNorm32(dim, cfg.eps, elementwise_affine=False)
+        self.attn1 = Attention(dim, cfg.num_attention_heads, cfg.eps)
+        self.norm2 = LayerNorm32(dim, cfg.eps) if cfg.cross_attn_norm else nn.Identity()
+        self.attn2 = Attention(dim, cfg.num_attention_heads, cfg.eps, cfg.added_kv_proj_dim)
+        self.norm3 = LayerNorm32(dim, cfg.eps, elementwise_affine=False)
+        self.ffn = MLP(dim, cfg.ffn_dim, dim, gelu_tanh)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x, context, image_context, mod, rope, causal_block_tokens):
+        """x (B, L, D); mod (B, G, 1, 6, D) float32, the timestep modulation of each frame group."""
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + mod).unbind(-2)  # (B, G, 1, D)
+        y = self.attn1(modulate(self.norm1, x, shift, scale), rope=rope, causal_block_tokens=causal_block_tokens)
+        x = gated_residual(x, y, gate)
+        x = x + self.attn2(self.norm2(x.float()).type_as(x), context, image_context)
+        return gated_residual(x, self.ffn(modulate(self.norm3, x, c_shift, c_scale)), c_gate)
+
+
+class ImageEmbedder(nn.Module):
+    """CLIP image tokens -> model width: LayerNorm, GELU MLP, LayerNorm. First-last-frame checkpoints first add
+    a learned position table over the two images' tokens, so the model can tell the first frame from the last."""
+
+    def __init__(self, image_dim, dim, pos_embed_seq_len):
+        super().__init__()
+        self.norm1 = LayerNorm32(image_dim)
+        self.ff = MLP(image_dim, image_dim, dim, F.gelu)
+        self.norm2 = LayerNorm32(dim)
+        self.pos_embed = None
+        if pos_embed_seq_len is not None:
+            self.pos_embed = nn.Parameter(torch.zeros(1, pos_embed_seq_len, image_dim))
+
+    def forward(self, x):
+        if self.pos_embed is not None:
+            if x.shape[1] != self.pos_embed.shape[1]:
+                raise ValueError(f"this first-last-frame model takes {self.pos_embed.shape[1]} image tokens (the first "
+                                 f"and last images' CLIP tokens, concatenated), got {x.shape[1]}")
+            x = x + self.pos_embed
+        return self.norm2(self.ff(self.norm1(x)))
+
+
+class ConditionEmbedder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.time_embedder = TwoLinear(cfg.freq_dim, cfg.dim, F.silu)
+        self.time_proj = nn.Linear(cfg.dim, 6 * cfg.dim)
+        self.text_embedder = TwoLinear(cfg.text_dim, cfg.dim, gelu_tanh)
+        self.image_embedder = None
+        if cfg.image_dim is not None:
+            self.image_embedder = ImageEmbedder(cfg.image_dim, cfg.dim, cfg.pos_embed_seq_len)
+
+
+class DiT(nn.Module):
+    """The SkyReels-V2 diffusion transformer (Wan 2.1 architecture). `load_transformer` builds it on the meta
+    device and fills it from a checkpoint; built elsewhere it is randomly initialised (a tiny model for tests)."""
+
+    # Float32 whatever the load dtype, as diffusers' _keep_in_fp32_modules: the timestep MLP and the modulation
+    # tables scale every residual update, and the norms' affine weights act on float32 normalised values.
+    keep_fp32 = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.condition_embedder = ConditionEmbedder(cfg)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
+        self.norm_out = LayerNorm32(dim, cfg.eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(dim, cfg.out_channels * math.prod(cfg.patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        if cfg.inject_sample_info:
+            self.fps_embedding = nn.Embedding(2, dim)  # the two frame rates trained: 16 and 24
+            self.fps_projection = MLP(dim, dim, 6 * dim, F.silu)
+        # Some Wan-family checkpoints carry an unused query norm for the image tokens; diffusers skips it too.
+        self.ignored_keys = tuple(f"blocks.{i}.attn2.norm_added_q." for i in range(cfg.num_layers))
+        self.rope_cache = {}  # (f, h, w, device) -> (cos, sin): the same grid recurs every step
+
+    def rope(self, f, h, w, device):
+        if max(f, h, w) > self.config.rope_max_seq_len:
+            raise ValueError(f"a {f}x{h}x{w} token grid exceeds rope_max_seq_len {self.config.rope_max_seq_len}")
+        key = (f, h, w, str(device))
+        if key not in self.rope_cache:
+            self.rope_cache[key] = rope_tables(self.config.attention_head_dim, f, h, w, device)
+        return self.rope_cache[key]
+
+    def forward(self, x, t, context, image_context=None, fps=None, causal_block_size=1):
+        """The flow prediction (B, out_channels, F, H, W) for latents x (B, in_channels, F, H, W) at timesteps t:
+        (B,) one per sample, or (B, F) one per latent frame (diffusion forcing). context (B, L, text_dim) is the
+        text embedding; image_context (B, L_img, image_dim) the CLIP penultimate hidden states of the image (I2V),
+        or of the first and the last image concatenated along the tokens (first-last frame). fps (int) is the video
+        frame rate, for checkpoints with inject_sample_info. With causal_block_size k > 1, latent frames form blocks
+        of k and a block's tokens attend only to their own block and the blocks before it."""
+        cfg, te = self.config, self.condition_embedder
+        dtype = self.patch_embedding.weight.dtype
+        if (image_context is None) != (te.image_embedder is None):
+            raise ValueError("image_context is required by image-to-video checkpoints, and only by them")
+        if cfg.inject_sample_info and fps is None:
+            raise ValueError("this checkpoint is conditioned on fps: pass fps (16 or 24)")
+        B, pt, ph, pw = x.shape[0], *cfg.patch_size
+        f, h, w = x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
+        x = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2)  # (B, f*h*w, D)
+
+        t = t.to(x.device).reshape(B, -1)  # (B, G): G = 1 group of frames, or G = f groups of one frame each
+        if t.shape[1] not in (1, f):
+            raise ValueError(f"t must hold one timestep per sample or per latent frame ({f}), got {t.shape[1]}")
+        temb = te.time_embedder(timestep_embedding(t, cfg.freq_dim).float())  # (B, G, D) float32
+        # The reference rounds the time embedding to the model dtype here; the projection runs in that dtype.
+        temb = temb.to(dtype)
+        e = te.time_proj(F.silu(temb)).unflatten(-1, (6, -1))  # (B, G, 6, D)
+        if cfg.inject_sample_info:
+            index = torch.full((B,), 0 if fps == 16 else 1, device=x.device)
+            e = e + self.fps_projection(self.fps_embedding(index)).unflatten(-1, (6, -1))[:, None]  # + (B, 1, 6, D)
+        mod = e.float()[:, :, None]  # (B, G, 1, 6, D): broadcast over each group's tokens
+
+        context = te.text_embedder(context.to(dtype))
+        if image_context is not None:
+            image_context = te.image_embedder(image_context.to(dtype))
+        rope = self.rope(f, h, w, x.device)
+        block_tokens = causal_block_size * h * w if causal_block_size > 1 else 0
+        for block in self.blocks:
+            x = block(x, context, image_context, mod, rope, block_tokens)
+
+        shift, scale = (self.scale_shift_table + temb[:, :, None, None]).unbind(-2)  # (B, G, 1, D) float32
+        x = self.proj_out(modulate(self.norm_out, x, shift, scale))  # (B, f*h*w, pt*ph*pw*C)
+        x = x.reshape(B, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, f, pt, h, ph, w, pw)
+        return x.reshape(B, -1, f * pt, h * ph, w * pw)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The CLIP vision tower (image-to-video checkpoints)
+
+
+CLIP_ACTS = {"gelu": F.gelu, "quick_gelu": quick_gelu}
+
+
+@dataclass(frozen=True)
+class CLIPVisionConfig:
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    image_size: int = 224
+    patch_size: int = 32
+    num_channels: int = 3
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    @classmethod
+    def from_config(cls, config):
+        return fields_from(cls, config)
+
+    def __post_init__(self):
+        if self.hidden_act not in CLIP_ACTS:
+            raise ValueError(f"CLIP hidden_act {self.hidden_act!r} is not supported ({', '.join(CLIP_ACTS)})")
+
+
+CLIP_CONFIGS = {  # defaults above are transformers' CLIPVisionConfig defaults
+    "tiny": CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                             image_size=32, patch_size=8, hidden_act="gelu"),
+    "ViT-H/14": CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                 num_attention_heads=16, patch_size=14, hidden_act="gelu"),
+}
+
+
+class CLIPLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.hidden_size
+        self.heads, self.act = cfg.num_attention_heads, CLIP_ACTS[cfg.hidden_act]
+        self.layer_norm1 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.self_attn = nn.Module()
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            setattr(self.self_attn, name, nn.Linear(d, d))
+        self.layer_norm2 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(d, cfg.intermediate_size), nn.Linear(cfg.intermediate_size, d)
+
+    def forward(self, x):
+        a, y = self.self_attn, self.layer_norm1(x)
+        q, k, v = (p(y).unflatten(-1, (self.heads, -1)).transpose(1, 2) for p in (a.q_proj, a.k_proj, a.v_proj))
+        x = x + a.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))  # (N, T, D)
+        return x + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(x))))
+
+
+class CLIPVision(nn.Module):
+    """transformers' CLIPVisionModelWithProjection, computed up to what SkyReels-V2 uses: the penultimate
+    hidden states. The last layer, post_layernorm and visual_projection are never run, so they are not built;
+    the loader skips their keys."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        d = cfg.hidden_size
+        vm = self.vision_model = nn.Module()  # plain containers that give the checkpoint's key prefixes
+        vm.embeddings = nn.Module()
+        vm.embeddings.class_embedding = nn.Parameter(torch.randn(d) / d**0.5)
+        vm.embeddings.patch_embedding = nn.Conv2d(cfg.num_channels, d, cfg.patch_size, cfg.patch_size, bias=False)
+        vm.embeddings.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2 + 1, d)
+        vm.pre_layrnorm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        vm.encoder = nn.Module()
+        vm.encoder.layers = nn.ModuleList([CLIPLayer(cfg) for _ in range(cfg.num_hidden_layers - 1)])
+        self.ignored_keys = (f"vision_model.encoder.layers.{cfg.num_hidden_layers - 1}.",
+                             "vision_model.post_layernorm.", "visual_projection.")
+
+    def forward(self, pixels):
+        """pixels (N, 3, S, S) from `clip_preprocess` -> (N, 1 + (S/patch)^2, hidden): transformers'
+        `hidden_states[-2]`, the class token and the patch tokens after all layers but the last."""
+        emb = self.vision_model.embeddings
+        x = emb.patch_embedding(pixels.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)  # (N, P, D)
+        x = torch.cat([emb.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + emb.position_embedding.weight
+        x = self.vision_model.pre_layrnorm(x)
+        for layer in self.vision_model.encoder.layers:
+            x = layer(x)
+        return x
+
+
+def clip_preprocess(images, config):
+    """A PIL image or (H, W, 3) uint8 array, or a list of them -> (N, 3, crop, crop) float32 pixels, exactly as
+    transformers' CLIPImageProcessor (PIL backend) with `config` the parsed image_processor/preprocessor_config.json:
+    RGB (alpha over white), shortest side resized with the configured PIL filter, center crop, rescale, normalise."""
+    if not all(config.get(f"do_{step}", True) for step in ("resize", "center_crop", "rescale", "normalize")):
+        raise ValueError("CLIP preprocessing is supported with every step on (resize, crop, rescale, normalize)")
+    out = []
+    for image in images if isinstance(images, (list, tuple)) else [images]:
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
+        image = image.convert("RGB")
+        w, h = image.size
+        short = config["size"]["shortest_edge"]
+        # transformers truncates the long side: int(), not round()
+        size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)  # PIL (width, height)
+        image = image.resize(size, resample=config.get("resample", 3))
+        ch, cw = config["crop_size"]["height"], config["crop_size"]["width"]
+        top, left = (image.height - ch) // 2, (image.width - cw) // 2
+        if top < 0 or left < 0:
+            raise ValueError(f"crop {ch}x{cw} is larger than the resized image {image.height}x{image.width}")
+        x = np.asarray(image)[top:top + ch, left:left + cw]  # (crop, crop, 3) uint8
+        x = (x.astype(np.float64) * config["rescale_factor"]).astype(np.float32)
+        x = (x - np.array(config["image_mean"], np.float32)) / np.array(config["image_std"], np.float32)
+        out.append(x.transpose(2, 0, 1))
+    return torch.from_numpy(np.stack(out))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading (skyreels.py imports this module, so it is imported here only when loading)
+
+
+def _load(cls, config_cls, folder, dtype, device):
+    import skyreels
+
+    cfg = config_cls.from_config(skyreels.read_json(os.path.join(folder, "config.json")))
+    with torch.device("meta"):  # no memory: every tensor is then read once, cast and placed
+        module = cls(cfg)
+    return skyreels.load_weights(module, folder, dtype, device).eval()
+
+
+def load_transformer(folder, dtype=torch.bfloat16, device="cpu"):
+    """The DiT of a checkpoint's transformer/ folder, strictly (skyreels.CheckpointError if it does not fit)."""
+    return _load(DiT, DiTConfig, folder, dtype, device)
+
+
+def load_clip(folder, dtype=torch.float32, device="cpu"):
+    """The CLIP vision tower of a checkpoint's image_encoder/ folder, strictly."""
+    return _load(CLIPVision, CLIPVisionConfig, folder, dtype, device)

@@ -1,1 +1,264 @@
-"""(to be written)"""
+"""The text condition: prompt cleaning, UMT5's SentencePiece tokenizer, and the UMT5 encoder.
+
+SkyReels-V2 (like Wan 2.1) conditions its DiT on the last hidden state of the UMT5-XXL encoder. A prompt is
+cleaned, tokenized to 512 ids ending in </s>, encoded, and the rows past the prompt's own tokens are set to zero:
+
+    tokenizer = Tokenizer("…/tokenizer/spiece.model")
+    encoder = load_text_encoder("…/text_encoder", torch.bfloat16, "cuda")
+    context = encode_prompts(tokenizer, encoder, ["A cat and a dog baking a cake."])   # (1, 512, 4096)
+"""
+import html
+import math
+import os
+import re
+from dataclasses import dataclass, fields
+
+import sentencepiece
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class UMT5Config:
+    """Sizes of the encoder, named as in text_encoder/config.json. The defaults are UMT5-XXL's."""
+    vocab_size: int = 256384
+    d_model: int = 4096
+    d_kv: int = 64  # per head
+    d_ff: int = 10240
+    num_layers: int = 24
+    num_heads: int = 64
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "gated-gelu"
+
+    @classmethod
+    def from_config(cls, config):
+        """From the dict in config.json; keys that do not size the encoder are ignored."""
+        known = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in config.items() if k in known})
+        if cfg.feed_forward_proj != "gated-gelu":
+            raise ValueError(f"only the gated-gelu feed-forward of UMT5 is implemented, not {cfg.feed_forward_proj!r}")
+        return cfg
+
+
+# The tests' tiny encoder (its 325-piece vocabulary is the tiny test tokenizer's).
+TINY_CONFIG = dict(vocab_size=325, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts to token ids
+
+# diffusers runs ftfy.fix_text before unescaping HTML twice and collapsing whitespace. ftfy is not a dependency
+# here. Of its fixes, two change the tokens of ordinary prompts and are done here: curly quotes made straight,
+# invisible control characters dropped. Its width, ligature and NFC fixes are redone by the tokenizer's NFKC
+# normaliser. Its mojibake repair ("Ã©" -> "é") and terminal-escape removal only touch broken text: skipped.
+_FTFY_FIXES = {
+    **dict.fromkeys([0x02BC, *range(0x2018, 0x201C)], "'"),
+    **dict.fromkeys(range(0x201C, 0x2020), '"'),
+    **dict.fromkeys([*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF,
+                     *range(0xFFF9, 0xFFFD)]),
+}
+
+
+def clean_prompt(text):
+    """diffusers' prompt_clean (ftfy aside, see above): HTML entities unescaped twice, whitespace collapsed."""
+    if not isinstance(text, str):
+        raise ValueError(f"a prompt must be a string, got {type(text).__name__}")
+    text = html.unescape(html.unescape(text)).translate(_FTFY_FIXES)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class Tokenizer:
+    """UMT5's tokenizer. Prompts are cleaned as diffusers cleans them, then tokenized as transformers' T5Tokenizer
+    does with padding="max_length", truncation=True: the prompt's pieces, </s> (kept last when truncating), then
+    <pad> up to max_length; the mask covers up to </s>.
+
+    transformers normalises with the model's NFKC character map, splits on whitespace and prepends "▁" to each word;
+    SentencePiece's own encoder does the same. The one difference: transformers first matches the special tokens'
+    text ("</s>" in "<s>gone</s>", say) and emits their ids, so we split those out too. (T5's <extra_id_N> sentinels
+    are special to transformers as well, but are not in spiece.model and do not occur in prompts.)
+    """
+
+    def __init__(self, path):
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        self.pad_id, self.eos_id = self.sp.pad_id(), self.sp.eos_id()
+        self.specials = {self.sp.id_to_piece(i): i for i in (self.pad_id, self.eos_id, self.sp.unk_id())}
+        self.special_text = re.compile("(" + "|".join(map(re.escape, self.specials)) + ")")
+
+    def encode(self, text):
+        """Token ids of one cleaned prompt, without </s>."""
+        ids = []
+        for i, part in enumerate(self.special_text.split(text)):  # odd parts are the special tokens matched
+            ids += [self.specials[part]] if i % 2 else self.sp.encode(part)
+        return ids
+
+    def __call__(self, prompts, max_length=512):
+        """prompts (a string or a list of B strings) -> ids, mask: (B, max_length) int64."""
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("prompts must be a string or a non-empty list of strings")
+        if not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+        ids = torch.full((len(prompts), max_length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts):
+            tokens = self.encode(clean_prompt(prompt))[: max_length - 1] + [self.eos_id]
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            mask[row, : len(tokens)] = 1
+        return ids, mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The UMT5 encoder. Module and parameter names follow the checkpoint: encoder.block.{i}.layer.{0,1}.…
+
+
+class RMSNorm(nn.Module):
+    """T5's layer norm: scale by the root mean square, no mean, no bias. The mean square is taken in float32, as
+    in the reference: a bf16 mean of 4096 squares, with its 8 significant bits, would make the scale itself noisy."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(self.weight.dtype)
+
+
+def relative_position_buckets(length, num_buckets, max_distance, device):
+    """(L, L) bucket of key position j seen from query position i, bidirectional as in T5's encoder. Half the
+    buckets are for keys after the query, half for keys at or before it; within a half, distances below a quarter
+    of num_buckets get a bucket each, longer ones logarithmically wider buckets, and all from max_distance on the last.
+    """
+    pos = torch.arange(length, device=device)
+    relative = pos[None, :] - pos[:, None]  # (L, L): key minus query
+    half = num_buckets // 2
+    exact = half // 2
+    distance = relative.abs()
+    # The float operations in the reference's order, so that distances on a bucket boundary round the same way.
+    log_ratio = torch.log(distance.clamp(min=exact).float() / exact) / math.log(max_distance / exact) * (half - exact)
+    far = (exact + log_ratio.long()).clamp(max=half - 1)
+    return half * (relative > 0).long() + torch.where(distance < exact, distance, far)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        inner = cfg.num_heads * cfg.d_kv
+        self.q = nn.Linear(cfg.d_model, inner, bias=False)
+        self.k = nn.Linear(cfg.d_model, inner, bias=False)
+        self.v = nn.Linear(cfg.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, cfg.d_model, bias=False)
+        # UMT5 learns a position bias in every layer (T5 shares the first layer's).
+        self.relative_attention_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
+        self.num_heads = cfg.num_heads
+
+    def forward(self, x, buckets, keep):
+        """x (B, L, d_model), buckets (L, L) long, keep (B, L) bool: False at padding."""
+        B, L, _ = x.shape
+        q, k, v = (proj(x).view(B, L, self.num_heads, -1).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        bias = self.relative_attention_bias(buckets).permute(2, 0, 1)  # (H, L, L)
+        # Padding keys get the lowest finite value, as in transformers, rather than -inf.
+        mask = torch.where(keep[:, None, None, :], bias, torch.finfo(bias.dtype).min)  # (B, H, L, L)
+        # No 1/sqrt(d_kv) scaling: T5 folds it into the initialisation of q.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # (B, H, L, d_kv)
+        return self.o(out.transpose(1, 2).reshape(B, L, -1))
+
+
+def gelu_tanh(x):
+    """T5's "gelu_new", GELU's tanh approximation, written out as the original code and transformers write it: in
+    bf16 each step rounds, and F.gelu(x, approximate="tanh"), which rounds once, would differ by a bf16 ulp."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class GatedFeedForward(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.wi_0 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.wo(gelu_tanh(self.wi_0(x)) * self.wi_1(x))
+
+
+class AttentionLayer(nn.Module):  # layer.0
+    def __init__(self, cfg):
+        super().__init__()
+        self.SelfAttention = Attention(cfg)
+        self.layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+
+    def forward(self, x, buckets, keep):
+        return x + self.SelfAttention(self.layer_norm(x), buckets, keep)
+
+
+class FeedForwardLayer(nn.Module):  # layer.1
+    def __init__(self, cfg):
+        super().__init__()
+        self.DenseReluDense = GatedFeedForward(cfg)
+        self.layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+
+    def forward(self, x):
+        return x + self.DenseReluDense(self.layer_norm(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layer = nn.ModuleList([AttentionLayer(cfg), FeedForwardLayer(cfg)])
+
+    def forward(self, x, buckets, keep):
+        return self.layer[1](self.layer[0](x, buckets, keep))
+
+
+class UMT5Encoder(nn.Module):
+    # transformers ties the encoder's embedding to `shared`; a checkpoint may store it under either name, or both.
+    checkpoint_aliases = {"encoder.embed_tokens.weight": "shared.weight"}
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.encoder = nn.ModuleDict(dict(  # a dict only so that the names are the checkpoint's
+            block=nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)]),
+            final_layer_norm=RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)))
+
+    def forward(self, ids, mask):
+        """ids, mask (B, L) -> last hidden state (B, L, d_model). Rows at padding are computed but meaningless."""
+        if ids.ndim != 2 or ids.shape != mask.shape:
+            raise ValueError(f"ids and mask must be (batch, length), got {tuple(ids.shape)} and {tuple(mask.shape)}")
+        c = self.config
+        buckets = relative_position_buckets(ids.shape[1], c.relative_attention_num_buckets,
+                                            c.relative_attention_max_distance, ids.device)
+        keep = mask.bool()
+        x = self.shared(ids)
+        for block in self.encoder["block"]:
+            x = block(x, buckets, keep)
+        return self.encoder["final_layer_norm"](x)
+
+
+def load_text_encoder(folder, dtype=torch.float32, device="cpu"):
+    """The encoder from a text_encoder/ folder (config.json and safetensors, sharded or not). It is built on the
+    meta device and each checkpoint tensor is cast and placed as it is read, so a bf16 UMT5-XXL (11 GB) never
+    exists in float32."""
+    import skyreels  # here rather than at the top, because skyreels imports this module
+
+    cfg = UMT5Config.from_config(skyreels.read_json(os.path.join(folder, "config.json")))
+    with torch.device("meta"):
+        encoder = UMT5Encoder(cfg)
+    return skyreels.load_weights(encoder, folder, dtype, device)
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, encoder, prompts, max_length=512, device=None):
+    """The DiT's text condition, (B, max_length, d_model), on `device` (default: the encoder's): each prompt's encoder
+    output over its own tokens (</s> included), then zeros. The DiT's cross-attention reads all max_length rows, so
+    the padding rows must be these exact zeros, as in diffusers' _get_t5_prompt_embeds and the original code."""
+    ids, mask = tokenizer(prompts, max_length)
+    here = encoder.shared.weight.device
+    hidden = encoder(ids.to(here), mask.to(here))
+    hidden = hidden.masked_fill(~mask.to(here).bool()[..., None], 0.0)  # the mask is ones, then zeros: a trim
+    return hidden if device is None else hidden.to(device)

@@ -174,11 +174,12 @@ def tiny_folders(tmp_path_factory):
     return {kind: build_folder(root, kind, tok, spiece) for kind in ("t2v", "i2v", "flf2v", "df")}
 
 
-def diffusers_pipeline(path):
-    """The reference pipeline for a tiny folder, float32 on CPU, with the seed's sigma spacing."""
+def diffusers_pipeline(path, cls=None):
+    """The reference pipeline for a tiny folder (as `cls`, default the folder's own), float32 on CPU, with the seed's
+    sigma spacing."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32)
+    pipe = (cls or DiffusionPipeline).from_pretrained(path, torch_dtype=torch.float32)
     pipe.scheduler = make_seed_spaced_scheduler_class().from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
