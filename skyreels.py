@@ -10,6 +10,8 @@ import os
 import torch
 from safetensors import SafetensorError, safe_open
 
+import schedule
+
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used. The message is one line and names the file."""
@@ -103,3 +105,406 @@ def load_weights(module, folder, dtype=torch.float32, device="cpu"):
                 state[ours] = t.to(device=device, dtype=to if t.is_floating_point() else t.dtype)
         module.load_state_dict(state, strict=False, assign=True)
     return module
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline: components, defaults, inputs
+
+KINDS = {"SkyReelsV2Pipeline": "t2v", "SkyReelsV2ImageToVideoPipeline": "i2v",
+         "SkyReelsV2DiffusionForcingPipeline": "df"}
+# The seed's recommendations per mode: (steps, guidance scale, flow shift).
+DEFAULTS = {"t2v": (50, 6.0, 8.0), "i2v": (50, 5.0, 5.0), "df": (30, 6.0, 8.0), "df-i2v": (30, 5.0, 5.0),
+            "v2v": (30, 5.0, 5.0)}
+TEMPORAL, SPATIAL = 4, 8  # the Wan VAE's compression
+
+
+def kind_of(path):
+    """'t2v', 'i2v' or 'df', from model_index.json's _class_name (or a tiny-* name), without loading weights."""
+    if path in ("tiny-t2v", "tiny-i2v", "tiny-df"):
+        return path[5:]
+    if not os.path.isdir(path):
+        raise CheckpointError(f"no model folder at {path}")
+    name = read_json(os.path.join(path, "model_index.json")).get("_class_name")
+    if name not in KINDS:
+        raise CheckpointError(f"{path}/model_index.json names {name}, not a SkyReels-V2 pipeline ({', '.join(KINDS)})")
+    return KINDS[name]
+
+
+def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch.float32):
+    """A ready pipeline from an official -Diffusers folder (or a Hugging Face id, or tiny-t2v/i2v/df)."""
+    import model, text, vae
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if path.startswith("tiny-"):
+        return tiny_pipeline(path, device, dtype)
+    if not os.path.isdir(path):
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise CheckpointError(f"no model folder at {path}; download it first, e.g. `huggingface-cli download "
+                                  f"{path} --local-dir {path.split('/')[-1]}`") from None
+        path = snapshot_download(path)
+    kind = kind_of(path)
+    home = torch.device("cpu") if offload else device  # offloaded components wait on the CPU
+    sub = lambda name: os.path.join(path, name)  # noqa: E731
+    spiece = sub("tokenizer/spiece.model")
+    if not os.path.isfile(spiece):
+        raise CheckpointError(f"missing file: {spiece}")
+    clip = preprocess = None
+    if kind == "i2v":
+        clip = model.load_clip(sub("image_encoder"), dtype, home)
+        preprocess = read_json(sub("image_processor/preprocessor_config.json"))
+    return Pipeline(kind, text.Tokenizer(spiece), text.load_text_encoder(sub("text_encoder"), dtype, home),
+                    model.load_transformer(sub("transformer"), dtype, home), vae.load_vae(sub("vae"), vae_dtype, home),
+                    clip, preprocess, device, offload)
+
+
+TINY_CORPUS = ["A cat and a dog baking a cake together in a kitchen.", "The camera follows a small blue bird upward.",
+               "一只猫和一只狗在厨房里一起烤蛋糕。", "Le chat et le chien préparent un gâteau.", "Bright colors, static."]
+
+
+def tiny_pipeline(name, device, dtype):
+    """tiny-t2v / tiny-i2v / tiny-df: random-weight tiny models built in memory, for a download-free smoke run and for
+    stepping through the algorithm in a debugger. Their videos are noise."""
+    import dataclasses
+    import tempfile
+
+    import sentencepiece
+
+    import model, text, vae
+
+    kind = name[5:]
+    spiece = os.path.join(tempfile.mkdtemp(), "spiece.model")
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(TINY_CORPUS * 4), model_prefix=spiece[:-6], vocab_size=200, character_coverage=1.0,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2)
+    torch.manual_seed(0)
+    dit = model.DIT_CONFIGS["tiny"]
+    clip = preprocess = None
+    if kind == "i2v":
+        clip_cfg = model.CLIP_CONFIGS["tiny"]
+        dit = dataclasses.replace(dit, in_channels=36, image_dim=clip_cfg.hidden_size, added_kv_proj_dim=dit.dim)
+        clip = model.CLIPVision(clip_cfg).to(device, dtype).eval()
+        preprocess = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, resample=3,
+                          rescale_factor=1 / 255, image_mean=[0.48145466, 0.4578275, 0.40821073],
+                          image_std=[0.26862954, 0.26130258, 0.27577711])
+    if kind == "df":
+        dit = dataclasses.replace(dit, inject_sample_info=True)
+    return Pipeline(kind, text.Tokenizer(spiece),
+                    text.UMT5Encoder(text.UMT5Config.from_config(text.TINY_CONFIG)).to(device, dtype).eval(),
+                    model.DiT(dit).to(device, dtype).eval(), vae.VAE(vae.CONFIGS["tiny"]).to(device).eval(),
+                    clip, preprocess, device, False)
+
+def to_pil(image, what):
+    """A PIL RGB image from a PIL image, an (H, W, 3) uint8 array or a path."""
+    from PIL import Image
+    import numpy as np
+
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            return Image.open(image).convert("RGB")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read {what} {image}: {e}") from None
+    if isinstance(image, np.ndarray):
+        return Image.fromarray(image if image.dtype == np.uint8 else (np.clip(image, 0, 1) * 255).round()
+                               .astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
+def read_video(video):
+    """A list of PIL frames from a list of frames or a video file."""
+    if not isinstance(video, (str, os.PathLike)):
+        return [to_pil(f, "video frame") for f in video]
+    import imageio.v2 as imageio
+
+    try:
+        return [to_pil(f, "video frame") for f in imageio.mimread(video, memtest=False)]
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"cannot read video {video}: {e}") from None
+
+
+def pixels(images, height, width):
+    """PIL images -> (1, 3, F, H, W) float32 in [-1, 1], resized as diffusers' VideoProcessor does (Lanczos)."""
+    import numpy as np
+    from PIL import Image
+
+    arrays = [np.asarray(im.resize((width, height), resample=Image.LANCZOS), dtype=np.float32) / 255.0 for im in images]
+    return (2.0 * torch.from_numpy(np.stack(arrays)) - 1.0).permute(3, 0, 1, 2)[None]  # (1, 3, F, H, W)
+
+
+def to_frames(video):
+    """(1, 3, F, H, W) in [-1, 1] -> float32 numpy (F, H, W, 3) in [0, 1], as diffusers' output_type="np"."""
+    return (video[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).float().cpu().numpy()
+
+
+class Pipeline:
+    def __init__(self, kind, tokenizer, text_encoder, transformer, vae, clip, clip_preprocess, device, offload):
+        self.kind, self.tokenizer, self.text_encoder, self.transformer = kind, tokenizer, text_encoder, transformer
+        self.vae, self.clip, self.clip_preprocess, self.device, self.offload = vae, clip, clip_preprocess, device, offload
+
+    def on_device(self, module):
+        """With offload, move `module` to the GPU for its turn (and everything else off it)."""
+        if self.offload:
+            for m in (self.text_encoder, self.transformer, self.vae, self.clip):
+                if m is not None and m is not module:
+                    m.to("cpu")
+            module.to(self.device)
+        return module
+
+    def generate(self, prompt, negative_prompt="", image=None, last_image=None, video=None, height=544, width=960,
+                 num_frames=97, num_inference_steps=None, guidance_scale=None, shift=None, generator=None, seed=None,
+                 ar_step=0, causal_block_size=None, base_num_frames=97, overlap_history=None, addnoise_condition=0,
+                 fps=24, max_sequence_length=512, output_type="np"):
+        """float32 frames (F, H, W, 3) in [0, 1], or with output_type="latent" the final latents."""
+        args = dict(locals())
+        del args["self"]
+        if output_type == "latent":
+            return torch.cat(list(self.stream(**args)), dim=2)
+        import numpy as np
+
+        return np.concatenate(list(self.stream(**args)))
+
+    def stream(self, prompt, negative_prompt="", image=None, last_image=None, video=None, height=544, width=960,
+               num_frames=97, num_inference_steps=None, guidance_scale=None, shift=None, generator=None, seed=None,
+               ar_step=0, causal_block_size=None, base_num_frames=97, overlap_history=None, addnoise_condition=0,
+               fps=24, max_sequence_length=512, output_type="np", progress=None):
+        """`generate` as an iterator of finished frame chunks (F_i, H, W, 3), window by window, so a long video can be
+        written as it is made. Every setting is checked before this returns; `progress(step, total)` is called
+        after each denoising step."""
+        mode = self.kind if self.kind != "df" else "df-i2v" if image is not None else "v2v" if video is not None \
+            else "df"
+        if self.kind == "i2v" and image is None:
+            raise ValueError("an I2V checkpoint needs an image")
+        if image is None and last_image is not None:
+            raise ValueError("last_image needs image (the first frame) too")
+        if (self.kind == "t2v" and image is not None) or (video is not None and self.kind != "df"):
+            raise ValueError(f"a {self.kind.upper()} checkpoint cannot take "
+                             f"{'an image' if image is not None else 'a video'}: that needs a "
+                             f"{'I2V or DF' if image is not None else 'DF'} checkpoint")
+        if video is not None and image is not None:
+            raise ValueError("give an image or a video, not both")
+        if height <= 0 or width <= 0 or height % 16 or width % 16:
+            raise ValueError(f"height and width must be positive multiples of 16, got {height}x{width}")
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be at least 1, got {num_frames}")
+        num_frames = (num_frames - 1) // TEMPORAL * TEMPORAL + 1  # rounded down to 1 + 4k, as diffusers does
+        steps, guidance, default_shift = DEFAULTS[mode]
+        steps = steps if num_inference_steps is None else num_inference_steps
+        guidance = guidance if guidance_scale is None else guidance_scale
+        shift = default_shift if shift is None else shift
+        if steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
+        if shift <= 0:
+            raise ValueError(f"shift must be positive, got {shift}")
+        if generator is None and seed is not None:
+            generator = torch.Generator().manual_seed(seed)
+        ts, sigmas = schedule.timesteps(steps, shift)
+        image = None if image is None else to_pil(image, "image")
+        last_image = None if last_image is None else to_pil(last_image, "last_image")
+        frames = None if video is None else read_video(video)
+        job = dict(mode=mode, prompt=prompt, negative_prompt=negative_prompt, image=image, last_image=last_image,
+                   video=frames, height=height, width=width, num_frames=num_frames, ts=ts, sigmas=sigmas,
+                   guidance=guidance, generator=generator, fps=fps, max_sequence_length=max_sequence_length,
+                   latent=output_type == "latent", progress=progress)
+        if self.kind != "df":
+            return self.run_lockstep(**job)
+        windows = plan_windows(mode, num_frames, base_num_frames, overlap_history, causal_block_size or 1, ar_step,
+                               ts, last_image is not None, None if frames is None else len(frames))
+        return self.run_diffusion_forcing(windows=windows, causal_block_size=causal_block_size or 1,
+                                          addnoise_condition=addnoise_condition, **job)
+
+    # -- the pieces every mode shares -----------------------------------------------------------------------------
+
+    def encode_text(self, prompt, negative_prompt, guidance, max_sequence_length):
+        import text
+
+        encoder = self.on_device(self.text_encoder)
+        prompts = [prompt] + ([negative_prompt or ""] if guidance > 1 else [])
+        embeds = [text.encode_prompts(self.tokenizer, encoder, [p], max_sequence_length, self.device)
+                  .to(self.transformer_dtype) for p in prompts]
+        return embeds[0], embeds[1] if guidance > 1 else None
+
+    @property
+    def transformer_dtype(self):
+        return next(self.transformer.parameters()).dtype
+
+    def noise(self, shape, generator):
+        """Gaussian latents drawn as diffusers' randn_tensor draws them: on the generator's device, then moved."""
+        where = generator.device if generator is not None else self.device
+        return torch.randn(shape, generator=generator, device=where, dtype=torch.float32).to(self.device)
+
+    def predict(self, x, t, context, negative, guidance, **kw):
+        """The flow prediction, with classifier-free guidance when guidance > 1 (in the model's dtype, as diffusers)."""
+        transformer = self.on_device(self.transformer)
+        v = transformer(x, t, context, **kw)
+        if negative is None:
+            return v
+        u = transformer(x, t, negative, **kw)
+        return u + guidance * (v - u)
+
+    def encode_video(self, video):
+        """(1, 3, F, H, W) pixels in [-1, 1] -> normalised latents (float32), as the pipelines feed the DiT."""
+        vae = self.on_device(self.vae)
+        dtype = next(vae.parameters()).dtype
+        return vae.normalize(vae.encode(video.to(self.device, dtype)).float())
+
+    def decoder(self, output_latent):
+        """A function from finished latents (in order, any number at a time) to finished frames: the VAE decodes
+        them one piece after another, carrying its causal cache, so frames come out as soon as latents are final and
+        match one decode of the whole sequence."""
+        if output_latent:
+            return lambda z: z
+        stream = self.vae.decoder_stream()
+
+        def decode(z):
+            vae = self.on_device(self.vae)
+            return to_frames(stream(vae.denormalize(z.to(self.device, next(vae.parameters()).dtype))))
+        return decode
+
+    # -- text- and image-to-video: every latent frame at the same timestep -------------------------------------------
+
+    def run_lockstep(self, mode, prompt, negative_prompt, image, last_image, video, height, width, num_frames, ts,
+                     sigmas, guidance, generator, fps, max_sequence_length, latent, progress):
+        context, negative = self.encode_text(prompt, negative_prompt, guidance, max_sequence_length)
+        num_latent = (num_frames - 1) // TEMPORAL + 1
+        extra = {}
+        if mode == "i2v":
+            extra["image_context"] = self.encode_clip([image] if last_image is None else [image, last_image])
+        x = self.noise((1, 16, num_latent, height // SPATIAL, width // SPATIAL), generator)
+        if mode == "i2v":
+            condition = self.i2v_condition(image, last_image, num_frames, height, width)
+        state = schedule.unipc_init(sigmas, num_latent)
+        every = torch.ones(num_latent, dtype=torch.bool)
+        for i, t in enumerate(ts):
+            inp = x if mode == "t2v" else torch.cat([x, condition], dim=1)
+            v = self.predict(inp.to(self.transformer_dtype), t.expand(1).to(self.device), context, negative,
+                             guidance, **extra)
+            x = schedule.unipc_step(state, v, x, every)
+            if progress:
+                progress(i, len(ts))
+        yield self.decoder(latent)(x)
+
+    def encode_clip(self, images):
+        import model
+
+        clip = self.on_device(self.clip)
+        pixels_ = torch.cat([model.clip_preprocess(im, self.clip_preprocess) for im in images])
+        hidden = clip(pixels_.to(self.device, next(clip.parameters()).dtype))  # (N, 257, 1280)
+        return hidden.reshape(1, -1, hidden.shape[-1]).to(self.transformer_dtype)  # first-last: both images' tokens
+
+    def i2v_condition(self, image, last_image, num_frames, height, width):
+        """The 20 conditioning channels of an I2V DiT: a 4-channel mask of the known frames (one channel per video
+        frame a latent frame covers; the first latent covers one frame, repeated 4 times) and the latents of the
+        video that is the image followed by zeros (and the last image at the end)."""
+        first = pixels([image], height, width)
+        blank = torch.zeros(1, 3, num_frames - 1 - (last_image is not None), height, width)
+        video = torch.cat([first, blank] + ([pixels([last_image], height, width)] if last_image is not None else []), 2)
+        latents = self.encode_video(video)
+        known = torch.zeros(num_frames, device=self.device)
+        known[0] = 1
+        if last_image is not None:
+            known[-1] = 1
+        known = torch.cat([known[:1].repeat(TEMPORAL - 1), known])  # (F + 3,): 4 mask slots per latent frame
+        mask = known.view(-1, TEMPORAL).T[None, :, :, None, None]  # (1, 4, F_lat, 1, 1)
+        return torch.cat([mask.expand(-1, -1, -1, *latents.shape[-2:]), latents], dim=1)
+
+    # -- diffusion forcing: one loop for text-, image- and video-conditioned generation -------------------------------
+
+    def run_diffusion_forcing(self, windows, causal_block_size, addnoise_condition, mode, prompt, negative_prompt,
+                              image, last_image, video, height, width, num_frames, ts, sigmas, guidance, generator,
+                              fps, max_sequence_length, latent, progress):
+        """Window by window: each window's first `prefix` latent frames are known (the image, the end of the input
+        video, or the end of the previous window), the rest start as noise; the step matrix gives every latent frame
+        its own timestep at each iteration, and the per-frame solver moves the frames it marks. Each window's new
+        latents are final when it ends, so they are decoded and handed on at once."""
+        context, negative = self.encode_text(prompt, negative_prompt, guidance, max_sequence_length)
+        decode = self.decoder(latent)
+        dtype = self.transformer_dtype
+        shape = (1, 16, 0, height // SPATIAL, width // SPATIAL)
+        known = end = None
+        if mode == "df-i2v":  # the first (and last) image, encoded as one-frame videos
+            images = [image] + ([last_image] if last_image is not None else [])
+            cond = self.encode_video(torch.cat([pixels([im], height, width) for im in images]))
+            known, end = cond[:1], cond[1:] if last_image is not None else None
+        if mode == "v2v":
+            video = pixels(video, height, width)
+            yield self.encode_video(video) if latent else to_frames(video)  # the input comes first, as in diffusers
+            # The last overlap_history input frames, of which the VAE takes the first 1 + 4k.
+            start = video.shape[2] - windows[0]["history"]
+            known = self.encode_video(video[:, :, start:start + (windows[0]["history"] - 1) // 4 * 4 + 1])
+        step, total = 0, sum(len(w["matrix"]) for w in windows)
+        for k, w in enumerate(windows):
+            x = self.noise(shape[:2] + (w["size"],) + shape[3:], generator)
+            p = w["prefix"]
+            if p:
+                x[:, :, :p] = known[:, :, :p].to(dtype)
+            if w["end"]:
+                x = torch.cat([x, end.to(dtype)], dim=2)
+            matrix, update = w["matrix"], w["update"]
+            # diffusers and the original code step each frame on a view of the latents they then overwrite, so a
+            # frame's second corrector starts from its new sample; reproduce that (schedule.py explains).
+            state = schedule.unipc_init(sigmas, x.shape[2], alias_first_step=True)
+            for t, upd in zip(matrix, update):
+                inp = x.to(dtype, copy=True)
+                t = t[None].clone().to(self.device)
+                if addnoise_condition > 0 and p:
+                    # Known frames get a little fresh noise each iteration (and say so through their timestep):
+                    # it smooths the seam between windows. Drawn from the global RNG, as diffusers and the original.
+                    a = 0.001 * addnoise_condition
+                    inp[:, :, :p] = inp[:, :, :p] * (1.0 - a) + torch.randn_like(inp[:, :, :p]) * a
+                    t[:, :p] = addnoise_condition
+                v = self.predict(inp, t, context, negative, guidance, fps=fps, causal_block_size=causal_block_size)
+                x = schedule.unipc_step(state, v, x, upd)
+                if progress:
+                    progress(step, total)
+                step += 1
+            if w["end"]:
+                x = x[:, :, :-1]
+            known = x[:, :, x.shape[2] - w["overlap"]:]  # the next window's prefix
+            yield decode(x[:, :, w["new_from"]:])
+
+
+def plan_windows(mode, num_frames, base_num_frames, overlap_history, block, ar_step, ts, has_last, video_frames):
+    """The windows of a diffusion-forcing run and their step matrices, checked before any work.
+
+    A window holds at most base_num_frames frames. Later windows begin with the last `overlap_history` frames made
+    so far (in latent frames, trimmed down to whole causal blocks): known frames the rest continues from. Video
+    extension is the same with the input video as 'made so far'. Each window is its own base, so the step matrix's
+    valid interval is always the whole window."""
+    if block < 1 or ar_step < 0:
+        raise ValueError(f"causal_block_size must be >= 1 and ar_step >= 0, got {block} and {ar_step}")
+    if mode == "v2v" and overlap_history is None:
+        raise ValueError("video extension needs overlap_history (e.g. 17): the input frames the new ones continue")
+    if num_frames > base_num_frames and overlap_history is None:
+        raise ValueError(f"num_frames ({num_frames}) is above base_num_frames ({base_num_frames}): set "
+                         f"overlap_history (17 or 37) to make the video window by window")
+    if overlap_history is not None and not 0 < overlap_history < base_num_frames:
+        raise ValueError(f"overlap_history must be above 0 and below base_num_frames ({base_num_frames}), "
+                         f"got {overlap_history}")
+    if mode == "v2v" and video_frames < overlap_history:
+        raise ValueError(f"the video has {video_frames} frames, fewer than overlap_history ({overlap_history})")
+    lat = lambda n: (n - 1) // TEMPORAL + 1  # noqa: E731  frames -> latent frames
+    total, base = lat(num_frames), lat(base_num_frames)
+    if overlap_history is not None and (num_frames > base_num_frames or mode == "v2v"):
+        overlap = lat(overlap_history)
+        n = 2 + (total - base - 1) // (base - overlap)
+        sizes = [min(total - k * (base - overlap), base) for k in range(n)]
+    else:
+        overlap, sizes = 0, [total]
+    windows = []
+    for k, size in enumerate(sizes):
+        if k > 0 or mode == "v2v":
+            prefix = overlap - overlap % block
+        else:
+            prefix = 1 if mode == "df-i2v" else 0
+        end = int(has_last and k == len(sizes) - 1)
+        frames = size + end
+        if frames % block:
+            raise ValueError(f"a window of {frames} latent frames is not a whole number of causal blocks of "
+                             f"{block}; choose num_frames / base_num_frames / causal_block_size to fit")
+        matrix, _, update, _ = schedule.step_matrix(frames, ts, frames, ar_step, prefix, block)
+        if end:  # the last image's latent is known from the start and never moves (as the original code)
+            matrix[:, -1], update[:, -1] = 0, False
+        windows.append(dict(size=size, prefix=prefix, end=end, matrix=matrix, update=update, overlap=overlap,
+                            new_from=0 if k == 0 else overlap, history=overlap_history))
+    return windows

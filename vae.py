@@ -1,1 +1,328 @@
-"""(to be written)"""
+"""The causal video VAE of Wan 2.1, which every SkyReels-V2 model uses (8x smaller in space, 4x in time, 16 channels).
+
+Every convolution is causal in time: an output frame sees only its own input frame and earlier ones. So a video can go
+through the network a piece at a time, each causal convolution keeping the last input frames of the previous piece in
+a cache, and the result is the result of one pass over the whole video. The official VAE relies on this: it encodes
+the first frame alone and then four frames at a time, and decodes one latent frame at a time.
+
+Here a cache is a plain dict, {layer: tensor}, created by whoever starts a video and handed down to every layer, each of
+which reads and replaces its own entry. A video's first chunk is the one for which a layer finds no entry yet.
+
+Parameter names are diffusers' AutoencoderKLWan keys, so vae/ of an official -Diffusers folder loads strictly by name.
+Only inference is implemented (no dropout, no posterior sampling: the pipelines use the posterior mean).
+"""
+import os
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class VAEConfig:
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_scales: tuple = ()
+    temperal_downsample: tuple = (False, True, True)  # sic, the checkpoint's spelling; per stage, encoder order
+    # Per-channel statistics of the latents, which the DiT sees normalised (see VAE.normalize).
+    latents_mean: tuple = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                           0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+    latents_std: tuple = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                          3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
+    def __post_init__(self):
+        if self.attn_scales:  # diffusers and the original Wan code disagree on where these go; no checkpoint has any
+            raise ValueError(f"attn_scales must be empty (attention only in the middle blocks), got {self.attn_scales}")
+
+    @classmethod
+    def from_config(cls, config):
+        """From a vae/config.json dict; keys that do not size this network (dropout, scale factors...) are ignored."""
+        if config.get("is_residual"):
+            raise ValueError("this is a Wan 2.2 VAE (is_residual: true); SkyReels-V2 uses the Wan 2.1 VAE")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names})
+
+
+CONFIGS = {
+    "wan2.1": VAEConfig(),  # the official VAE of every SkyReels-V2 checkpoint
+    "tiny": VAEConfig(base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1),  # the tests' tiny checkpoints
+}
+
+
+class CausalConv3d(nn.Conv3d):
+    """A 3D convolution padded as usual in space, but in time only on the past side, by 2 * padding[0] frames.
+
+    That past is the last input frames of the previous chunk, read from `cache`, or zeros at the start of a video.
+    Convolutions with no time padding (kernel 1 in time) need no cache.
+    """
+
+    def __init__(self, in_dim, out_dim, kernel, stride=1, padding=0):
+        pt, ph, pw = padding if isinstance(padding, tuple) else (padding,) * 3
+        super().__init__(in_dim, out_dim, kernel, stride, padding=(0, ph, pw))
+        self.past = 2 * pt
+
+    def forward(self, x, cache=None):
+        if self.past:
+            if self not in cache:
+                cache[self] = x.new_zeros(*x.shape[:2], self.past, *x.shape[3:])
+            # pop, so that the old past is freed before the new one is copied out
+            x = torch.cat([cache.pop(self), x], dim=2)  # (B, C, past + T, H, W)
+            cache[self] = x[:, :, -self.past:].clone()  # a copy: a view would keep all of x alive
+        return super().forward(x)
+
+
+class RMSNorm(nn.Module):
+    """x / ||x|| * sqrt(C) * gamma, the norm taken over channels (dim 1) at each pixel."""
+
+    def __init__(self, dim, images=False):
+        super().__init__()
+        self.scale = dim ** 0.5
+        self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
+
+    def forward(self, x):
+        # The reference normalises a float32 copy of a bf16 x. Taking the norm in (at least) float32 and dividing into
+        # an output of x's dtype rounds the same way without materialising that copy.
+        acc = torch.promote_types(x.dtype, torch.float32)
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=acc).clamp_min(1e-12)
+        return torch.div(x, norm, out=torch.empty_like(x)).mul_(self.gamma * self.scale)
+
+
+class Resample(nn.Module):
+    """2x up- or downsampling in space, and for the '3d' modes also in time.
+
+    The 2D convolution sees frames as a batch. In time, the upsampler turns each frame into two with a causal
+    convolution (except a video's first frame, which stays one); the downsampler convolves with stride 2 over the
+    previous chunk's last frame and this chunk (except a video's first chunk, which passes through).
+    """
+
+    def __init__(self, dim, mode):
+        super().__init__()
+        self.mode = mode
+        if mode.startswith("up"):  # the conv also halves the channels
+            self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest-exact"),
+                                          nn.Conv2d(dim, dim // 2, 3, padding=1))
+        else:  # pad right and bottom only, so that output pixel (i, j) covers input pixels 2i..2i+2, 2j..2j+2
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+        if mode == "upsample3d":
+            self.time_conv = CausalConv3d(dim, 2 * dim, (3, 1, 1), padding=(1, 0, 0))
+        elif mode == "downsample3d":
+            self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+
+    def forward(self, x, cache):
+        b, c, t, h, w = x.shape
+        if self.mode == "upsample3d" and self.time_conv in cache:
+            x = self.time_conv(x, cache).unflatten(1, (2, c))  # (B, 2, C, T, H, W): two output frames per frame
+            x = x.permute(0, 3, 1, 2, 4, 5)  # (B, T, 2, C, H, W), so that the pairs interleave in time
+            t *= 2
+        else:
+            if self.mode == "upsample3d":
+                # A video's first frame stays one frame, and (as in the official VAE) is not the past of the next
+                # one either: the time conv starts on zeros.
+                cache[self.time_conv] = x.new_zeros(b, c, 2, h, w)
+            x = x.transpose(1, 2)  # (B, T, C, H, W)
+        x = self.resample(x.reshape(b * t, c, h, w))  # (B*T, C', H', W')
+        x = x.unflatten(0, (b, t)).transpose(1, 2)  # (B, C', T, H', W')
+        if self.mode == "downsample3d":
+            last = x[:, :, -1:].clone()
+            if self.time_conv in cache:  # 1 + 4 frames -> 2, 1 + 2 frames -> 1
+                x = self.time_conv(torch.cat([cache[self.time_conv], x], dim=2))
+            cache[self.time_conv] = last
+        return x
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.norm1 = RMSNorm(in_dim)
+        self.conv1 = CausalConv3d(in_dim, out_dim, 3, padding=1)
+        self.norm2 = RMSNorm(out_dim)
+        self.conv2 = CausalConv3d(out_dim, out_dim, 3, padding=1)
+        self.conv_shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x, cache):
+        h = self.conv_shortcut(x)
+        x = self.conv1(F.silu(self.norm1(x), inplace=True), cache)  # in place: the norm's output is ours to reuse
+        x = self.conv2(F.silu(self.norm2(x), inplace=True), cache)
+        return x.add_(h)
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention among the pixels of each frame (never across frames, which keeps it causal)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = RMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, 3 * dim, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x):
+        b, c, t, h, w = x.shape
+        y = self.norm(x.transpose(1, 2).reshape(b * t, c, h, w))  # (B*T, C, H, W)
+        qkv = self.to_qkv(y).flatten(2).transpose(1, 2).unsqueeze(1)  # (B*T, 1, H*W, 3C)
+        y = F.scaled_dot_product_attention(*qkv.chunk(3, dim=-1))  # (B*T, 1, H*W, C)
+        y = self.proj(y.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w))
+        return x + y.unflatten(0, (b, t)).transpose(1, 2)  # (B, C, T, H, W)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResidualBlock(dim, dim), ResidualBlock(dim, dim)])
+        self.attentions = nn.ModuleList([AttentionBlock(dim)])
+
+    def forward(self, x, cache):
+        x = self.resnets[0](x, cache)
+        return self.resnets[1](self.attentions[0](x), cache)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
+        self.conv_in = CausalConv3d(3, dims[0], 3, padding=1)
+        blocks = []
+        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+            for j in range(cfg.num_res_blocks):
+                blocks.append(ResidualBlock(d_in if j == 0 else d_out, d_out))
+            if i < len(cfg.dim_mult) - 1:
+                blocks.append(Resample(d_out, "downsample3d" if cfg.temperal_downsample[i] else "downsample2d"))
+        self.down_blocks = nn.ModuleList(blocks)
+        self.mid_block = MidBlock(dims[-1])
+        self.norm_out = RMSNorm(dims[-1])
+        self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, 3, padding=1)  # posterior mean and log-variance
+
+    def forward(self, x, cache):
+        x = self.conv_in(x, cache)
+        for block in self.down_blocks:
+            x = block(x, cache)
+        x = self.mid_block(x, cache)
+        return self.conv_out(F.silu(self.norm_out(x), inplace=True), cache)
+
+
+class UpBlock(nn.Module):
+    def __init__(self, in_dim, out_dim, num_res_blocks, mode):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResidualBlock(in_dim if j == 0 else out_dim, out_dim)
+                                      for j in range(num_res_blocks + 1)])
+        self.upsamplers = nn.ModuleList([Resample(out_dim, mode)] if mode else [])
+
+    def forward(self, x, cache):
+        for layer in (*self.resnets, *self.upsamplers):
+            x = layer(x, cache)
+        return x
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        dims = [cfg.base_dim * m for m in (cfg.dim_mult[-1], *reversed(cfg.dim_mult))]
+        temporal = cfg.temperal_downsample[::-1]
+        self.conv_in = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
+        self.mid_block = MidBlock(dims[0])
+        blocks = []
+        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+            mode = None if i == len(dims) - 2 else "upsample3d" if temporal[i] else "upsample2d"
+            # every upsampler halves the channels, so each later block receives half its predecessor's width
+            blocks.append(UpBlock(d_in if i == 0 else d_in // 2, d_out, cfg.num_res_blocks, mode))
+        self.up_blocks = nn.ModuleList(blocks)
+        self.norm_out = RMSNorm(dims[-1])
+        self.conv_out = CausalConv3d(dims[-1], 3, 3, padding=1)
+
+    def forward(self, z, cache):
+        """One latent frame (B, z_dim, 1, h, w) -> its frames: one for a video's first latent frame, four after."""
+        return self.upsample(self.mid_block(self.conv_in(z, cache), cache), 0, cache)
+
+    def upsample(self, x, i, cache):
+        """Up blocks i, i+1, ... and the head, depth first: each frame block i makes goes all the way to pixels before
+        the next one starts. Every layer is causal and cached, so this is exact, and no more than one frame at full
+        resolution and width is alive at a time."""
+        if i == len(self.up_blocks):
+            return self.conv_out(F.silu(self.norm_out(x), inplace=True), cache)
+        x = self.up_blocks[i](x, cache)
+        return torch.cat([self.upsample(frame, i + 1, cache) for frame in x.split(1, dim=2)], dim=2)
+
+
+class VAE(nn.Module):
+    """encode: video -> latents. decode: latents -> video, whole or in pieces. normalize / denormalize: latents to
+    and from the scale the DiT works at. `load_vae` builds one from a checkpoint folder."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.temporal = 2 ** sum(cfg.temperal_downsample)  # 4 in every checkpoint
+        self.spatial = 2 ** (len(cfg.dim_mult) - 1)  # 8 in every checkpoint
+        self.encoder = Encoder(cfg)
+        self.quant_conv = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)
+        self.post_quant_conv = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
+        self.decoder = Decoder(cfg)
+
+    @torch.no_grad()
+    def encode(self, video):
+        """Video (B, 3, 1 + 4k, H, W) in [-1, 1] -> posterior mean (B, z_dim, 1 + k, H/8, W/8), not normalised.
+
+        As the official VAE: the first frame alone, then four frames at a time, the cache carried between them."""
+        if video.ndim != 5 or video.shape[1] != 3:
+            raise ValueError(f"encode expects video of shape (B, 3, F, H, W), got {tuple(video.shape)}")
+        f, h, w = video.shape[2:]
+        if (f - 1) % self.temporal:
+            raise ValueError(f"encode needs 1 + {self.temporal}k frames, got {f}")
+        if h % self.spatial or w % self.spatial:
+            raise ValueError(f"video height and width must be multiples of {self.spatial}, got {h}x{w}")
+        cache, z = {}, self.cfg.z_dim
+        chunks = video.split([1] + [self.temporal] * ((f - 1) // self.temporal), dim=2)
+        return torch.cat([self.quant_conv(self.encoder(chunk, cache))[:, :z] for chunk in chunks], dim=2)
+
+    @torch.no_grad()
+    def decode(self, latents, cache=None):
+        """Latents (B, z_dim, T, h, w), not normalised -> video (B, 3, F, 8h, 8w) in [-1, 1].
+
+        A video's first latent frame decodes to one frame, each later one to four. To decode a video in pieces, pass
+        each piece in order with the same `cache` dict (initially empty; see decoder_stream): the pieces give exactly
+        the frames one decode of the whole sequence gives, in memory that does not grow with the video's length."""
+        if latents.ndim != 5 or latents.shape[1] != self.cfg.z_dim:
+            raise ValueError(f"decode expects latents of shape (B, {self.cfg.z_dim}, T, h, w), "
+                             f"got {tuple(latents.shape)}")
+        cache = {} if cache is None else cache
+        x = self.post_quant_conv(latents)
+        return torch.cat([self.decoder(x[:, :, t:t + 1], cache).clamp_(-1, 1) for t in range(x.shape[2])], dim=2)
+
+    def decoder_stream(self):
+        """A function that decodes consecutive pieces of one latent sequence, carrying the cache between calls."""
+        cache = {}
+        return lambda latents: self.decode(latents, cache)
+
+    # The DiT works on normalised latents. The arithmetic follows the diffusers pipelines exactly (the statistics
+    # cast to z's dtype, then the reciprocal of std; multiply to normalise, divide to undo): rounding shows at 1e-5.
+
+    def latent_stats(self, z):
+        shape = (1, self.cfg.z_dim, 1, 1, 1)
+        mean = torch.tensor(self.cfg.latents_mean, dtype=torch.float32).view(shape).to(z.device, z.dtype)
+        inv_std = 1.0 / torch.tensor(self.cfg.latents_std, dtype=torch.float32).view(shape).to(z.device, z.dtype)
+        return mean, inv_std
+
+    def normalize(self, z):
+        """Encoder latents -> what the DiT sees."""
+        mean, inv_std = self.latent_stats(z)
+        return (z - mean) * inv_std
+
+    def denormalize(self, z):
+        """What the DiT makes -> latents for decode."""
+        mean, inv_std = self.latent_stats(z)
+        return z / inv_std + mean
+
+
+def load_vae(folder, dtype=torch.float32, device="cpu"):
+    """The VAE in an official -Diffusers folder's vae/, loaded strictly: every tensor used, every parameter filled."""
+    import skyreels  # here, not at the top: skyreels imports this module
+
+    path = os.path.join(folder, "config.json")
+    try:
+        cfg = VAEConfig.from_config(skyreels.read_json(path))
+    except ValueError as e:
+        raise skyreels.CheckpointError(f"{path}: {e}") from None
+    with torch.device("meta"):
+        vae = VAE(cfg)
+    return skyreels.load_weights(vae, folder, dtype, device).eval()
