@@ -108,7 +108,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         sys.exit(130)
     except (ValueError, OSError, skyreels.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {(str(e) or type(e).__name__).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -135,9 +135,11 @@ def run(args):
     seed = args.seed if args.seed is not None else random.randrange(2**31)
 
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
+    local = os.path.isdir(args.model) or args.model.startswith("tiny-")
+    if local:  # the kind is in model_index.json: check it before reading gigabytes of weights
+        check_kind(mode, args.model, skyreels.kind_of(args.model))
     pipe = skyreels.load(args.model, device=args.device, dtype=dtype, offload=args.offload)
-    if pipe.kind != MODES[mode]:
-        raise ValueError(f"{mode} needs a {MODES[mode].upper()} checkpoint, but {args.model} is {pipe.kind.upper()}")
+    check_kind(mode, args.model, pipe.kind)
     settings = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, image=args.image,
                     last_image=args.last_image, video=args.video, height=height, width=width,
                     num_frames=args.num_frames, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
@@ -149,6 +151,11 @@ def run(args):
     with open(sidecar, "w") as f:
         json.dump(dict(mode=mode, model=args.model, dtype=str(dtype).replace("torch.", ""), **settings), f, indent=1)
     print(out)
+
+
+def check_kind(mode, model, kind):
+    if kind != MODES[mode]:
+        raise ValueError(f"{mode} needs a {MODES[mode].upper()} checkpoint, but {model} is {kind.upper()}")
 
 
 def write(frames, out, tmp, fps):

@@ -204,7 +204,7 @@ def to_pil(image, what):
         try:
             return Image.open(image).convert("RGB")
         except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read {what} {image}: {e}") from None
+            raise ValueError(f"cannot read {what} {image}: {str(e).splitlines()[0]}") from None
     if isinstance(image, np.ndarray):
         return Image.fromarray(image if image.dtype == np.uint8 else (np.clip(image, 0, 1) * 255).round()
                                .astype(np.uint8)).convert("RGB")
@@ -220,7 +220,7 @@ def read_video(video):
     try:
         return [to_pil(f, "video frame") for f in imageio.mimread(video, memtest=False)]
     except (OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"cannot read video {video}: {e}") from None
+        raise ValueError(f"cannot read video {video}: {str(e).splitlines()[0]}") from None
 
 
 def pixels(images, height, width):

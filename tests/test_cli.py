@@ -1,0 +1,119 @@
+"""The command line: every mode end to end to an mp4, and every bad input answered with one line.
+
+Videos are read back with imageio to check the frame count and size. The tiny-* models are random-weight models
+built in memory (their videos are noise); one run goes through a tiny official-layout folder on disk.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+from PIL import Image
+
+import sample
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--height", "32", "--width", "48", "--steps", "2", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (37, 50, 3), dtype=np.uint8)).save(d / "first.png")
+    Image.fromarray(rng.integers(0, 256, (37, 50, 3), dtype=np.uint8)).save(d / "last.png")
+    frames = [rng.integers(0, 256, (32, 48, 3), dtype=np.uint8) for _ in range(13)]
+    imageio.mimwrite(d / "clip.mp4", frames, fps=24, macro_block_size=1)
+    (d / "broken.png").write_text("not an image")
+    (d / "broken.mp4").write_text("not a video")
+    return d
+
+
+def read_back(path):
+    frames = imageio.mimread(path, memtest=False)
+    return len(frames), frames[0].shape[:2]
+
+
+@pytest.mark.parametrize("mode,model,extra,frames", [
+    ("t2v", "tiny-t2v", ["--num-frames", "9"], 9),
+    ("i2v", "tiny-i2v", ["--num-frames", "9", "--image", "{m}/first.png", "--last-image", "{m}/last.png"], 9),
+    ("df", "tiny-df", ["--num-frames", "17", "--ar-step", "1", "--causal-block-size", "1"], 17),
+    ("df", "tiny-df", ["--num_frames", "33", "--base_num_frames", "17", "--overlap_history", "5"], 33),
+    ("df-i2v", "tiny-df", ["--num-frames", "9", "--image", "{m}/first.png"], 9),
+    ("v2v", "tiny-df", ["--num-frames", "9", "--video", "{m}/clip.mp4", "--overlap-history", "5"], 13 + 9),
+])
+def test_each_mode_writes_an_mp4_with_its_settings_beside_it(tmp_path, media, mode, model, extra, frames):
+    out = tmp_path / "video.mp4"
+    argv = [sys.executable, "sample.py", mode, "--model", model, "--prompt", "a cat", "--out", str(out)] + SMALL
+    argv += [a.format(m=media) for a in extra]
+    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert read_back(out) == (frames, (32, 48))
+    settings = json.load(open(tmp_path / "video.json"))
+    assert settings["mode"] == mode and settings["seed"] == 0
+    assert sorted(os.listdir(tmp_path)) == ["video.json", "video.mp4"]  # no temporary file left
+
+
+def test_runs_from_an_official_layout_folder(tmp_path, tiny_folders):
+    out = tmp_path / "v.mp4"
+    sample.main(["df", "--model", tiny_folders["df"], "--prompt", "a cat", "--num-frames", "9", "--out", str(out)]
+                + SMALL)
+    assert read_back(out) == (9, (32, 48))
+
+
+def corrupt_folder(tiny_folders, tmp_path):
+    folder = tmp_path / "corrupt"
+    shutil.copytree(tiny_folders["df"], folder)
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    return str(folder), "diffusion_pytorch_model.safetensors"
+
+
+BAD = {
+    "missing model folder": (["df", "--model", "/no/such/folder"], "/no/such/folder"),
+    "folder that is no checkpoint": (["df", "--model", "{tmp}"], "model_index.json"),
+    "checkpoint kind that does not fit the mode": (["i2v", "--model", "{t2v}", "--image", "{m}/first.png"], "I2V"),
+    "height not a multiple of 16": (["df", "--model", "tiny-df", "--height", "40", "--width", "48"], "16"),
+    "num_frames above base_num_frames without overlap_history":
+        (["df", "--model", "tiny-df", "--num-frames", "33", "--base-num-frames", "17"], "overlap_history"),
+    "overlap_history not below base_num_frames":
+        (["df", "--model", "tiny-df", "--num-frames", "33", "--base-num-frames", "17", "--overlap-history", "17"],
+         "overlap_history"),
+    "ar_step too small": (["df", "--model", "tiny-df", "--ar-step", "-1"], "ar_step"),
+    "fewer than one step": (["df", "--model", "tiny-df", "--steps", "0"], "num_inference_steps"),
+    "missing image": (["df-i2v", "--model", "tiny-df", "--image", "{m}/nope.png"], "nope.png"),
+    "unreadable image": (["df-i2v", "--model", "tiny-df", "--image", "{m}/broken.png"], "broken.png"),
+    "missing video": (["v2v", "--model", "tiny-df", "--video", "{m}/nope.mp4", "--overlap-history", "5"], "nope.mp4"),
+    "unreadable video": (["v2v", "--model", "tiny-df", "--video", "{m}/broken.mp4", "--overlap-history", "5"],
+                         "broken.mp4"),
+    "video shorter than overlap_history":
+        (["v2v", "--model", "tiny-df", "--video", "{m}/clip.mp4", "--overlap-history", "17", "--base-num-frames",
+          "33"], "overlap_history"),
+    "corrupt safetensors file": (["df", "--model", "{corrupt}"], "{corrupt_name}"),
+    "output path that cannot be written": (["df", "--model", "tiny-df", "--out", "/no/such/dir/v.mp4"], "/no/such/dir"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_gets_one_clear_line_and_no_output(tmp_path, tiny_folders, media, capsys, case):
+    argv, needle = BAD[case]
+    corrupt, corrupt_name = corrupt_folder(tiny_folders, tmp_path) if "{corrupt}" in argv else ("", "")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fill = dict(m=media, tmp=empty, t2v=tiny_folders["t2v"], corrupt=corrupt, corrupt_name=corrupt_name)
+    argv = [a.format(**fill) for a in argv]
+    out = tmp_path / "out.mp4"
+    if "--out" not in argv:
+        argv += ["--out", str(out)]
+    with pytest.raises(SystemExit) as stop:
+        sample.main(SMALL + ["--prompt", "a cat"] + argv)  # the case's own options come last and win
+    assert stop.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert needle.format(**fill) in err, err
+    assert not out.exists() and not (tmp_path / "out.partial.mp4").exists() and not (tmp_path / "out.json").exists()
