@@ -94,8 +94,8 @@ def progress(step, total, start=[None]):
     if step == 0 or start[0] is None:
         start[0] = now
     done = step + 1
-    eta = (now - start[0]) / max(step, 1) * (total - done) if step else float("nan")
-    sys.stderr.write(f"\rstep {done}/{total}  {now - start[0]:.0f}s elapsed  ETA {eta:.0f}s   ")
+    eta = f"{(now - start[0]) / step * (total - done):.0f}s" if step else "?"
+    sys.stderr.write(f"\rstep {done}/{total}  {now - start[0]:.0f}s elapsed  ETA {eta}   ")
     if done == total:
         sys.stderr.write("\n")
     sys.stderr.flush()
