@@ -55,6 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--offload", action="store_true", help="keep only the component in use on the GPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (faster on GPU, slower start)")
     p.add_argument("--out", "--outdir", default="video.mp4", help="output mp4 (a folder gets video.mp4 inside)")
     return p.parse_args(argv)
 
@@ -138,7 +139,7 @@ def run(args):
     local = os.path.isdir(args.model) or args.model.startswith("tiny-")
     if local:  # the kind is in model_index.json: check it before reading gigabytes of weights
         check_kind(mode, args.model, skyreels.kind_of(args.model))
-    pipe = skyreels.load(args.model, device=args.device, dtype=dtype, offload=args.offload)
+    pipe = skyreels.load(args.model, device=args.device, dtype=dtype, offload=args.offload, compile=args.compile)
     check_kind(mode, args.model, pipe.kind)
     settings = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, image=args.image,
                     last_image=args.last_image, video=args.video, height=height, width=width,

@@ -286,8 +286,16 @@ class VAE(nn.Module):
             raise ValueError(f"decode expects latents of shape (B, {self.cfg.z_dim}, T, h, w), "
                              f"got {tuple(latents.shape)}")
         cache = {} if cache is None else cache
+        scale, first = 2 ** sum(self.cfg.temperal_downsample), not cache
         x = self.post_quant_conv(latents)
-        return torch.cat([self.decoder(x[:, :, t:t + 1], cache).clamp_(-1, 1) for t in range(x.shape[2])], dim=2)
+        out, at = None, 0
+        for t in range(x.shape[2]):  # written into one preallocated video: a list then torch.cat would hold it twice
+            y = self.decoder(x[:, :, t:t + 1], cache).clamp_(-1, 1)
+            if out is None:
+                out = y.new_empty(y.shape[:2] + (scale * x.shape[2] - (scale - 1) * first,) + y.shape[3:])
+            out[:, :, at:at + y.shape[2]] = y
+            at += y.shape[2]
+        return out
 
     def decoder_stream(self):
         """A function that decodes consecutive pieces of one latent sequence, carrying the cache between calls."""

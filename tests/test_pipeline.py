@@ -122,3 +122,14 @@ def test_df_i2v_long_with_last_image_runs_where_diffusers_fails(tiny_folders, ou
     out = ours["df"].generate(**common(image=image(0), last_image=image(1), num_frames=41, base_num_frames=17,
                                        overlap_history=5, shift=8.0), seed=0)
     assert out.shape == (41, HEIGHT, WIDTH, 3)
+
+
+@pytest.mark.parametrize("name", ["tiny-t2v", "tiny-i2v", "tiny-df"])
+def test_tiny_models_run_in_bfloat16_with_float32_islands(name):
+    """The in-memory tiny models are cast as loading casts: the keep_fp32 parameters stay float32."""
+    pipe = skyreels.load(name, device="cpu", dtype=torch.bfloat16)
+    assert pipe.transformer.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
+    assert pipe.transformer.proj_out.weight.dtype == torch.bfloat16
+    extra = dict(image=image(0)) if name == "tiny-i2v" else {}
+    out = pipe.generate("a cat", height=HEIGHT, width=WIDTH, num_frames=5, num_inference_steps=2, seed=0, **extra)
+    assert out.shape == (5, HEIGHT, WIDTH, 3) and np.isfinite(out).all()
