@@ -149,12 +149,23 @@ def block_causal_attention(q, k, v, block_tokens):
     """Self-attention where the queries of block b see the keys of blocks 0..b. One SDPA call per block over its
     prefix: exact, and each call can use the flash kernel, where a dense (L, L) mask costs L^2 memory (2.6 GB at
     540P) and a slower kernel. A trailing partial block is a block of its own (diffusers cannot build its mask
-    when the frames are not a multiple of the block size)."""
-    out = torch.empty_like(q)
+    when the frames are not a multiple of the block size). The queries are the last tokens of the keys: keys may
+    begin with cached whole blocks (KVCache) that have no queries here."""
+    out, offset = torch.empty_like(q), k.shape[2] - q.shape[2]
     for start in range(0, q.shape[2], block_tokens):
         end = min(start + block_tokens, q.shape[2])
-        out[:, :, start:end] = F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end])
+        out[:, :, start:end] = F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :offset + end],
+                                                              v[:, :, :offset + end])
     return out
+
+
+class KVCache:
+    """Self-attention keys and values of the leading latent frames, per layer, kept from earlier calls. Under
+    block-causal attention a frame never sees later frames, so once its latent and timestep stop changing its keys
+    and values are the same at every later call: later calls pass only the frames after `frames`."""
+
+    def __init__(self, num_layers):
+        self.frames, self.layers = 0, [{} for _ in range(num_layers)]
 
 
 class Attention(nn.Module):
@@ -175,13 +186,21 @@ class Attention(nn.Module):
     def split_heads(self, x):
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, L, D) -> (B, H, L, Dh)
 
-    def forward(self, x, context=None, image_context=None, rope=None, causal_block_tokens=0):
+    def forward(self, x, context=None, image_context=None, rope=None, causal_block_tokens=0, kv=None, keep=0):
+        """kv: this layer's KVCache entry (self-attention); its keys and values go before x's, and the first `keep`
+        tokens of x join them."""
         source = x if context is None else context
         q = self.split_heads(self.norm_q(self.to_q(x)))
         k = self.split_heads(self.norm_k(self.to_k(source)))
         v = self.split_heads(self.to_v(source))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv is not None:
+            cached = kv["k"].shape[2] if kv else 0
+            if cached:
+                k, v = torch.cat([kv["k"], k], dim=2), torch.cat([kv["v"], v], dim=2)
+            if keep:
+                kv["k"], kv["v"] = k[:, :, :cached + keep].clone(), v[:, :, :cached + keep].clone()
         if causal_block_tokens:
             out = block_causal_attention(q, k, v, causal_block_tokens)
         else:
@@ -219,10 +238,11 @@ class Block(nn.Module):
         self.ffn = MLP(dim, cfg.ffn_dim, dim, gelu_tanh)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, context, image_context, mod, rope, causal_block_tokens):
+    def forward(self, x, context, image_context, mod, rope, causal_block_tokens, kv=None, keep=0):
         """x (B, L, D); mod (B, G, 1, 6, D) float32, the timestep modulation of each frame group."""
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + mod).unbind(-2)  # (B, G, 1, D)
-        y = self.attn1(modulate(self.norm1, x, shift, scale), rope=rope, causal_block_tokens=causal_block_tokens)
+        y = self.attn1(modulate(self.norm1, x, shift, scale), rope=rope, causal_block_tokens=causal_block_tokens,
+                       kv=kv, keep=keep)
         x = gated_residual(x, y, gate)
         x = x + self.attn2(self.norm2(x.float()).type_as(x), context, image_context)
         return gated_residual(x, self.ffn(modulate(self.norm3, x, c_shift, c_scale)), c_gate)
@@ -294,13 +314,15 @@ class DiT(nn.Module):
             self.rope_cache[key] = rope_tables(self.config.attention_head_dim, f, h, w, device)
         return self.rope_cache[key]
 
-    def forward(self, x, t, context, image_context=None, fps=None, causal_block_size=1):
+    def forward(self, x, t, context, image_context=None, fps=None, causal_block_size=1, cache=None, keep=0):
         """The flow prediction (B, out_channels, F, H, W) for latents x (B, in_channels, F, H, W) at timesteps t:
         (B,) one per sample, or (B, F) one per latent frame (diffusion forcing). context (B, L, text_dim) is the
         text embedding; image_context (B, L_img, image_dim) the CLIP penultimate hidden states of the image (I2V),
         or of the first and the last image concatenated along the tokens (first-last frame). fps (int) is the video
         frame rate, for checkpoints with inject_sample_info. With causal_block_size k > 1, latent frames form blocks
-        of k and a block's tokens attend only to their own block and the blocks before it."""
+        of k and a block's tokens attend only to their own block and the blocks before it; then `cache` (a KVCache)
+        may hold the keys and values of whole blocks before x's frames, and the first `keep` frames of x (whole
+        blocks, whose latents and timesteps will not change again) are added to it."""
         cfg, te = self.config, self.condition_embedder
         dtype = self.patch_embedding.weight.dtype
         if (image_context is None) != (te.image_embedder is None):
@@ -326,10 +348,16 @@ class DiT(nn.Module):
         context = te.text_embedder(context.to(dtype))
         if image_context is not None:
             image_context = te.image_embedder(image_context.to(dtype))
-        rope = self.rope(f, h, w, x.device)
+        before = cache.frames if cache is not None else 0  # cached frames: x's positions start after them
+        if (before or keep) and (causal_block_size < 2 or before % causal_block_size or keep % causal_block_size):
+            raise ValueError("a KVCache holds whole blocks of block-causal attention (causal_block_size > 1)")
+        cos, sin = self.rope(before + f, h, w, x.device)
+        rope = cos[before * h * w:], sin[before * h * w:]
         block_tokens = causal_block_size * h * w if causal_block_size > 1 else 0
-        for block in self.blocks:
-            x = block(x, context, image_context, mod, rope, block_tokens)
+        for i, block in enumerate(self.blocks):
+            x = block(x, context, image_context, mod, rope, block_tokens, cache and cache.layers[i], keep * h * w)
+        if cache is not None:
+            cache.frames += keep
 
         shift, scale = (self.scale_shift_table + temb[:, :, None, None]).unbind(-2)  # (B, G, 1, D) float32
         x = self.proj_out(modulate(self.norm_out, x, shift, scale))  # (B, f*h*w, pt*ph*pw*C)

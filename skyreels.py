@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 import schedule
+from model import KVCache
 
 
 class CheckpointError(Exception):
@@ -259,6 +260,7 @@ def to_frames(video):
 
 class Pipeline:
     def __init__(self, kind, tokenizer, text_encoder, transformer, vae, clip, clip_preprocess, device, offload):
+        self.shortcuts = True  # the exact async shortcuts (run_diffusion_forcing); off: diffusers' full passes
         self.kind, self.tokenizer, self.text_encoder, self.transformer = kind, tokenizer, text_encoder, transformer
         self.vae, self.clip, self.clip_preprocess, self.device, self.offload = vae, clip, clip_preprocess, device, offload
 
@@ -353,13 +355,14 @@ class Pipeline:
         where = generator.device if generator is not None else self.device
         return torch.randn(shape, generator=generator, device=where, dtype=torch.float32).to(self.device)
 
-    def predict(self, x, t, context, negative, guidance, **kw):
-        """The flow prediction, with classifier-free guidance when guidance > 1 (in the model's dtype, as diffusers)."""
+    def predict(self, x, t, context, negative, guidance, caches=(None, None), **kw):
+        """The flow prediction, with classifier-free guidance when guidance > 1 (in the model's dtype, as diffusers).
+        caches: the KVCaches of the conditional and the unconditional pass, which see different keys and values."""
         transformer = self.on_device(self.transformer)
-        v = transformer(x, t, context, **kw)
+        v = transformer(x, t, context, cache=caches[0], **kw)
         if negative is None:
             return v
-        u = transformer(x, t, negative, **kw)
+        u = transformer(x, t, negative, cache=caches[1], **kw)
         return u + guidance * (v - u)
 
     def encode_video(self, video):
@@ -464,16 +467,33 @@ class Pipeline:
             # diffusers and the original code step each frame on a view of the latents they then overwrite, so a
             # frame's second corrector starts from its new sample; reproduce that (schedule.py explains).
             state = schedule.unipc_init(sigmas, x.shape[2], alias_first_step=True)
+            noised = addnoise_condition > 0 and p > 0
+            # Exact shortcuts, with block-causal attention (causal_block_size > 1): blocks not started yet cannot
+            # change the blocks before them and their prediction is unused, so they are left out; finished blocks
+            # keep their keys and values in a cache. Re-noised known frames change every iteration: no cache then.
+            shortcut = self.shortcuts and causal_block_size > 1
+            caches = (KVCache(len(self.transformer.blocks)), KVCache(len(self.transformer.blocks))) \
+                if shortcut and not noised else (None, None)
             for t, upd in zip(matrix, update):
-                inp = x.to(dtype, copy=True)
-                t = t[None].clone().to(self.device)
-                if addnoise_condition > 0 and p:
+                lo, hi, keep = 0, x.shape[2], 0
+                if shortcut:
+                    hi = -(-(int(upd.nonzero().max()) + 1) // causal_block_size) * causal_block_size
+                if caches[0] is not None:  # leading frames that are final now join the cache in this pass
+                    lo = caches[0].frames
+                    keep = int(torch.cumprod(~upd[lo:hi], 0).sum()) // causal_block_size * causal_block_size
+                inp = x[:, :, lo:hi].to(dtype, copy=True)
+                t = t[None, lo:hi].clone().to(self.device)
+                if noised:
                     # Known frames get a little fresh noise each iteration (and say so through their timestep):
                     # it smooths the seam between windows. Drawn from the global RNG, as diffusers and the original.
                     a = 0.001 * addnoise_condition
                     inp[:, :, :p] = inp[:, :, :p] * (1.0 - a) + torch.randn_like(inp[:, :, :p]) * a
                     t[:, :p] = addnoise_condition
-                v = self.predict(inp, t, context, negative, guidance, fps=fps, causal_block_size=causal_block_size)
+                v = self.predict(inp, t, context, negative, guidance, caches, fps=fps,
+                                 causal_block_size=causal_block_size, keep=keep)
+                if (lo, hi) != (0, x.shape[2]):  # frames left out are not updated this iteration
+                    v = torch.zeros_like(x, dtype=v.dtype).index_copy_(2, torch.arange(lo, hi, device=x.device),
+                                                                       v)
                 x = schedule.unipc_step(state, v, x, upd)
                 if progress:
                     progress(step, total)
