@@ -261,16 +261,20 @@ def to_frames(video):
 class Pipeline:
     def __init__(self, kind, tokenizer, text_encoder, transformer, vae, clip, clip_preprocess, device, offload):
         self.shortcuts = True  # the exact async shortcuts (run_diffusion_forcing); off: diffusers' full passes
+        self.on_cpu = {}  # offload: component -> its parameters' CPU tensors while it is on the GPU
         self.kind, self.tokenizer, self.text_encoder, self.transformer = kind, tokenizer, text_encoder, transformer
         self.vae, self.clip, self.clip_preprocess, self.device, self.offload = vae, clip, clip_preprocess, device, offload
 
     def on_device(self, module):
-        """With offload, move `module` to the GPU for its turn (and everything else off it)."""
+        """With offload, only the component computing (None: none) is on the GPU. Its parameters go there for its
+        turn; the others return to the CPU copies they left behind, so nothing is copied back."""
         if self.offload:
-            for m in (self.text_encoder, self.transformer, self.vae, self.clip):
-                if m is not None and m is not module:
-                    m.to("cpu")
-            module.to(self.device)
+            for m in [m for m in self.on_cpu if m is not module]:
+                for p, data in zip(m.parameters(), self.on_cpu.pop(m)):
+                    p.data = data
+            if module is not None and module not in self.on_cpu:
+                self.on_cpu[module] = [p.data for p in module.parameters()]
+                module.to(self.device)
         return module
 
     def generate(self, prompt, negative_prompt="", image=None, last_image=None, video=None, height=544, width=960,
@@ -340,10 +344,12 @@ class Pipeline:
     def encode_text(self, prompt, negative_prompt, guidance, max_sequence_length):
         import text
 
-        encoder = self.on_device(self.text_encoder)
+        # With offload the encoder's layers stream through the GPU one at a time (UMT5-XXL is 11 GB in bf16).
+        encoder = self.on_device(None if self.offload else self.text_encoder)
         prompts = [prompt] + ([negative_prompt or ""] if guidance > 1 else [])
-        embeds = [text.encode_prompts(self.tokenizer, encoder, [p], max_sequence_length, self.device)
-                  .to(self.transformer_dtype) for p in prompts]
+        embeds = [text.encode_prompts(self.tokenizer, self.text_encoder, [p], max_sequence_length, self.device,
+                                      self.device if encoder is None else None).to(self.transformer_dtype)
+                  for p in prompts]
         return embeds[0], embeds[1] if guidance > 1 else None
 
     @property
@@ -377,11 +383,15 @@ class Pipeline:
         match one decode of the whole sequence."""
         if output_latent:
             return lambda z: z
+        import numpy as np
+
         stream = self.vae.decoder_stream()
 
-        def decode(z):
+        def decode(z):  # a latent frame at a time: the GPU holds four frames of video, not a window's
             vae = self.on_device(self.vae)
-            return to_frames(stream(vae.denormalize(z.to(self.device, next(vae.parameters()).dtype))))
+            dtype = next(vae.parameters()).dtype
+            return np.concatenate([to_frames(stream(vae.denormalize(z[:, :, i:i + 1].to(self.device, dtype))))
+                                   for i in range(z.shape[2])])
         return decode
 
     # -- text- and image-to-video: every latent frame at the same timestep -------------------------------------------
@@ -455,7 +465,12 @@ class Pipeline:
             # The last overlap_history input frames, of which the VAE takes the first 1 + 4k.
             start = video.shape[2] - windows[0]["history"]
             known = self.encode_video(video[:, :, start:start + (windows[0]["history"] - 1) // 4 * 4 + 1])
-        step, total = 0, sum(len(w["matrix"]) for w in windows)
+        step, total = [0], sum(len(w["matrix"]) for w in windows)
+
+        def tick():
+            if progress:
+                progress(step[0], total)
+            step[0] += 1
         for k, w in enumerate(windows):
             x = self.noise(shape[:2] + (w["size"],) + shape[3:], generator)
             p = w["prefix"]
@@ -463,45 +478,53 @@ class Pipeline:
                 x[:, :, :p] = known[:, :, :p].to(dtype)
             if w["end"]:
                 x = torch.cat([x, end.to(dtype)], dim=2)
-            matrix, update = w["matrix"], w["update"]
-            # diffusers and the original code step each frame on a view of the latents they then overwrite, so a
-            # frame's second corrector starts from its new sample; reproduce that (schedule.py explains).
-            state = schedule.unipc_init(sigmas, x.shape[2], alias_first_step=True)
-            noised = addnoise_condition > 0 and p > 0
-            # Exact shortcuts, with block-causal attention (causal_block_size > 1): blocks not started yet cannot
-            # change the blocks before them and their prediction is unused, so they are left out; finished blocks
-            # keep their keys and values in a cache. Re-noised known frames change every iteration: no cache then.
-            shortcut = self.shortcuts and causal_block_size > 1
-            caches = (KVCache(len(self.transformer.blocks)), KVCache(len(self.transformer.blocks))) \
-                if shortcut and not noised else (None, None)
-            for t, upd in zip(matrix, update):
-                lo, hi, keep = 0, x.shape[2], 0
-                if shortcut:
-                    hi = -(-(int(upd.nonzero().max()) + 1) // causal_block_size) * causal_block_size
-                if caches[0] is not None:  # leading frames that are final now join the cache in this pass
-                    lo = caches[0].frames
-                    keep = int(torch.cumprod(~upd[lo:hi], 0).sum()) // causal_block_size * causal_block_size
-                inp = x[:, :, lo:hi].to(dtype, copy=True)
-                t = t[None, lo:hi].clone().to(self.device)
-                if noised:
-                    # Known frames get a little fresh noise each iteration (and say so through their timestep):
-                    # it smooths the seam between windows. Drawn from the global RNG, as diffusers and the original.
-                    a = 0.001 * addnoise_condition
-                    inp[:, :, :p] = inp[:, :, :p] * (1.0 - a) + torch.randn_like(inp[:, :, :p]) * a
-                    t[:, :p] = addnoise_condition
-                v = self.predict(inp, t, context, negative, guidance, caches, fps=fps,
-                                 causal_block_size=causal_block_size, keep=keep)
-                if (lo, hi) != (0, x.shape[2]):  # frames left out are not updated this iteration
-                    v = torch.zeros_like(x, dtype=v.dtype).index_copy_(2, torch.arange(lo, hi, device=x.device),
-                                                                       v)
-                x = schedule.unipc_step(state, v, x, upd)
-                if progress:
-                    progress(step, total)
-                step += 1
+            x = self.denoise_window(x, w, context, negative, guidance, sigmas, causal_block_size,
+                                    addnoise_condition, fps, tick)
             if w["end"]:
                 x = x[:, :, :-1]
             known = x[:, :, x.shape[2] - w["overlap"]:]  # the next window's prefix
             yield decode(x[:, :, w["new_from"]:])
+
+    def denoise_window(self, x, w, context, negative, guidance, sigmas, causal_block_size, addnoise_condition, fps,
+                       tick=None):
+        """Diffusion forcing over one window: x (1, 16, F, h, w) float32 latents, its first w["prefix"] frames
+        known, the rest noise; w's step matrix gives each frame its timestep at each iteration and its update mask
+        the frames the per-frame solver moves. Returns the denoised window."""
+        dtype, p = self.transformer_dtype, w["prefix"]
+        matrix, update = w["matrix"], w["update"]
+        # diffusers and the original code step each frame on a view of the latents they then overwrite, so a
+        # frame's second corrector starts from its new sample; reproduce that (schedule.py explains).
+        state = schedule.unipc_init(sigmas, x.shape[2], alias_first_step=True)
+        noised = addnoise_condition > 0 and p > 0
+        # Exact shortcuts, with block-causal attention (causal_block_size > 1): blocks not started yet cannot
+        # change the blocks before them and their prediction is unused, so they are left out; finished blocks
+        # keep their keys and values in a cache. Re-noised known frames change every iteration: no cache then.
+        shortcut = self.shortcuts and causal_block_size > 1
+        caches = (KVCache(len(self.transformer.blocks)), KVCache(len(self.transformer.blocks))) \
+            if shortcut and not noised else (None, None)
+        for t, upd in zip(matrix, update):
+            lo, hi, keep = 0, x.shape[2], 0
+            if shortcut:
+                hi = -(-(int(upd.nonzero().max()) + 1) // causal_block_size) * causal_block_size
+            if caches[0] is not None:  # leading frames that are final now join the cache in this pass
+                lo = caches[0].frames
+                keep = int(torch.cumprod(~upd[lo:hi], 0).sum()) // causal_block_size * causal_block_size
+            inp = x[:, :, lo:hi].to(dtype, copy=True)
+            t = t[None, lo:hi].clone().to(self.device)
+            if noised:
+                # Known frames get a little fresh noise each iteration (and say so through their timestep):
+                # it smooths the seam between windows. Drawn from the global RNG, as diffusers and the original.
+                a = 0.001 * addnoise_condition
+                inp[:, :, :p] = inp[:, :, :p] * (1.0 - a) + torch.randn_like(inp[:, :, :p]) * a
+                t[:, :p] = addnoise_condition
+            v = self.predict(inp, t, context, negative, guidance, caches, fps=fps,
+                             causal_block_size=causal_block_size, keep=keep)
+            if (lo, hi) != (0, x.shape[2]):  # frames left out are not updated this iteration
+                v = torch.zeros_like(x, dtype=v.dtype).index_copy_(2, torch.arange(lo, hi, device=x.device), v)
+            x = schedule.unipc_step(state, v, x, upd)
+            if tick:
+                tick()
+        return x
 
 
 def plan_windows(mode, num_frames, base_num_frames, overlap_history, block, ar_step, ts, has_last, video_frames):

@@ -226,18 +226,26 @@ class UMT5Encoder(nn.Module):
             block=nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)]),
             final_layer_norm=RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)))
 
-    def forward(self, ids, mask):
-        """ids, mask (B, L) -> last hidden state (B, L, d_model). Rows at padding are computed but meaningless."""
+    def forward(self, ids, mask, stream=None):
+        """ids, mask (B, L) -> last hidden state (B, L, d_model). Rows at padding are computed but meaningless.
+        stream: a device (the GPU) to which the layers, waiting elsewhere (the CPU), go one at a time for their turn,
+        so UMT5-XXL's 11 GB (bf16) is never there whole; the embedding lookup stays where the table is."""
         if ids.ndim != 2 or ids.shape != mask.shape:
             raise ValueError(f"ids and mask must be (batch, length), got {tuple(ids.shape)} and {tuple(mask.shape)}")
-        c = self.config
+        c, home = self.config, self.shared.weight.device
+        device = stream or home
         buckets = relative_position_buckets(ids.shape[1], c.relative_attention_num_buckets,
-                                            c.relative_attention_max_distance, ids.device)
-        keep = mask.bool()
-        x = self.shared(ids)
-        for block in self.encoder["block"]:
-            x = block(x, buckets, keep)
-        return self.encoder["final_layer_norm"](x)
+                                            c.relative_attention_max_distance, device)
+        keep = mask.to(device).bool()
+        x = self.shared(ids.to(home)).to(device)
+        for layer in list(self.encoder["block"]) + [self.encoder["final_layer_norm"]]:
+            saved = [p.data for p in layer.parameters()] if stream is not None else None
+            layer.to(device)
+            x = layer(x, buckets, keep) if isinstance(layer, Block) else layer(x)
+            if saved:  # back to the copy that never left: nothing to copy back
+                for p, data in zip(layer.parameters(), saved):
+                    p.data = data
+        return x
 
 
 def load_text_encoder(folder, dtype=torch.float32, device="cpu"):
@@ -253,12 +261,12 @@ def load_text_encoder(folder, dtype=torch.float32, device="cpu"):
 
 
 @torch.no_grad()
-def encode_prompts(tokenizer, encoder, prompts, max_length=512, device=None):
-    """The DiT's text condition, (B, max_length, d_model), on `device` (default: the encoder's): each prompt's encoder
-    output over its own tokens (</s> included), then zeros. The DiT's cross-attention reads all max_length rows, so
-    the padding rows must be these exact zeros, as in diffusers' _get_t5_prompt_embeds and the original code."""
+def encode_prompts(tokenizer, encoder, prompts, max_length=512, device=None, stream=None):
+    """The DiT's text condition, (B, max_length, d_model), on `device` (default: where it was computed): each
+    prompt's encoder output over its own tokens (</s> included), then zeros. The DiT's cross-attention reads all
+    max_length rows, so the padding rows must be these exact zeros, as in diffusers' _get_t5_prompt_embeds and the
+    original code. stream: see UMT5Encoder.forward."""
     ids, mask = tokenizer(prompts, max_length)
-    here = encoder.shared.weight.device
-    hidden = encoder(ids.to(here), mask.to(here))
-    hidden = hidden.masked_fill(~mask.to(here).bool()[..., None], 0.0)  # the mask is ones, then zeros: a trim
+    hidden = encoder(ids, mask, stream)
+    hidden = hidden.masked_fill(~mask.to(hidden.device).bool()[..., None], 0.0)  # ones, then zeros: a trim
     return hidden if device is None else hidden.to(device)

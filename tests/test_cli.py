@@ -117,3 +117,18 @@ def test_bad_input_gets_one_clear_line_and_no_output(tmp_path, tiny_folders, med
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert needle.format(**fill) in err, err
     assert not out.exists() and not (tmp_path / "out.partial.mp4").exists() and not (tmp_path / "out.json").exists()
+
+
+def test_an_interrupted_run_keeps_the_finished_windows_as_a_playable_mp4(tmp_path, capsys):
+    """An error in a later window (or Ctrl-C) leaves an mp4 of every window finished, and says how many frames."""
+    def windows():
+        yield np.random.rand(9, 32, 48, 3).astype(np.float32)
+        yield np.random.rand(8, 32, 48, 3).astype(np.float32)
+        raise KeyboardInterrupt
+
+    out = tmp_path / "v.mp4"
+    with pytest.raises(KeyboardInterrupt):
+        sample.write(windows(), str(out), str(tmp_path / "v.partial.mp4"), 24)
+    assert read_back(out) == (17, (32, 48))
+    assert "17 frames" in capsys.readouterr().err
+    assert not (tmp_path / "v.partial.mp4").exists()
