@@ -347,10 +347,9 @@ class Pipeline:
         # With offload the encoder's layers stream through the GPU one at a time (UMT5-XXL is 11 GB in bf16).
         encoder = self.on_device(None if self.offload else self.text_encoder)
         prompts = [prompt] + ([negative_prompt or ""] if guidance > 1 else [])
-        embeds = [text.encode_prompts(self.tokenizer, self.text_encoder, [p], max_sequence_length, self.device,
-                                      self.device if encoder is None else None).to(self.transformer_dtype)
-                  for p in prompts]
-        return embeds[0], embeds[1] if guidance > 1 else None
+        embeds = text.encode_prompts(self.tokenizer, self.text_encoder, prompts, max_sequence_length, self.device,
+                                     self.device if encoder is None else None).to(self.transformer_dtype)
+        return embeds[:1], embeds[1:] if guidance > 1 else None
 
     @property
     def transformer_dtype(self):

@@ -27,7 +27,17 @@ DF13B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=12
              text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
              qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024, inject_sample_info=True)
 LAT = (1, 16, 25, 68, 120)
+H_FULL, W_FULL, H_STREAM, W_STREAM = 544, 960, 256, 448
+TINY = False
 ROWS = []
+
+
+def set_tiny():
+    global DEV, LAT, TINY, H_FULL, W_FULL, H_STREAM, W_STREAM
+    DEV, TINY, LAT = "cpu", True, (1, 16, 25, 4, 6)
+    H_FULL, W_FULL, H_STREAM, W_STREAM = 32, 48, 32, 48
+    DF13B.update(num_attention_heads=2, attention_head_dim=12, text_dim=32, freq_dim=32, ffn_dim=48, num_layers=2,
+                 rope_max_seq_len=64)
 
 
 def log(*a):
@@ -43,7 +53,22 @@ def row(name, ref=None, ours=None, note=""):
     log(f"  {name}: diffusers {ref}  ours {ours}  {note}")
 
 
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def wall(fn):
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - t0, out
+
+
 def timed(fn, warmup=2, runs=5):
+    if DEV != "cuda":
+        return wall(fn)[0]
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -60,6 +85,8 @@ def timed(fn, warmup=2, runs=5):
 
 def peak(fn):
     """(GiB the call adds at its peak over what was allocated before, its output)."""
+    if DEV != "cuda":
+        return 0.0, fn()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
@@ -253,15 +280,175 @@ def bench_vae(quick):
         row("VAE encode bf16 (ours)", None, f"{tt:.2f}s {mem:.2f}GiB", f"rel err vs fp32 {rel(enc16, enc):.1e}")
 
 
+LOOP = {}  # diffusers' measured causal forward, for the loop estimate
+
+
+def bench_loop(quick):
+    """The whole denoising loop of an asynchronous run: ar_step 5, causal blocks of 5, 97 frames at 544x960,
+    10 steps, CFG: 30 iterations, 60 forwards. diffusers' figure is 60 x its measured causal-block forward."""
+    import schedule
+    import skyreels
+
+    log("== asynchronous denoising loop: ar_step 5, blocks of 5, 97 frames 544x960, 10 steps, CFG")
+    ref, ours = build_dits()
+    g = torch.Generator(DEV).manual_seed(0)
+    ctx, neg = (torch.randn(1, 512, DF13B["text_dim"], device=DEV, generator=g).to(BF16) for _ in range(2))
+    x0 = torch.randn(LAT, device=DEV, generator=g)
+    with torch.no_grad():
+        t = torch.randint(0, 1000, (1, LAT[2]), device=DEV, generator=g)
+        ref._set_ar_attention(5)
+        fwd = lambda: ref(hidden_states=x0.to(BF16), timestep=t, encoder_hidden_states=ctx,  # noqa: E731
+                          enable_diffusion_forcing=True, fps=[1], return_dict=False)[0]
+        t_fwd = timed(fwd, 1, 3)
+    del ref
+    torch.cuda.empty_cache() if DEV == "cuda" else None
+    ts, sigmas = schedule.timesteps(10, 8.0)
+    frames = (LAT[2] - 1) * 4 + 1
+    w = skyreels.plan_windows("df", frames, frames, None, 5, 5, ts, False, None)[0]
+    forwards = 2 * len(w["matrix"])
+    t_ref = forwards * t_fwd
+    pipe = skyreels.Pipeline("df", None, None, ours, None, None, None, torch.device(DEV), False)
+    outs = {}
+    for name, on, comp in (("no shortcuts", False, False), ("shortcuts", True, False),
+                           ("shortcuts+compile", True, True)):
+        if comp:
+            if quick:
+                continue
+            for blk in ours.blocks:
+                blk.compile(dynamic=True)
+            with torch.no_grad():  # compile outside the timing
+                pipe.denoise_window(x0.clone(), w, ctx, neg, 6.0, sigmas, 5, 0, 24)
+        pipe.shortcuts = on
+        with torch.no_grad():
+            mem, (tt, out) = peak(lambda: wall(lambda: pipe.denoise_window(x0.clone(), w, ctx, neg, 6.0, sigmas, 5,
+                                                                             0, 24)))
+        outs[name] = out
+        note = f"ratio {tt / t_ref:.2f}x ({t_ref / tt:.1f}x faster), peak {mem:.2f} GiB"
+        if name != "no shortcuts" and "no shortcuts" in outs:
+            note += f", rel err vs no shortcuts {rel(out, outs['no shortcuts']):.1e}"
+        row(f"async loop [{name}]", f"{t_ref:.1f}s (= {forwards} x {t_fwd:.2f}s)", f"{tt:.1f}s", note)
+
+
+def bench_stream(quick):
+    """Peak GPU and host memory of streamed long generation (windows decoded and handed on as they finish) at 97,
+    257 and 737 frames, 256x448, base 97, overlap 17, DF-1.3B-sized DiT, the Wan VAE, random weights."""
+    import resource
+
+    import skyreels
+    import text as T
+
+    log("== streamed long video: memory at 97 / 257 / 737 frames (256x448, 2 steps, no CFG)")
+    pipe = skyreels.load("tiny-df", device=DEV, dtype=BF16)
+    _, pipe.transformer = None, build_dits()[1]
+    torch.cuda.empty_cache() if DEV == "cuda" else None
+    cfg = T.UMT5Config.from_config(dict(T.TINY_CONFIG, d_model=DF13B["text_dim"], num_layers=1))
+    pipe.text_encoder = skyreels.place(T.UMT5Encoder(cfg), DEV, BF16).eval()
+    with torch.device(DEV):
+        pipe.vae = V.VAE(V.CONFIGS["tiny" if TINY else "wan2.1"]).eval()
+    for n in ((97, 257) if quick else (97, 257, 737)):
+        made = [0]
+
+        def run():
+            for chunk in pipe.stream("a cat", height=H_STREAM, width=W_STREAM, num_frames=n, base_num_frames=97,
+                                     overlap_history=17, num_inference_steps=2, guidance_scale=1.0, seed=0):
+                made[0] += len(chunk)  # the CLI writes each chunk to the mp4 and drops it
+        with torch.no_grad():
+            mem, _ = peak(lambda: wall(run))
+        host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        row(f"stream {n} frames", None, f"GPU peak {mem:.2f} GiB, host max RSS so far {host:.2f} GiB",
+            f"{made[0]} frames")
+
+
+def write_official_folder(path):
+    """A DF-1.3B -Diffusers folder with random weights at the official sizes (UMT5-XXL, the DiT, the Wan VAE)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    import skyreels
+    import text as T
+
+    te = dict(T.TINY_CONFIG) if TINY else dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                                              num_heads=64)
+    te.update(relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+              layer_norm_epsilon=1e-6)
+    parts = {"text_encoder": (T.UMT5Encoder(T.UMT5Config.from_config(te)) if TINY else None, te, "model"),
+             "transformer": (None, DF13B, "diffusion_pytorch_model"),
+             "vae": (None, dict(zip(("base_dim", "dim_mult", "num_res_blocks"), (8, [1, 2, 2, 2], 1))) if TINY
+                     else {}, "diffusion_pytorch_model")}
+    with torch.device("meta"):
+        mods = {"text_encoder": T.UMT5Encoder(T.UMT5Config.from_config(te)),
+                "transformer": M.DiT(M.DiTConfig.from_config(DF13B)),
+                "vae": V.VAE(V.VAEConfig.from_config(parts["vae"][1]))}
+    g = torch.Generator(DEV).manual_seed(0)
+    for sub, (_, cfg, stem) in parts.items():
+        os.makedirs(os.path.join(path, sub), exist_ok=True)
+        with open(os.path.join(path, sub, "config.json"), "w") as f:
+            json.dump(cfg, f)
+        m, tensors = mods[sub], {}
+        for name, p in m.state_dict().items():
+            dt = torch.float32 if sub == "vae" else skyreels.param_dtype(m, name, BF16)
+            scale = 1.0 if ("norm" in name or "gamma" in name) else 0.02
+            r = torch.randn(p.shape, device=DEV, generator=g, dtype=dt) * scale
+            tensors[name] = (r + 1 if scale == 1.0 else r).cpu()
+        save_file(tensors, os.path.join(path, sub, f"{stem}.safetensors"))
+        del tensors
+    os.makedirs(os.path.join(path, "tokenizer"), exist_ok=True)
+    import sentencepiece
+
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(skyreels.TINY_CORPUS * 4), model_prefix=os.path.join(path, "tokenizer", "spiece"),
+        vocab_size=200, character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
+        minloglevel=2)
+    with open(os.path.join(path, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "SkyReelsV2DiffusionForcingPipeline"}, f)
+
+
+def bench_offload(quick):
+    """--offload: DF-1.3B, 544x960, 97 frames end to end (text, 10 steps with CFG, decode) from a random-weight
+    folder at the official sizes; peak GPU memory and time, with and without offload."""
+    import shutil
+
+    import skyreels
+
+    log("== --offload: DF-1.3B folder (random weights, official sizes), 544x960, 97 frames, 10 steps, CFG")
+    path = "/tmp/df13b"
+    t_write, _ = wall(lambda: write_official_folder(path))
+    log(f"  wrote {path} in {t_write:.0f}s")
+    settings = dict(prompt="a cat", height=H_FULL, width=W_FULL, num_frames=(LAT[2] - 1) * 4 + 1,
+                    num_inference_steps=2 if quick else 10, seed=0)
+    result = {}
+    for offload in (False, True):
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        t_load, pipe = wall(lambda: skyreels.load(path, device=DEV, dtype=BF16, offload=offload))
+        with torch.no_grad():
+            tt, out = wall(lambda: pipe.generate(**settings))
+        mem = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0
+        result[offload] = (tt, out)
+        row(f"end to end, offload={offload}", None, f"{tt:.1f}s, GPU peak {mem:.2f} GiB (load {t_load:.0f}s)",
+            "" if not offload else f"time {tt / result[False][0]:.2f}x of no offload, "
+                                   f"max abs vs no offload {abs(out - result[False][1]).max():.1e}")
+        del pipe
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--only", default="attn,dit,vae")
+    p.add_argument("--only", default="attn,dit,vae,loop,stream,offload")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU: a smoke test of this script")
     args = p.parse_args()
-    log(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  {time.strftime('%Y-%m-%d')}")
+    if args.tiny:
+        set_tiny()
+    log(f"{torch.cuda.get_device_name() if DEV == 'cuda' else 'CPU'}  torch {torch.__version__}  "
+        f"{time.strftime('%Y-%m-%d')}")
     for part in args.only.split(","):
         try:
-            {"dit": lambda: bench_dit(args.quick), "attn": bench_attention, "vae": lambda: bench_vae(args.quick)}[part]()
+            {"dit": lambda: bench_dit(args.quick), "attn": bench_attention, "vae": lambda: bench_vae(args.quick),
+             "loop": lambda: bench_loop(args.quick), "stream": lambda: bench_stream(args.quick),
+             "offload": lambda: bench_offload(args.quick)}[part]()
         except Exception as e:  # noqa: BLE001  one failing part should not hide the others
             import traceback
 
