@@ -195,8 +195,18 @@ class Encoder(nn.Module):
         self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, 3, padding=1)  # posterior mean and log-variance
 
     def forward(self, x, cache):
-        x = self.conv_in(x, cache)
-        for block in self.down_blocks:
+        # Up to the first downsampling in time every layer is causal and works frame by frame, so a chunk's frames
+        # go through it one at a time (exact): a quarter of the full-resolution activations are alive at once.
+        split = next((i for i, b in enumerate(self.down_blocks) if getattr(b, "mode", "") == "downsample3d"),
+                     len(self.down_blocks))
+        frames = []
+        for frame in x.split(1, dim=2):
+            frame = self.conv_in(frame, cache)
+            for block in self.down_blocks[:split]:
+                frame = block(frame, cache)
+            frames.append(frame)
+        x = torch.cat(frames, dim=2)
+        for block in self.down_blocks[split:]:
             x = block(x, cache)
         x = self.mid_block(x, cache)
         return self.conv_out(F.silu(self.norm_out(x), inplace=True), cache)
