@@ -460,7 +460,8 @@ class Pipeline:
             known, end = cond[:1], cond[1:] if last_image is not None else None
         if mode == "v2v":
             video = pixels(video, height, width)
-            yield self.encode_video(video) if latent else to_frames(video)  # the input comes first, as in diffusers
+            if not latent:  # the input comes first, as in diffusers (whose latent output is the new latents only)
+                yield to_frames(video)
             # The last overlap_history input frames, of which the VAE takes the first 1 + 4k.
             start = video.shape[2] - windows[0]["history"]
             known = self.encode_video(video[:, :, start:start + (windows[0]["history"] - 1) // 4 * 4 + 1])
