@@ -10,7 +10,10 @@ import os
 import torch
 from safetensors import SafetensorError, safe_open
 
+import model
 import schedule
+import text
+import vae
 from model import KVCache
 
 
@@ -156,8 +159,6 @@ def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch
 
 
 def load_folder(path, device, dtype, offload, vae_dtype):
-    import model, text, vae
-
     if not os.path.isdir(path):
         try:
             from huggingface_hub import snapshot_download
@@ -191,8 +192,6 @@ def tiny_pipeline(name, device, dtype):
     import tempfile
 
     import sentencepiece
-
-    import model, text, vae
 
     kind = name[5:]
     spiece = os.path.join(tempfile.mkdtemp(), "spiece.model")
@@ -342,8 +341,6 @@ class Pipeline:
     # -- the pieces every mode shares -----------------------------------------------------------------------------
 
     def encode_text(self, prompt, negative_prompt, guidance, max_sequence_length):
-        import text
-
         # With offload the encoder's layers stream through the GPU one at a time (UMT5-XXL is 11 GB in bf16).
         encoder = self.on_device(None if self.offload else self.text_encoder)
         prompts = [prompt] + ([negative_prompt or ""] if guidance > 1 else [])
@@ -417,8 +414,6 @@ class Pipeline:
         yield self.decoder(latent)(x)
 
     def encode_clip(self, images):
-        import model
-
         clip = self.on_device(self.clip)
         pixels_ = torch.cat([model.clip_preprocess(im, self.clip_preprocess) for im in images])
         hidden = clip(pixels_.to(self.device, next(clip.parameters()).dtype))  # (N, 257, 1280)
