@@ -162,10 +162,28 @@ def block_causal_attention(q, k, v, block_tokens):
 class KVCache:
     """Self-attention keys and values of the leading latent frames, per layer, kept from earlier calls. Under
     block-causal attention a frame never sees later frames, so once its latent and timestep stop changing its keys
-    and values are the same at every later call: later calls pass only the frames after `frames`."""
+    and values are the same at every later call: later calls pass only the frames after `frames`. At most `limit`
+    frames are kept (a memory budget); frames past it are recomputed at every call, as without a cache."""
 
-    def __init__(self, num_layers):
-        self.frames, self.layers = 0, [{} for _ in range(num_layers)]
+    def __init__(self, num_layers, limit):
+        self.frames, self.limit, self.layers = 0, limit, [{} for _ in range(num_layers)]
+
+
+def extend_cache(kv, k, v, keep, capacity):
+    """The cached keys and values followed by k, v (B, H, L, Dh); the first `keep` tokens of k, v join the cache.
+    kv holds one buffer of `capacity` tokens per layer, allocated once: while the new tokens fit behind the cached
+    ones they are written there and attention reads the buffer, so the cache is never copied; past the capacity
+    they are concatenated to it."""
+    if not kv:  # the first call: this layer's two buffers
+        shape = (*k.shape[:2], capacity, k.shape[3])  # (B, H, capacity, Dh)
+        kv.update(n=0, k=k.new_empty(shape), v=v.new_empty(shape))
+    n, end = kv["n"], kv["n"] + k.shape[2]
+    kv["n"] = n + keep
+    if end <= capacity:
+        kv["k"][:, :, n:end], kv["v"][:, :, n:end] = k, v
+        return kv["k"][:, :, :end], kv["v"][:, :, :end]
+    kv["k"][:, :, n:n + keep], kv["v"][:, :, n:n + keep] = k[:, :, :keep], v[:, :, :keep]
+    return torch.cat([kv["k"][:, :, :n], k], dim=2), torch.cat([kv["v"][:, :, :n], v], dim=2)
 
 
 class Attention(nn.Module):
@@ -186,9 +204,10 @@ class Attention(nn.Module):
     def split_heads(self, x):
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, L, D) -> (B, H, L, Dh)
 
-    def forward(self, x, context=None, image_context=None, rope=None, causal_block_tokens=0, kv=None, keep=0):
-        """kv: this layer's KVCache entry (self-attention); its keys and values go before x's, and the first `keep`
-        tokens of x join them."""
+    def forward(self, x, context=None, image_context=None, rope=None, causal_block_tokens=0, kv=None, keep=0,
+                capacity=0):
+        """kv: this layer's KVCache entry (self-attention) of `capacity` tokens; its keys and values go before x's,
+        and the first `keep` tokens of x join them."""
         source = x if context is None else context
         q = self.split_heads(self.norm_q(self.to_q(x)))
         k = self.split_heads(self.norm_k(self.to_k(source)))
@@ -196,11 +215,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv is not None:
-            cached = kv["k"].shape[2] if kv else 0
-            if cached:
-                k, v = torch.cat([kv["k"], k], dim=2), torch.cat([kv["v"], v], dim=2)
-            if keep:
-                kv["k"], kv["v"] = k[:, :, :cached + keep].clone(), v[:, :, :cached + keep].clone()
+            k, v = extend_cache(kv, k, v, keep, capacity)
         if causal_block_tokens:
             out = block_causal_attention(q, k, v, causal_block_tokens)
         else:
@@ -238,11 +253,11 @@ class Block(nn.Module):
         self.ffn = MLP(dim, cfg.ffn_dim, dim, gelu_tanh)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, context, image_context, mod, rope, causal_block_tokens, kv=None, keep=0):
+    def forward(self, x, context, image_context, mod, rope, causal_block_tokens, kv=None, keep=0, capacity=0):
         """x (B, L, D); mod (B, G, 1, 6, D) float32, the timestep modulation of each frame group."""
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + mod).unbind(-2)  # (B, G, 1, D)
         y = self.attn1(modulate(self.norm1, x, shift, scale), rope=rope, causal_block_tokens=causal_block_tokens,
-                       kv=kv, keep=keep)
+                       kv=kv, keep=keep, capacity=capacity)
         x = gated_residual(x, y, gate)
         x = x + self.attn2(self.norm2(x.float()).type_as(x), context, image_context)
         return gated_residual(x, self.ffn(modulate(self.norm3, x, c_shift, c_scale)), c_gate)
@@ -349,13 +364,16 @@ class DiT(nn.Module):
         if image_context is not None:
             image_context = te.image_embedder(image_context.to(dtype))
         before = cache.frames if cache is not None else 0  # cached frames: x's positions start after them
-        if (before or keep) and (causal_block_size < 2 or before % causal_block_size or keep % causal_block_size):
-            raise ValueError("a KVCache holds whole blocks of block-causal attention (causal_block_size > 1)")
+        if (before or keep) and (causal_block_size < 2 or before % causal_block_size or keep % causal_block_size
+                                 or before + keep > cache.limit):
+            raise ValueError("a KVCache holds whole blocks of block-causal attention (causal_block_size > 1), up to "
+                             "its limit")
         cos, sin = self.rope(before + f, h, w, x.device)
         rope = cos[before * h * w:], sin[before * h * w:]
         block_tokens = causal_block_size * h * w if causal_block_size > 1 else 0
         for i, block in enumerate(self.blocks):
-            x = block(x, context, image_context, mod, rope, block_tokens, cache and cache.layers[i], keep * h * w)
+            x = block(x, context, image_context, mod, rope, block_tokens, cache and cache.layers[i], keep * h * w,
+                      cache and cache.limit * h * w)
         if cache is not None:
             cache.frames += keep
 

@@ -5,6 +5,7 @@ device (no memory), and each tensor is read from its safetensors shard, cast and
 assigned in place. A 28 GB bf16 transformer therefore never exists twice in memory.
 """
 import json
+import math
 import os
 
 import torch
@@ -49,6 +50,15 @@ def weight_files(folder):
             with _open(single) as f:
                 return {k: single for k in f.keys()}
     raise CheckpointError(f"no safetensors weights in {folder} (looked for *.safetensors and its index)")
+
+
+def weights_bytes(folder, dtype):
+    """The bytes a component's weights take in `dtype`, from the safetensors headers alone (no tensor is read)."""
+    numel = 0
+    for path in set(weight_files(folder).values()):
+        with _open(path) as f:
+            numel += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    return numel * torch.finfo(dtype).bits // 8
 
 
 def _open(path):
@@ -153,7 +163,7 @@ def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch
     pipe = tiny_pipeline(path, device, dtype) if path.startswith("tiny-") else \
         load_folder(path, device, dtype, offload, vae_dtype)
     if compile:
-        for block in pipe.transformer.blocks:
+        for block in pipe.transformer.blocks.children():
             block.compile()
     return pipe
 
@@ -169,6 +179,13 @@ def load_folder(path, device, dtype, offload, vae_dtype):
     kind = kind_of(path)
     home = torch.device("cpu") if offload else device  # offloaded components wait on the CPU
     sub = lambda name: os.path.join(path, name)  # noqa: E731
+    if device.type == "cuda" and not offload:  # say so now, not as an out-of-memory error after minutes of loading
+        need = sum(weights_bytes(sub(c), dtype) for c in ("text_encoder", "transformer", "image_encoder")
+                   if os.path.isdir(sub(c)))
+        have = torch.cuda.get_device_properties(device).total_memory
+        if need > 0.9 * have:
+            raise ValueError(f"{path} takes {need / 2**30:.1f} GiB in {str(dtype)[6:]} and {device} has "
+                             f"{have / 2**30:.1f} GiB: pass --offload (load(..., offload=True))")
     spiece = sub("tokenizer/spiece.model")
     if not os.path.isfile(spiece):
         raise CheckpointError(f"missing file: {spiece}")
@@ -257,23 +274,78 @@ def to_frames(video):
     return (video[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).float().cpu().numpy()
 
 
+class StreamedBlocks(torch.nn.ModuleList):
+    """--offload for the DiT: its blocks wait in pinned host memory and are copied to the GPU in turn, each copy (on a
+    side CUDA stream) overlapping the compute of the block before, so the GPU holds two blocks instead of the model
+    (a 14B block is 0.67 GB). Iterating yields each block with its parameters on the GPU: DiT.forward is unchanged."""
+
+    def __init__(self, blocks, device):
+        super().__init__(blocks)
+        self.cuda = device.type == "cuda"
+        self.host = [[p.data.pin_memory() if self.cuda else p.data for p in b.parameters()] for b in blocks]
+        self.slots = [[torch.empty_like(t, device=device) for t in self.host[0]] for _ in range(2)]  # every block's
+        self.ready = [None, None]  # parameters have the same shapes: two slots, used by turns
+        self.copier = torch.cuda.Stream(device) if self.cuda else None
+        for block, host in zip(blocks, self.host):
+            for p, data in zip(block.parameters(), host):
+                p.data = data
+
+    def fetch(self, i):
+        """Start copying block i into its slot, once the block that used the slot before has finished."""
+        if not self.cuda:
+            for slot, data in zip(self.slots[i % 2], self.host[i]):
+                slot.copy_(data)
+            return
+        self.copier.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.copier):
+            for slot, data in zip(self.slots[i % 2], self.host[i]):
+                slot.copy_(data, non_blocking=True)
+            self.ready[i % 2] = torch.cuda.Event()
+            self.ready[i % 2].record()
+
+    def __iter__(self):
+        blocks = list(self.children())
+        for i in range(min(2, len(blocks))):
+            self.fetch(i)
+        for i, block in enumerate(blocks):
+            if self.cuda:
+                torch.cuda.current_stream().wait_event(self.ready[i % 2])
+            for p, slot in zip(block.parameters(), self.slots[i % 2]):
+                p.data = slot
+            yield block  # the caller runs it: its kernels are queued before we go on
+            for p, data in zip(block.parameters(), self.host[i]):
+                p.data = data
+            if i + 2 < len(blocks):
+                self.fetch(i + 2)
+
+
+def resident(module):
+    """The parameters that --offload moves to the GPU for a component's turn: all but streamed DiT blocks'."""
+    streamed = {id(p) for m in module.modules() if isinstance(m, StreamedBlocks) for p in m.parameters()}
+    return [p for p in module.parameters() if id(p) not in streamed]
+
+
 class Pipeline:
     def __init__(self, kind, tokenizer, text_encoder, transformer, vae, clip, clip_preprocess, device, offload):
         self.shortcuts = True  # the exact async shortcuts (run_diffusion_forcing); off: diffusers' full passes
+        self.cache_budget = None  # bytes for the shortcuts' key/value cache; None: what the GPU has free; 0: none
         self.on_cpu = {}  # offload: component -> its parameters' CPU tensors while it is on the GPU
         self.kind, self.tokenizer, self.text_encoder, self.transformer = kind, tokenizer, text_encoder, transformer
         self.vae, self.clip, self.clip_preprocess, self.device, self.offload = vae, clip, clip_preprocess, device, offload
+        if offload:
+            transformer.blocks = StreamedBlocks(transformer.blocks, device)
 
     def on_device(self, module):
         """With offload, only the component computing (None: none) is on the GPU. Its parameters go there for its
         turn; the others return to the CPU copies they left behind, so nothing is copied back."""
         if self.offload:
             for m in [m for m in self.on_cpu if m is not module]:
-                for p, data in zip(m.parameters(), self.on_cpu.pop(m)):
+                for p, data in zip(resident(m), self.on_cpu.pop(m)):
                     p.data = data
             if module is not None and module not in self.on_cpu:
-                self.on_cpu[module] = [p.data for p in module.parameters()]
-                module.to(self.device)
+                self.on_cpu[module] = [p.data for p in resident(module)]
+                for p in resident(module):
+                    p.data = p.data.to(self.device)
         return module
 
     def generate(self, prompt, negative_prompt="", image=None, last_image=None, video=None, height=544, width=960,
@@ -495,8 +567,9 @@ class Pipeline:
         # change the blocks before them and their prediction is unused, so they are left out; finished blocks
         # keep their keys and values in a cache. Re-noised known frames change every iteration: no cache then.
         shortcut = self.shortcuts and causal_block_size > 1
-        caches = (KVCache(len(self.transformer.blocks)), KVCache(len(self.transformer.blocks))) \
-            if shortcut and not noised else (None, None)
+        limit = self.cache_frames(x, causal_block_size, 1 + (negative is not None)) if shortcut and not noised else 0
+        layers = len(self.transformer.blocks)
+        caches = (KVCache(layers, limit), KVCache(layers, limit)) if limit else (None, None)
         for t, upd in zip(matrix, update):
             lo, hi, keep = 0, x.shape[2], 0
             if shortcut:
@@ -504,6 +577,7 @@ class Pipeline:
             if caches[0] is not None:  # leading frames that are final now join the cache in this pass
                 lo = caches[0].frames
                 keep = int(torch.cumprod(~upd[lo:hi], 0).sum()) // causal_block_size * causal_block_size
+                keep = min(keep, limit - lo)  # past the budget, finished blocks are recomputed
             inp = x[:, :, lo:hi].to(dtype, copy=True)
             t = t[None, lo:hi].clone().to(self.device)
             if noised:
@@ -520,6 +594,24 @@ class Pipeline:
             if tick:
                 tick()
         return x
+
+    def cache_frames(self, x, block, passes):
+        """How many latent frames of the window x the shortcuts may cache, in whole blocks: as many as fit
+        `self.cache_budget` bytes. The default (None) is what the GPU has free less a forward's activations over the
+        whole window and a margin, so the shortcuts fit wherever a run without them fits; 0 turns the cache off."""
+        cfg, itemsize = self.transformer.config, torch.finfo(self.transformer_dtype).bits // 8
+        tokens = x.shape[3] // cfg.patch_size[1] * x.shape[4] // cfg.patch_size[2]  # a latent frame's
+        per_frame = passes * cfg.num_layers * 2 * tokens * cfg.dim * itemsize  # keys and values, every layer
+        budget = self.cache_budget
+        if budget is None and self.device.type != "cuda":
+            budget = per_frame * x.shape[2]
+        elif budget is None:
+            free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device) \
+                - torch.cuda.memory_allocated(self.device)
+            # A forward's peak over its activations is below this (measured 0.6-0.7x at 1.3B and 14B, 540P).
+            activations = x.shape[2] * tokens * (2 * cfg.ffn_dim + 10 * cfg.dim) * itemsize
+            budget = free - activations - 2 * 2**30
+        return min(x.shape[2], max(int(budget), 0) // per_frame) // block * block
 
 
 def plan_windows(mode, num_frames, base_num_frames, overlap_history, block, ar_step, ts, has_last, video_frames):
