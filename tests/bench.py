@@ -27,6 +27,12 @@ DF13B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=12
              text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
              qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024, inject_sample_info=True)
 LAT = (1, 16, 25, 68, 120)
+DF14B = dict(DF13B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
+UMT5XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+               relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+               layer_norm_epsilon=1e-6)
+
+
 H_FULL, W_FULL, H_STREAM, W_STREAM = 544, 960, 256, 448
 TINY = False
 ROWS = []
@@ -38,6 +44,7 @@ def set_tiny():
     H_FULL, W_FULL, H_STREAM, W_STREAM = 32, 48, 32, 48
     DF13B.update(num_attention_heads=2, attention_head_dim=12, text_dim=32, freq_dim=32, ffn_dim=48, num_layers=2,
                  rope_max_seq_len=64)
+    DF14B.update(DF13B)
 
 
 def log(*a):
@@ -146,6 +153,146 @@ def build_dits():
                           for k, v in state.items()}, strict=True, assign=True)
     del state
     return ref.eval(), ours.eval()
+
+
+def randomize(module, home=None, pin=False):
+    """Random weights for a module built on the meta device, made on the GPU (fast) and left on `home`: bf16 except
+    the module's keep_fp32 parameters (the VAE: all float32). Norm weights near 1, the rest small."""
+    import skyreels
+
+    g = torch.Generator(DEV).manual_seed(0)
+    state = {}
+    for name, p in module.state_dict(keep_vars=True).items():
+        dt = torch.float32 if isinstance(module, V.VAE) else skyreels.param_dtype(module, name, BF16)
+        t = torch.randn(p.shape, device=DEV, generator=g, dtype=dt) * 0.02
+        if "norm" in name or "gamma" in name:
+            t += 1
+        state[name] = t.to(home or DEV)
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.eval()
+
+
+def random_dit(cfg, home=None):
+    with torch.device("meta"):
+        return randomize(M.DiT(M.DiTConfig.from_config(cfg)), home)
+
+
+def random_pipeline(dit_cfg, offload):
+    """A DF pipeline at the official sizes (UMT5-XXL, the DiT of dit_cfg, the Wan VAE) with random weights, built
+    in memory: offloaded components wait on the CPU as load(offload=True) leaves them."""
+    import skyreels
+    import text as T
+
+    home = "cpu" if offload else DEV
+    tok = skyreels.tiny_pipeline("tiny-df", torch.device("cpu"), torch.float32).tokenizer
+    with torch.device("meta"):
+        te = T.UMT5Encoder(T.UMT5Config.from_config(dict(T.TINY_CONFIG) if TINY else UMT5XXL))
+        vae = V.VAE(V.CONFIGS["tiny" if TINY else "wan2.1"])
+    return skyreels.Pipeline("df", tok, randomize(te, home), random_dit(dit_cfg, home), randomize(vae, home),
+                             None, None, torch.device(DEV), offload)
+
+
+def phase_peaks(pipe):
+    """Record the GPU peak of each phase of a generation (text, DiT passes, VAE decode): {phase: GiB}."""
+    peaks = {}
+
+    def wrap(name, fn):
+        def run(*a, **k):
+            if DEV == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            out = fn(*a, **k)
+            if DEV == "cuda":
+                torch.cuda.synchronize()
+                peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated() / 2**30)
+            return out
+        return run
+    pipe.encode_text = wrap("text", pipe.encode_text)
+    pipe.predict = wrap("DiT", pipe.predict)
+    decoder = pipe.decoder
+    pipe.decoder = lambda latent: wrap("VAE decode", decoder(latent))
+    return peaks
+
+
+def bench_14b(quick):
+    """DF-14B (40 layers, 40 heads x 128, ffn 13824), resident on one GPU: the synchronous and causal forwards at
+    540P and 720P, the asynchronous loop with the shortcuts under the default cache budget, and its first
+    iterations at 720P."""
+    import schedule
+    import skyreels
+
+    log("== DF-14B resident: forwards at 540P / 720P, async loop with the cache budget")
+    dit = random_dit(DF14B)
+    log(f"  weights {torch.cuda.memory_allocated() / 2**30 if DEV == 'cuda' else 0:.1f} GiB")
+    pipe = skyreels.Pipeline("df", None, None, dit, None, None, None, torch.device(DEV), False)
+    g = torch.Generator(DEV).manual_seed(0)
+    ctx, neg = (torch.randn(1, 512, DF14B["text_dim"], device=DEV, generator=g).to(BF16) for _ in range(2))
+    sizes = {"540P": (25, 68, 120), "720P": (31, 90, 160)} if not TINY else {"540P": (25, 4, 6), "720P": (31, 4, 6)}
+    fwd_causal = {}
+    with torch.no_grad():
+        for res, (f, h, w) in sizes.items():
+            x = torch.randn(1, 16, f, h, w, device=DEV, generator=g).to(BF16)
+            t = torch.randint(0, 1000, (1, f), device=DEV, generator=g)
+            for blk in (1, 5):
+                ff = f - f % blk
+                fn = lambda: dit(x[:, :, :ff], t[:, :ff], ctx, fps=24, causal_block_size=blk)  # noqa: E731
+                mem, _ = peak(fn)
+                tt = timed(fn, 0, 1 if res == "720P" else 2)
+                fwd_causal[res, blk] = tt
+                flops = dit_flops(ff * h * w // 4, 5120, 13824, 512, 40)
+                row(f"DF-14B {res} forward, {ff} latent frames, blocks of {blk}", None, f"{tt:.2f}s +{mem:.2f}GiB",
+                    f"{flops / tt / 1e12:.0f} TFLOP/s by the count")
+        for res, steps, iters in (("540P", 4, None), ("720P", 4, 8)):
+            f, h, w = sizes[res]
+            f -= f % 5
+            ts, sigmas = schedule.timesteps(steps, 8.0)
+            win = skyreels.plan_windows("df", (f - 1) * 4 + 1, (f - 1) * 4 + 1, None, 5, 5, ts, False, None)[0]
+            if iters:
+                win = dict(win, matrix=win["matrix"][:iters], update=win["update"][:iters])
+            x0 = torch.randn(1, 16, f, h, w, device=DEV, generator=g)
+            mem, (tt, _) = peak(lambda: wall(lambda: pipe.denoise_window(x0.clone(), win, ctx, neg, 6.0, sigmas, 5,
+                                                                           0, 24)))
+            n = len(win["matrix"])
+            off = 2 * n * fwd_causal[res, 5]
+            row(f"DF-14B {res} async loop, ar 5, blocks of 5, {f} latent frames, {steps} steps, CFG, {n} iterations"
+                f"{' (the first)' if iters else ''}", None, f"{tt:.1f}s, +{mem:.2f}GiB peak (cache included)",
+                f"shortcuts off = {2 * n} x {fwd_causal[res, 5]:.2f}s = {off:.1f}s: {off / tt:.1f}x faster; "
+                f"{tt / n:.2f}s/iteration")
+    del dit, pipe
+    torch.cuda.empty_cache() if DEV == "cuda" else None
+
+
+def bench_offload_e2e(quick):
+    """End to end (text, denoising with CFG, VAE decode) from random weights at the official sizes, resident and
+    with --offload (DiT blocks streamed), with each phase's GPU peak: DF-1.3B and DF-14B at 540P x 97 frames,
+    DF-14B at 720P x 121 frames (offload only, one step)."""
+    runs = [("DF-1.3B 540P", DF13B, (544, 960, 97), 10, (False, True)),
+            ("DF-14B 540P", DF14B, (544, 960, 97), 2, (False, True)),
+            ("DF-14B 720P", DF14B, (720, 1280, 121), 1, (True,))]
+    if TINY:
+        runs = [(n, c, (32, 48, 17), 2, o) for n, c, _, _, o in runs]
+    for name, cfg, (hh, ww, nf), steps, modes in runs:
+        log(f"== end to end {name}, {nf} frames, {steps} steps, CFG: resident vs --offload")
+        result = {}
+        for offload in modes:
+            pipe = random_pipeline(cfg, offload)
+            if DEV == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            peaks = phase_peaks(pipe)
+            with torch.no_grad():
+                tt, out = wall(lambda: pipe.generate("a cat", height=hh, width=ww, num_frames=nf,
+                                                     base_num_frames=nf, num_inference_steps=steps, seed=0))
+            mem = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0
+            result[offload] = (tt, out)
+            note = ", ".join(f"{k} {v:.2f}" for k, v in peaks.items())
+            if offload and False in result:
+                note += (f"; time {tt / result[False][0]:.2f}x of resident, max abs vs resident "
+                         f"{abs(out - result[False][1]).max():.1e}")
+            row(f"{name} end to end, offload={offload}", None, f"{tt:.1f}s, GPU peak {mem:.2f} GiB",
+                f"phase peaks GiB: {note}")
+            del pipe, out
+            torch.cuda.empty_cache() if DEV == "cuda" else None
 
 
 def bench_dit(quick):
@@ -460,7 +607,8 @@ def main():
         try:
             {"dit": lambda: bench_dit(args.quick), "attn": bench_attention, "vae": lambda: bench_vae(args.quick),
              "loop": lambda: bench_loop(args.quick), "stream": lambda: bench_stream(args.quick),
-             "offload": lambda: bench_offload(args.quick)}[part]()
+             "offload": lambda: bench_offload(args.quick), "14b": lambda: bench_14b(args.quick),
+             "e2e": lambda: bench_offload_e2e(args.quick)}[part]()
         except Exception as e:  # noqa: BLE001  one failing part should not hide the others
             import traceback
 
