@@ -250,6 +250,12 @@ def bench_14b(quick):
             if iters:
                 win = dict(win, matrix=win["matrix"][:iters], update=win["update"][:iters])
             x0 = torch.randn(1, 16, f, h, w, device=DEV, generator=g)
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+                free, total = torch.cuda.mem_get_info()
+                log(f"  free {free / 2**30:.1f} of {total / 2**30:.1f} GiB, reserved "
+                    f"{torch.cuda.memory_reserved() / 2**30:.1f}, allocated {torch.cuda.memory_allocated() / 2**30:.1f}"
+                    f"; cache limit {pipe.cache_frames(x0, 5, 2)} frames")
             mem, (tt, _) = peak(lambda: wall(lambda: pipe.denoise_window(x0.clone(), win, ctx, neg, 6.0, sigmas, 5,
                                                                            0, 24)))
             n = len(win["matrix"])
