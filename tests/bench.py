@@ -397,6 +397,48 @@ def bench_attention():
             row("attn flex block-causal", None, "failed", repr(e)[:120])
 
 
+def bench_fa4():
+    """flash-attn-4 (CuTe DSL), if installed: its kernel against SDPA (cuDNN) on one DF-1.3B / DF-14B attention layer
+    at 540P, and through torch's SDPA registry (activate_flash_attention_impl)."""
+    log("== flash-attn-4 vs SDPA: one attention layer, 51,000 tokens, head dim 128, bf16")
+    try:
+        from flash_attn.cute import flash_attn_func
+    except Exception as e:  # noqa: BLE001
+        row("flash-attn-4", None, "not importable", repr(e)[:200])
+        return
+    g = torch.Generator(DEV).manual_seed(0)
+    for heads in (12, 40):
+        q, k, v = (torch.randn(1, 51000, heads, 128, device=DEV, generator=g).to(BF16) for _ in range(3))
+        qt, kt, vt = (a.transpose(1, 2) for a in (q, k, v))  # (B, H, L, D) views, as our model passes them
+        with torch.no_grad(), sdpa_prefer("CUDNN_ATTENTION", "FLASH_ATTENTION"):
+            base = F.scaled_dot_product_attention(qt, kt, vt)
+            ms = timed(lambda: F.scaled_dot_product_attention(qt, kt, vt)) * 1e3
+        flops = 4 * 51000 * 51000 * 128 * heads
+        row(f"attn {heads} heads SDPA cuDNN", None, f"{ms:.1f}ms", f"{flops / ms / 1e9:.0f} TFLOP/s")
+        try:
+            t0 = time.time()
+            out = flash_attn_func(q, k, v)
+            out = out[0] if isinstance(out, tuple) else out
+            log(f"  first call (JIT) {time.time() - t0:.0f}s")
+            ms = timed(lambda: flash_attn_func(q, k, v)) * 1e3
+            row(f"attn {heads} heads flash-attn-4", None, f"{ms:.1f}ms",
+                f"{flops / ms / 1e9:.0f} TFLOP/s, rel vs cuDNN {rel(out.transpose(1, 2), base):.1e}")
+        except Exception as e:  # noqa: BLE001
+            row(f"attn {heads} heads flash-attn-4", None, "failed", repr(e)[:300])
+        try:
+            from torch.nn.attention import activate_flash_attention_impl, list_flash_attention_impls
+
+            log(f"  torch flash impls: {list_flash_attention_impls()}")
+            activate_flash_attention_impl("FA4")
+            with torch.no_grad(), sdpa_prefer("FLASH_ATTENTION"):
+                out = F.scaled_dot_product_attention(qt, kt, vt)
+                ms = timed(lambda: F.scaled_dot_product_attention(qt, kt, vt)) * 1e3
+            row(f"attn {heads} heads SDPA with FA4 registered", None, f"{ms:.1f}ms",
+                f"{flops / ms / 1e9:.0f} TFLOP/s, rel vs cuDNN {rel(out, base):.1e}")
+        except Exception as e:  # noqa: BLE001
+            row(f"attn {heads} heads SDPA with FA4 registered", None, "failed", repr(e)[:300])
+
+
 def bench_vae(quick):
     from diffusers import AutoencoderKLWan
 
@@ -614,7 +656,8 @@ def main():
             {"dit": lambda: bench_dit(args.quick), "attn": bench_attention, "vae": lambda: bench_vae(args.quick),
              "loop": lambda: bench_loop(args.quick), "stream": lambda: bench_stream(args.quick),
              "offload": lambda: bench_offload(args.quick), "14b": lambda: bench_14b(args.quick),
-             "e2e": lambda: bench_offload_e2e(args.quick)}[part]()
+             "e2e": lambda: bench_offload_e2e(args.quick),
+             "fa4": bench_fa4}[part]()
         except Exception as e:  # noqa: BLE001  one failing part should not hide the others
             import traceback
 
