@@ -268,6 +268,21 @@ def bench_14b(quick):
     torch.cuda.empty_cache() if DEV == "cuda" else None
 
 
+def bench_budget():
+    """What the default cache budget sees for DF-14B at 540P and 720P (free memory, the limit in frames)."""
+    import skyreels
+
+    dit = random_dit(DF14B)
+    pipe = skyreels.Pipeline("df", None, None, dit, None, None, None, torch.device(DEV), False)
+    for f, h, w in ((25, 68, 120), (30, 90, 160)):
+        x0 = torch.zeros(1, 16, f, h, w, device=DEV)
+        free, total = torch.cuda.mem_get_info() if DEV == "cuda" else (0, 0)
+        log(f"  {f}x{h}x{w}: free {free / 2**30:.1f} of {total / 2**30:.1f} GiB, reserved "
+            f"{torch.cuda.memory_reserved() / 2**30:.1f}, allocated {torch.cuda.memory_allocated() / 2**30:.1f}; "
+            f"cache limit {pipe.cache_frames(x0, 5, 2)} frames (CFG), {pipe.cache_frames(x0, 5, 1)} (one pass)")
+    del dit, pipe
+
+
 def bench_offload_e2e(quick):
     """End to end (text, denoising with CFG, VAE decode) from random weights at the official sizes, resident and
     with --offload (DiT blocks streamed), with each phase's GPU peak: DF-1.3B and DF-14B at 540P x 97 frames,
@@ -657,7 +672,7 @@ def main():
              "loop": lambda: bench_loop(args.quick), "stream": lambda: bench_stream(args.quick),
              "offload": lambda: bench_offload(args.quick), "14b": lambda: bench_14b(args.quick),
              "e2e": lambda: bench_offload_e2e(args.quick),
-             "fa4": bench_fa4}[part]()
+             "fa4": bench_fa4, "budget": bench_budget}[part]()
         except Exception as e:  # noqa: BLE001  one failing part should not hide the others
             import traceback
 
