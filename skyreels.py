@@ -421,8 +421,8 @@ class Pipeline:
         return embeds[:1], embeds[1:] if guidance > 1 else None
 
     @property
-    def transformer_dtype(self):
-        return next(self.transformer.parameters()).dtype
+    def transformer_dtype(self):  # the load dtype (its first parameter, scale_shift_table, is kept in float32)
+        return self.transformer.patch_embedding.weight.dtype
 
     def noise(self, shape, generator):
         """Gaussian latents drawn as diffusers' randn_tensor draws them: on the generator's device, then moved."""
