@@ -172,55 +172,43 @@ class KVCache:
 @dataclass(frozen=True)
 class SequenceParallel:
     """Ulysses sequence parallelism: the N ranks of a torch.distributed `group` share one forward pass. Each rank
-    holds, in every latent frame, 1/N of the token rows (padded with zero rows up to a multiple of N), so the
-    per-frame modulation still sees its frames as equal groups. Everything in a block works per token except
-    self-attention, around which an all-to-all trades token shards for head shards: each rank attends over every
-    token with 1/N of the heads, so block-causal attention and the KVCache work unchanged (the cache then holds
-    this rank's heads only, N times less). Cross-attention needs nothing: its keys are the whole text.
-    Heads that do not divide by N are padded with zero heads, exact (their output is dropped) at the price of that
-    much more attention work: 12 heads on 8 ranks compute 16. `grid` is the forward's token grid (f, h, w)."""
+    holds 1/N of the token rows of every latent frame (the rows padded to a multiple of N), so the per-frame
+    modulation still sees equal frame groups. All in a block is per token but self-attention, around which an
+    all-to-all trades token shards for head shards: each rank attends over all tokens with 1/N of the heads, so
+    block-causal attention and the KVCache (holding this rank's heads: N times less) work unchanged. Heads that N
+    does not divide are padded with zero heads: exact, at the cost of the extra heads (12 on 8 ranks compute 16)."""
     group: object
-    grid: tuple = ()
+    grid: tuple = ()  # this forward's token grid (f, h, w)
 
-    def split_rows(self, t):
-        """(..., f*h*w, C) -> (N, ..., f*hp/N*w, C): part r holds rows [r*hp/N, (r+1)*hp/N) of every frame."""
+    def split_rows(self, t):  # (..., f*h*w, C) -> (N, ..., f*hp/N*w, C), part r: rows r*hp/N... of each frame
         (f, h, w), n = self.grid, dist.get_world_size(self.group)
         t = F.pad(t.unflatten(-2, (f, h, w)), (0, 0, 0, 0, 0, -h % n))  # (..., f, hp, w, C)
         return t.unflatten(-3, (n, -1)).movedim(-4, 0).flatten(-4, -2)  # (N, ..., f, hp/N, w, C) -> flat tokens
 
-    def join_rows(self, t):
-        """The inverse of split_rows, pad rows dropped: (N, ..., f*hp/N*w, C) -> (..., f*h*w, C)."""
+    def join_rows(self, t):  # the inverse, pad rows dropped: (N, ..., f*hp/N*w, C) -> (..., f*h*w, C)
         f, h, w = self.grid
         t = t.unflatten(-2, (f, -1, w)).movedim(0, -4).flatten(-4, -3)  # (..., f, hp, w, C)
         return t[..., :h, :, :].flatten(-4, -2)
 
-    def all_to_all(self, t):
-        """Part i of t (N, ...) goes to rank i; part i of the result came from rank i."""
+    def all_to_all(self, t):  # part i of t (N, ...) goes to rank i; part i of the result came from rank i
         t = t.contiguous()
         out = torch.empty_like(t)
         dist.all_to_all_single(out, t, group=self.group)
         return out
 
-    def shard(self, t):
-        """(..., f*h*w, C) -> this rank's rows (..., f*hp/N*w, C)."""
-        return self.split_rows(t)[dist.get_rank(self.group)]
+    def to_heads(self, t):  # (S, B, H, L/N, Dh), this rank's tokens -> (S, B, Hp/N, L, Dh), this rank's heads
+        n = dist.get_world_size(self.group)
+        t = F.pad(t, (0, 0, 0, 0, 0, -t.shape[2] % n)).unflatten(2, (n, -1)).movedim(2, 0)  # (N, S, B, Hp/N, L/N, Dh)
+        return self.join_rows(self.all_to_all(t))
 
-    def gather(self, x):
-        """(B, f*hp/N*w, C) on every rank -> (B, f*h*w, C) on every rank."""
+    def to_tokens(self, t, heads):  # (B, Hp/N, L, Dh), this rank's heads -> (B, heads, L/N, Dh), this rank's tokens
+        t = self.all_to_all(self.split_rows(t))  # (N, B, Hp/N, L/N, Dh): part i holds rank i's heads
+        return t.movedim(0, 1).flatten(1, 2)[:, :heads]
+
+    def gather(self, x):  # (B, L/N, C) on every rank -> (B, L, C) on every rank
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size(self.group))]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return self.join_rows(torch.stack(parts))
-
-    def to_heads(self, t):
-        """(S, B, H, f*hp/N*w, Dh), this rank's tokens -> (S, B, Hp/N, f*h*w, Dh), this rank's heads."""
-        n = dist.get_world_size(self.group)
-        t = F.pad(t, (0, 0, 0, 0, 0, -t.shape[2] % n)).unflatten(2, (n, -1)).movedim(2, 0)  # (N, S, B, Hp/N, L, Dh)
-        return self.join_rows(self.all_to_all(t))
-
-    def to_tokens(self, t, heads):
-        """(B, Hp/N, f*h*w, Dh), this rank's heads -> (B, heads, f*hp/N*w, Dh), this rank's tokens."""
-        t = self.all_to_all(self.split_rows(t))  # (N, B, Hp/N, L/N, Dh): part i holds rank i's heads
-        return t.movedim(0, 1).flatten(1, 2)[:, :heads]
 
 
 class Attention(nn.Module):
@@ -417,8 +405,8 @@ class DiT(nn.Module):
         rope = cos[before * h * w:], sin[before * h * w:]
         block_tokens = causal_block_size * h * w if causal_block_size > 1 else 0
         if parallel is not None:  # from here to proj_out this rank holds its rows of every frame
-            parallel = dataclasses.replace(parallel, grid=(f, h, w))
-            x, rope = parallel.shard(x), (parallel.shard(rope[0]), parallel.shard(rope[1]))
+            parallel, rank = dataclasses.replace(parallel, grid=(f, h, w)), dist.get_rank(parallel.group)
+            x, rope = parallel.split_rows(x)[rank], [parallel.split_rows(table)[rank] for table in rope]
         for i, block in enumerate(self.blocks):
             x = block(x, context, image_context, mod, rope, block_tokens, cache and cache.layers[i], keep * h * w,
                       parallel)

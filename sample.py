@@ -15,6 +15,7 @@ import os
 import random
 import sys
 import time
+import traceback
 
 import torch
 
@@ -119,10 +120,11 @@ def main(argv=None):
     except Exception as e:
         if dist is None:
             raise
-        # A failure on one rank: it says why in one line, and torchrun stops the others. Their own errors (a peer
-        # gone in the middle of a collective) would say nothing more.
-        if not isinstance(e, dist.DistError):
-            print(f"error: rank {rank}: {type(e).__name__}: {(str(e) + chr(10)).splitlines()[0]}", file=sys.stderr)
+        # One line for the run: torchrun stops every rank once one has ended, so only the rank that fails first and
+        # speaks at once is heard. Rank 0 speaks at once, unless the failure surfaced in a collective (a peer gone).
+        if rank > 0 or os.path.join("torch", "distributed") in traceback.extract_tb(e.__traceback__)[-1].filename:
+            time.sleep(3)
+        print(f"error: rank {rank}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}", file=sys.stderr)
         sys.exit(1)
     finally:
         if dist is not None:

@@ -7,7 +7,6 @@ assigned in place. A 28 GB bf16 transformer therefore never exists twice in memo
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -152,17 +151,13 @@ def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch
     """A ready pipeline from an official -Diffusers folder (or a Hugging Face id, or tiny-t2v/i2v/df).
     compile=True compiles the DiT's blocks with torch.compile: ~20% faster on an H100 and half the activation
     memory (fused elementwise work), after a compile of ~10-30 s per new latent shape.
-    Under torch.distributed (a process group of several ranks, from torchrun or your own launcher) every rank calls
-    this alike: each loads the pipeline onto its own device (default cuda:LOCAL_RANK) and the ranks share the DiT's
-    work (split_ranks)."""
-    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if device is None and several and torch.cuda.is_available():
-        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    In a torch.distributed process group of several ranks (torchrun), every rank calls this alike, each with its own
+    device (e.g. cuda:LOCAL_RANK), and the ranks share the DiT's work (split_ranks)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = tiny_pipeline(path, device, dtype) if path.startswith("tiny-") else \
         load_folder(path, device, dtype, offload, vae_dtype)
-    if several:
-        pipe.ranks = split_ranks()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        pipe.parallel, pipe.cfg_parallel = split_ranks()
     if compile:
         for block in pipe.transformer.blocks:
             block.compile()
@@ -269,58 +264,46 @@ def to_frames(video):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Several processes (torchrun): only the DiT's work is shared. The text encoder, CLIP and the VAE run on every rank:
-# the same inputs give the same results everywhere, so nothing is broadcast, and they are a small part of a run.
-
-
-@dataclass(frozen=True)
-class Ranks:
-    everyone: model.SequenceParallel  # every rank shares each pass (no guidance, or an odd number of ranks)
-    half: model.SequenceParallel | None  # CFG parallelism: this rank's half shares its pass (None: one rank a half)
-    pair: object  # the process group of this rank and its twin in the other half (None: no CFG parallelism)
-    half_index: int  # 0: the conditional pass, 1: the unconditional one
+# Several processes (torchrun) share the DiT's work. The text encoder, CLIP and the VAE run on every rank: the same
+# inputs give the same results everywhere, so nothing needs broadcasting, and they are a small part of a run.
 
 
 def split_ranks():
-    """How the ranks of the initialised default process group share the DiT. With guidance and an even number of
-    ranks, each pass gets half of them (CFG parallelism: the passes are independent, and each half's sequence
-    parallelism then splits half as finely); otherwise every pass is split over every rank."""
+    """(SequenceParallel over every rank, CFG parallelism) for the default process group. CFG parallelism, on an even
+    number of ranks: (this half's SequenceParallel, None if one rank; the group of this rank and its twin in the
+    other half; 0 if this half makes the conditional pass, 1 the unconditional one), else None."""
     n, rank = dist.get_world_size(), dist.get_rank()
-    everyone = model.SequenceParallel(dist.group.WORLD)
     if n % 2:
-        return Ranks(everyone, None, None, 0)
+        return model.SequenceParallel(dist.group.WORLD), None
     halves = [dist.new_group(list(range(k * n // 2, (k + 1) * n // 2))) for k in (0, 1)]  # every rank makes
     pairs = [dist.new_group([r, r + n // 2]) for r in range(n // 2)]  # every group, as new_group needs
     half = model.SequenceParallel(halves[rank // (n // 2)]) if n > 2 else None
-    return Ranks(everyone, half, pairs[rank % (n // 2)], rank // (n // 2))
+    return model.SequenceParallel(dist.group.WORLD), (half, pairs[rank % (n // 2)], rank // (n // 2))
 
 
 def check_ranks_agree(settings, device):
-    """Ranks that disagree on a seed, a size or an input compute a garbled video together. Compare a digest of the
-    settings (and of the global RNG, where re-noising draws from it) before any work: a mismatch stops every rank
-    with the same ValueError. Called after every check of the settings, so a bad one stops all ranks before this."""
-    if settings["addnoise_condition"] > 0:
-        settings["rng"] = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
+    """Ranks that disagree on a seed, a size or an input compute a garbled video together: compare a digest of the
+    settings before any work (after their checks, which stop every rank alike), and stop every rank alike."""
+    if settings["addnoise_condition"] > 0:  # re-noising draws from the device's global RNG
+        settings["rng"] = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
     h = hashlib.sha256()
     for value in settings.values():
-        for v in value if isinstance(value, list) else [value]:  # lists: video frames, RNG states
+        for v in value if isinstance(value, list) else [value]:  # a list: video frames
             v = v.get_state() if isinstance(v, torch.Generator) else v
             h.update(v.cpu().numpy().tobytes() if torch.is_tensor(v) else v.tobytes() if hasattr(v, "tobytes")  # PIL
                      else repr(v).encode())
-    mine = torch.tensor([int.from_bytes(h.digest()[:7], "big")], device=device)
-    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, mine)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, h.hexdigest())
     differ = [rank for rank, d in enumerate(every) if d != every[0]]
     if differ:
-        raise ValueError(f"ranks {differ} were given other settings, inputs or random state than rank 0: every rank "
-                         f"must make the same video")
+        raise ValueError(f"ranks {differ} were given other settings, inputs or random state than rank 0")
 
 
 class Pipeline:
     def __init__(self, kind, tokenizer, text_encoder, transformer, vae, clip, clip_preprocess, device, offload):
         self.shortcuts = True  # the exact async shortcuts (run_diffusion_forcing); off: diffusers' full passes
         self.on_cpu = {}  # offload: component -> its parameters' CPU tensors while it is on the GPU
-        self.ranks = None  # several processes: how they share the DiT's work (split_ranks)
+        self.parallel = self.cfg_parallel = None  # several processes: split_ranks
         self.kind, self.tokenizer, self.text_encoder, self.transformer = kind, tokenizer, text_encoder, transformer
         self.vae, self.clip, self.clip_preprocess, self.device, self.offload = vae, clip, clip_preprocess, device, offload
 
@@ -395,7 +378,7 @@ class Pipeline:
         windows = None if self.kind != "df" else \
             plan_windows(mode, num_frames, base_num_frames, overlap_history, causal_block_size or 1, ar_step, ts,
                          last_image is not None, None if frames is None else len(frames))
-        if self.ranks is not None:
+        if self.parallel is not None:
             check_ranks_agree(dict(job, progress=None, ar_step=ar_step, base_num_frames=base_num_frames,
                                    overlap_history=overlap_history, **df), self.device)
         if self.kind != "df":
@@ -425,25 +408,19 @@ class Pipeline:
         """The flow prediction, with classifier-free guidance when guidance > 1 (in the model's dtype, as diffusers).
         caches: the KVCaches of the conditional and the unconditional pass, which see different keys and values."""
         transformer = self.on_device(self.transformer)
-        if negative is not None and self.ranks is not None and self.ranks.pair is not None:
-            v, u = self.predict_cfg_parallel(transformer, x, t, (context, negative), caches, **kw)
+        if negative is not None and self.cfg_parallel is not None:
+            # Half the ranks make the conditional prediction, the other half the unconditional one, and each rank
+            # swaps with its twin. A rank makes one pass, so caches[0] serves it, whichever pass it is.
+            half, pair, index = self.cfg_parallel
+            mine = transformer(x, t, (context, negative)[index], cache=caches[0], parallel=half, **kw)
+            v, u = torch.empty_like(mine), torch.empty_like(mine)
+            dist.all_gather([v, u], mine, group=pair)
             return u + guidance * (v - u)
-        parallel = self.ranks and self.ranks.everyone
-        v = transformer(x, t, context, cache=caches[0], parallel=parallel, **kw)
+        v = transformer(x, t, context, cache=caches[0], parallel=self.parallel, **kw)
         if negative is None:
             return v
-        u = transformer(x, t, negative, cache=caches[1], parallel=parallel, **kw)
+        u = transformer(x, t, negative, cache=caches[1], parallel=self.parallel, **kw)
         return u + guidance * (v - u)
-
-    def predict_cfg_parallel(self, transformer, x, t, contexts, caches, **kw):
-        """CFG parallelism: half the ranks make the conditional prediction while the other half make the
-        unconditional one (each half with sequence parallelism), then each rank swaps with its twin. A rank makes
-        one pass only, so caches[0] serves it, whichever it is."""
-        ranks = self.ranks
-        mine = transformer(x, t, contexts[ranks.half_index], cache=caches[0], parallel=ranks.half, **kw)
-        both = [torch.empty_like(mine) for _ in range(2)]
-        dist.all_gather(both, mine.contiguous(), group=ranks.pair)
-        return both
 
     def encode_video(self, video):
         """(1, 3, F, H, W) pixels in [-1, 1] -> normalised latents (float32), as the pipelines feed the DiT."""
