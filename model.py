@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
@@ -186,6 +187,48 @@ def extend_cache(kv, k, v, keep, capacity):
     return torch.cat([kv["k"][:, :, :n], k], dim=2), torch.cat([kv["v"][:, :, :n], v], dim=2)
 
 
+@dataclass(frozen=True)
+class SequenceParallel:
+    """Ulysses sequence parallelism: the N ranks of a torch.distributed `group` share one forward pass. Each rank
+    holds 1/N of the token rows of every latent frame (the rows padded to a multiple of N), so the per-frame
+    modulation still sees equal frame groups. All in a block is per token but self-attention, around which an
+    all-to-all trades token shards for head shards: each rank attends over all tokens with 1/N of the heads, so
+    block-causal attention and the KVCache (holding this rank's heads: N times less) work unchanged. Heads that N
+    does not divide are padded with zero heads: exact, at the cost of the extra heads (12 on 8 ranks compute 16)."""
+    group: object
+    grid: tuple = ()  # this forward's token grid (f, h, w)
+
+    def split_rows(self, t):  # (..., f*h*w, C) -> (N, ..., f*hp/N*w, C), part r: rows r*hp/N... of each frame
+        (f, h, w), n = self.grid, dist.get_world_size(self.group)
+        t = F.pad(t.unflatten(-2, (f, h, w)), (0, 0, 0, 0, 0, -h % n))  # (..., f, hp, w, C)
+        return t.unflatten(-3, (n, -1)).movedim(-4, 0).flatten(-4, -2)  # (N, ..., f, hp/N, w, C) -> flat tokens
+
+    def join_rows(self, t):  # the inverse, pad rows dropped: (N, ..., f*hp/N*w, C) -> (..., f*h*w, C)
+        f, h, w = self.grid
+        t = t.unflatten(-2, (f, -1, w)).movedim(0, -4).flatten(-4, -3)  # (..., f, hp, w, C)
+        return t[..., :h, :, :].flatten(-4, -2)
+
+    def all_to_all(self, t):  # part i of t (N, ...) goes to rank i; part i of the result came from rank i
+        t = t.contiguous()
+        out = torch.empty_like(t)
+        dist.all_to_all_single(out, t, group=self.group)
+        return out
+
+    def to_heads(self, t):  # (S, B, H, L/N, Dh), this rank's tokens -> (S, B, Hp/N, L, Dh), this rank's heads
+        n = dist.get_world_size(self.group)
+        t = F.pad(t, (0, 0, 0, 0, 0, -t.shape[2] % n)).unflatten(2, (n, -1)).movedim(2, 0)  # (N, S, B, Hp/N, L/N, Dh)
+        return self.join_rows(self.all_to_all(t))
+
+    def to_tokens(self, t, heads):  # (B, Hp/N, L, Dh), this rank's heads -> (B, heads, L/N, Dh), this rank's tokens
+        t = self.all_to_all(self.split_rows(t))  # (N, B, Hp/N, L/N, Dh): part i holds rank i's heads
+        return t.movedim(0, 1).flatten(1, 2)[:, :heads]
+
+    def gather(self, x):  # (B, L/N, C) on every rank -> (B, L, C) on every rank
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return self.join_rows(torch.stack(parts))
+
+
 class Attention(nn.Module):
     """Multi-head attention with q and k RMS-normed across all heads. Self-attention gets the rotary tables;
     cross-attention gets the text tokens, and in I2V also the image tokens through their own key/value
@@ -205,21 +248,25 @@ class Attention(nn.Module):
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, L, D) -> (B, H, L, Dh)
 
     def forward(self, x, context=None, image_context=None, rope=None, causal_block_tokens=0, kv=None, keep=0,
-                capacity=0):
+                capacity=0, parallel=None):
         """kv: this layer's KVCache entry (self-attention) of `capacity` tokens; its keys and values go before x's,
-        and the first `keep` tokens of x join them."""
+        and the first `keep` tokens of x join them. parallel: a SequenceParallel (self-attention over token shards)."""
         source = x if context is None else context
         q = self.split_heads(self.norm_q(self.to_q(x)))
         k = self.split_heads(self.norm_k(self.to_k(source)))
         v = self.split_heads(self.to_v(source))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if parallel is not None:  # this rank's tokens of every head -> every token of this rank's heads
+            q, k, v = parallel.to_heads(torch.stack([q, k, v])).unbind(0)
         if kv is not None:
             k, v = extend_cache(kv, k, v, keep, capacity)
         if causal_block_tokens:
             out = block_causal_attention(q, k, v, causal_block_tokens)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
+        if parallel is not None:
+            out = parallel.to_tokens(out, self.heads)
         if image_context is not None:
             k_img = self.split_heads(self.norm_added_k(self.add_k_proj(image_context)))
             v_img = self.split_heads(self.add_v_proj(image_context))
@@ -253,11 +300,12 @@ class Block(nn.Module):
         self.ffn = MLP(dim, cfg.ffn_dim, dim, gelu_tanh)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, context, image_context, mod, rope, causal_block_tokens, kv=None, keep=0, capacity=0):
+    def forward(self, x, context, image_context, mod, rope, causal_block_tokens, kv=None, keep=0, capacity=0,
+                parallel=None):
         """x (B, L, D); mod (B, G, 1, 6, D) float32, the timestep modulation of each frame group."""
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + mod).unbind(-2)  # (B, G, 1, D)
         y = self.attn1(modulate(self.norm1, x, shift, scale), rope=rope, causal_block_tokens=causal_block_tokens,
-                       kv=kv, keep=keep, capacity=capacity)
+                       kv=kv, keep=keep, capacity=capacity, parallel=parallel)
         x = gated_residual(x, y, gate)
         x = x + self.attn2(self.norm2(x.float()).type_as(x), context, image_context)
         return gated_residual(x, self.ffn(modulate(self.norm3, x, c_shift, c_scale)), c_gate)
@@ -329,7 +377,8 @@ class DiT(nn.Module):
             self.rope_cache[key] = rope_tables(self.config.attention_head_dim, f, h, w, device)
         return self.rope_cache[key]
 
-    def forward(self, x, t, context, image_context=None, fps=None, causal_block_size=1, cache=None, keep=0):
+    def forward(self, x, t, context, image_context=None, fps=None, causal_block_size=1, cache=None, keep=0,
+                parallel=None):
         """The flow prediction (B, out_channels, F, H, W) for latents x (B, in_channels, F, H, W) at timesteps t:
         (B,) one per sample, or (B, F) one per latent frame (diffusion forcing). context (B, L, text_dim) is the
         text embedding; image_context (B, L_img, image_dim) the CLIP penultimate hidden states of the image (I2V),
@@ -337,7 +386,8 @@ class DiT(nn.Module):
         frame rate, for checkpoints with inject_sample_info. With causal_block_size k > 1, latent frames form blocks
         of k and a block's tokens attend only to their own block and the blocks before it; then `cache` (a KVCache)
         may hold the keys and values of whole blocks before x's frames, and the first `keep` frames of x (whole
-        blocks, whose latents and timesteps will not change again) are added to it."""
+        blocks, whose latents and timesteps will not change again) are added to it. `parallel`, a SequenceParallel,
+        splits the pass over its ranks, each of which calls this with the same arguments and gets the whole result."""
         cfg, te = self.config, self.condition_embedder
         dtype = self.patch_embedding.weight.dtype
         if (image_context is None) != (te.image_embedder is None):
@@ -371,14 +421,19 @@ class DiT(nn.Module):
         cos, sin = self.rope(before + f, h, w, x.device)
         rope = cos[before * h * w:], sin[before * h * w:]
         block_tokens = causal_block_size * h * w if causal_block_size > 1 else 0
+        if parallel is not None:  # from here to proj_out this rank holds its rows of every frame
+            parallel, rank = dataclasses.replace(parallel, grid=(f, h, w)), dist.get_rank(parallel.group)
+            x, rope = parallel.split_rows(x)[rank], [parallel.split_rows(table)[rank] for table in rope]
         for i, block in enumerate(self.blocks):
             x = block(x, context, image_context, mod, rope, block_tokens, cache and cache.layers[i], keep * h * w,
-                      cache and cache.limit * h * w)
+                      cache and cache.limit * h * w, parallel)
         if cache is not None:
             cache.frames += keep
 
         shift, scale = (self.scale_shift_table + temb[:, :, None, None]).unbind(-2)  # (B, G, 1, D) float32
         x = self.proj_out(modulate(self.norm_out, x, shift, scale))  # (B, f*h*w, pt*ph*pw*C)
+        if parallel is not None:
+            x = parallel.gather(x)
         x = x.reshape(B, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, f, pt, h, ph, w, pw)
         return x.reshape(B, -1, f * pt, h * ph, w * pw)
 

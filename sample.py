@@ -8,12 +8,14 @@ line on stderr and a non-zero exit. Frames are written as they are finished, und
 renamed when the video is complete; the settings that reproduce it go beside it as JSON.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
 import random
 import sys
 import time
+import traceback
 
 import torch
 
@@ -103,17 +105,50 @@ def progress(step, total, start=[None]):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))  # torchrun's ranks all get the same input: rank 0 alone reports it
+    with contextlib.redirect_stderr(sys.stderr if rank == 0 else open(os.devnull, "w")):
+        args = parse_args(argv)
+    dist = join_ranks(args)
     try:
-        run(args)
+        run(args, rank)
     except KeyboardInterrupt:
         sys.exit(130)
     except (ValueError, OSError, skyreels.CheckpointError) as e:
-        print(f"error: {(str(e) or type(e).__name__).splitlines()[0]}", file=sys.stderr)
+        if rank == 0:
+            print(f"error: {(str(e) or type(e).__name__).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        if dist is None:
+            raise
+        # One line for the run: torchrun stops every rank once one has ended, so only the rank that fails first and
+        # speaks at once is heard. Rank 0 speaks at once, unless the failure surfaced in a collective (a peer gone).
+        if rank > 0 or os.path.join("torch", "distributed") in traceback.extract_tb(e.__traceback__)[-1].filename:
+            time.sleep(3)
+        print(f"error: rank {rank}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist is not None:
+            dist.destroy_process_group()
 
 
-def run(args):
+def join_ranks(args):
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL, each rank on GPU LOCAL_RANK; gloo on the
+    CPU) and agree on rank 0's random seed. skyreels.load then shares the work. Returns torch.distributed, or None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    import torch.distributed as dist
+
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    seed = [args.seed if args.seed is not None else random.randrange(2**31)]
+    dist.broadcast_object_list(seed, src=0)
+    args.seed = seed[0]
+    return dist
+
+
+def run(args, rank=0):
     mode = args.mode
     if mode in ("i2v", "df-i2v") and not args.image:
         raise ValueError(f"{mode} needs --image")
@@ -132,7 +167,7 @@ def run(args):
     if height is None:
         height, width = image_size(args.image, args.resolution) if args.image else RESOLUTIONS[args.resolution]
     base = args.base_num_frames or (121 if args.resolution == "720P" else 97)
-    out, tmp, sidecar = output_paths(args.out)
+    out, tmp, sidecar = output_paths(args.out) if rank == 0 else (None, None, None)  # rank 0 alone writes
     seed = args.seed if args.seed is not None else random.randrange(2**31)
 
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
@@ -147,10 +182,15 @@ def run(args):
                     shift=args.shift, seed=seed, ar_step=args.ar_step, causal_block_size=args.causal_block_size,
                     base_num_frames=base, overlap_history=args.overlap_history,
                     addnoise_condition=args.addnoise_condition, fps=args.fps)
-    frames = pipe.stream(**settings, progress=progress)  # validates every setting before any work
+    frames = pipe.stream(**settings, progress=progress if rank == 0 else None)  # validates every setting first
+    if rank > 0:  # the other ranks share the work
+        for _ in frames:
+            pass
+        return
     write(frames, out, tmp, args.fps)
     with open(sidecar, "w") as f:
-        json.dump(dict(mode=mode, model=args.model, dtype=str(dtype).replace("torch.", ""), **settings), f, indent=1)
+        json.dump(dict(mode=mode, model=args.model, dtype=str(dtype).replace("torch.", ""),
+                       world_size=int(os.environ.get("WORLD_SIZE", "1")), **settings), f, indent=1)
     print(out)
 
 

@@ -4,11 +4,13 @@ Loading is name alignment: our modules use the official parameter names, so a co
 device (no memory), and each tensor is read from its safetensors shard, cast and placed as it is read, and
 assigned in place. A 28 GB bf16 transformer therefore never exists twice in memory.
 """
+import hashlib
 import json
 import math
 import os
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 
 import model
@@ -158,10 +160,14 @@ def kind_of(path):
 def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch.float32, compile=False):
     """A ready pipeline from an official -Diffusers folder (or a Hugging Face id, or tiny-t2v/i2v/df).
     compile=True compiles the DiT's blocks with torch.compile: ~20% faster on an H100 and half the activation
-    memory (fused elementwise work), after a compile of ~10-30 s per new latent shape."""
+    memory (fused elementwise work), after a compile of ~10-30 s per new latent shape.
+    In a torch.distributed process group of several ranks (torchrun), every rank calls this alike, each with its own
+    device (e.g. cuda:LOCAL_RANK), and the ranks share the DiT's work (split_ranks)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = tiny_pipeline(path, device, dtype) if path.startswith("tiny-") else \
         load_folder(path, device, dtype, offload, vae_dtype)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        pipe.parallel, pipe.cfg_parallel = split_ranks()
     if compile:
         for block in pipe.transformer.blocks.children():
             block.compile()
@@ -325,13 +331,53 @@ def resident(module):
     return [p for p in module.parameters() if id(p) not in streamed]
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Several processes (torchrun) share the DiT's work. The text encoder, CLIP and the VAE run on every rank: the same
+# inputs give the same results everywhere, so nothing needs broadcasting, and they are a small part of a run.
+
+
+def split_ranks():
+    """(SequenceParallel over every rank, CFG parallelism) for the default process group. CFG parallelism, on an even
+    number of ranks: (this half's SequenceParallel, None if one rank; the group of this rank and its twin in the
+    other half; 0 if this half makes the conditional pass, 1 the unconditional one), else None."""
+    n, rank = dist.get_world_size(), dist.get_rank()
+    if n % 2:
+        return model.SequenceParallel(dist.group.WORLD), None
+    halves = [dist.new_group(list(range(k * n // 2, (k + 1) * n // 2))) for k in (0, 1)]  # every rank makes
+    pairs = [dist.new_group([r, r + n // 2]) for r in range(n // 2)]  # every group, as new_group needs
+    half = model.SequenceParallel(halves[rank // (n // 2)]) if n > 2 else None
+    return model.SequenceParallel(dist.group.WORLD), (half, pairs[rank % (n // 2)], rank // (n // 2))
+
+
+def check_ranks_agree(settings, device):
+    """Ranks that disagree on a seed, a size or an input compute a garbled video together: compare a digest of the
+    settings before any work (after their checks, which stop every rank alike), and stop every rank alike."""
+    if settings["addnoise_condition"] > 0:  # re-noising draws from the device's global RNG
+        settings["rng"] = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+    h = hashlib.sha256()
+    for value in settings.values():
+        for v in value if isinstance(value, list) else [value]:  # a list: video frames
+            v = v.get_state() if isinstance(v, torch.Generator) else v
+            h.update(v.cpu().numpy().tobytes() if torch.is_tensor(v) else v.tobytes() if hasattr(v, "tobytes")  # PIL
+                     else repr(v).encode())
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, h.hexdigest())
+    differ = [rank for rank, d in enumerate(every) if d != every[0]]
+    if differ:
+        raise ValueError(f"ranks {differ} were given other settings, inputs or random state than rank 0")
+
+
 class Pipeline:
     def __init__(self, kind, tokenizer, text_encoder, transformer, vae, clip, clip_preprocess, device, offload):
         self.shortcuts = True  # the exact async shortcuts (run_diffusion_forcing); off: diffusers' full passes
         self.cache_budget = None  # bytes for the shortcuts' key/value cache; None: what the GPU has free; 0: none
         self.on_cpu = {}  # offload: component -> its parameters' CPU tensors while it is on the GPU
+        self.parallel = self.cfg_parallel = None  # several processes: split_ranks
         self.kind, self.tokenizer, self.text_encoder, self.transformer = kind, tokenizer, text_encoder, transformer
         self.vae, self.clip, self.clip_preprocess, self.device, self.offload = vae, clip, clip_preprocess, device, offload
+        for m in (text_encoder, transformer, vae, clip):  # inference only: no autograd graph keeps activations
+            if m is not None:
+                m.requires_grad_(False)
         if offload:
             transformer.blocks = StreamedBlocks(transformer.blocks, device)
 
@@ -403,12 +449,16 @@ class Pipeline:
                    video=frames, height=height, width=width, num_frames=num_frames, ts=ts, sigmas=sigmas,
                    guidance=guidance, generator=generator, fps=fps, max_sequence_length=max_sequence_length,
                    latent=output_type == "latent", progress=progress)
+        df = dict(causal_block_size=causal_block_size or 1, addnoise_condition=addnoise_condition)
+        windows = None if self.kind != "df" else \
+            plan_windows(mode, num_frames, base_num_frames, overlap_history, causal_block_size or 1, ar_step, ts,
+                         last_image is not None, None if frames is None else len(frames))
+        if self.parallel is not None:
+            check_ranks_agree(dict(job, progress=None, ar_step=ar_step, base_num_frames=base_num_frames,
+                                   overlap_history=overlap_history, **df), self.device)
         if self.kind != "df":
             return self.run_lockstep(**job)
-        windows = plan_windows(mode, num_frames, base_num_frames, overlap_history, causal_block_size or 1, ar_step,
-                               ts, last_image is not None, None if frames is None else len(frames))
-        return self.run_diffusion_forcing(windows=windows, causal_block_size=causal_block_size or 1,
-                                          addnoise_condition=addnoise_condition, **job)
+        return self.run_diffusion_forcing(windows=windows, **df, **job)
 
     # -- the pieces every mode shares -----------------------------------------------------------------------------
 
@@ -433,10 +483,18 @@ class Pipeline:
         """The flow prediction, with classifier-free guidance when guidance > 1 (in the model's dtype, as diffusers).
         caches: the KVCaches of the conditional and the unconditional pass, which see different keys and values."""
         transformer = self.on_device(self.transformer)
-        v = transformer(x, t, context, cache=caches[0], **kw)
+        if negative is not None and self.cfg_parallel is not None:
+            # Half the ranks make the conditional prediction, the other half the unconditional one, and each rank
+            # swaps with its twin. A rank makes one pass, so caches[0] serves it, whichever pass it is.
+            half, pair, index = self.cfg_parallel
+            mine = transformer(x, t, (context, negative)[index], cache=caches[0], parallel=half, **kw)
+            v, u = torch.empty_like(mine), torch.empty_like(mine)
+            dist.all_gather([v, u], mine, group=pair)
+            return u + guidance * (v - u)
+        v = transformer(x, t, context, cache=caches[0], parallel=self.parallel, **kw)
         if negative is None:
             return v
-        u = transformer(x, t, negative, cache=caches[1], **kw)
+        u = transformer(x, t, negative, cache=caches[1], parallel=self.parallel, **kw)
         return u + guidance * (v - u)
 
     def encode_video(self, video):
@@ -567,7 +625,7 @@ class Pipeline:
         # change the blocks before them and their prediction is unused, so they are left out; finished blocks
         # keep their keys and values in a cache. Re-noised known frames change every iteration: no cache then.
         shortcut = self.shortcuts and causal_block_size > 1
-        limit = self.cache_frames(x, causal_block_size, 1 + (negative is not None)) if shortcut and not noised else 0
+        limit = self.cache_frames(x, causal_block_size, negative is not None) if shortcut and not noised else 0
         layers = len(self.transformer.blocks)
         caches = (KVCache(layers, limit), KVCache(layers, limit)) if limit else (None, None)
         for t, upd in zip(matrix, update):
@@ -595,13 +653,17 @@ class Pipeline:
                 tick()
         return x
 
-    def cache_frames(self, x, block, passes):
+    def cache_frames(self, x, block, guided):
         """How many latent frames of the window x the shortcuts may cache, in whole blocks: as many as fit
         `self.cache_budget` bytes. The default (None) is what the GPU has free less a forward's activations over the
         whole window and a margin, so the shortcuts fit wherever a run without them fits; 0 turns the cache off."""
         cfg, itemsize = self.transformer.config, torch.finfo(self.transformer_dtype).bits // 8
         tokens = x.shape[3] // cfg.patch_size[1] * x.shape[4] // cfg.patch_size[2]  # a latent frame's
-        per_frame = passes * cfg.num_layers * 2 * tokens * cfg.dim * itemsize  # keys and values, every layer
+        passes, sp = 1 + guided, self.parallel  # with several ranks, each caches its passes' heads only
+        if guided and self.cfg_parallel:
+            passes, sp = 1, self.cfg_parallel[0]
+        heads = -(-cfg.num_attention_heads // (1 if sp is None else dist.get_world_size(sp.group)))
+        per_frame = passes * cfg.num_layers * 2 * tokens * heads * cfg.attention_head_dim * itemsize  # K, V, layers
         budget = self.cache_budget
         if budget is None and self.device.type != "cuda":
             budget = per_frame * x.shape[2]

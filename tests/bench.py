@@ -255,7 +255,7 @@ def bench_14b(quick):
                 free, total = torch.cuda.mem_get_info()
                 log(f"  free {free / 2**30:.1f} of {total / 2**30:.1f} GiB, reserved "
                     f"{torch.cuda.memory_reserved() / 2**30:.1f}, allocated {torch.cuda.memory_allocated() / 2**30:.1f}"
-                    f"; cache limit {pipe.cache_frames(x0, 5, 2)} frames")
+                    f"; cache limit {pipe.cache_frames(x0, 5, True)} frames")
             mem, (tt, _) = peak(lambda: wall(lambda: pipe.denoise_window(x0.clone(), win, ctx, neg, 6.0, sigmas, 5,
                                                                            0, 24)))
             n = len(win["matrix"])
@@ -279,7 +279,7 @@ def bench_budget():
         free, total = torch.cuda.mem_get_info() if DEV == "cuda" else (0, 0)
         log(f"  {f}x{h}x{w}: free {free / 2**30:.1f} of {total / 2**30:.1f} GiB, reserved "
             f"{torch.cuda.memory_reserved() / 2**30:.1f}, allocated {torch.cuda.memory_allocated() / 2**30:.1f}; "
-            f"cache limit {pipe.cache_frames(x0, 5, 2)} frames (CFG), {pipe.cache_frames(x0, 5, 1)} (one pass)")
+            f"cache limit {pipe.cache_frames(x0, 5, True)} frames (CFG), {pipe.cache_frames(x0, 5, False)} (one pass)")
     del dit, pipe
 
 
