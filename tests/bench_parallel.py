@@ -43,6 +43,8 @@ def main():
     p.add_argument("--frames", type=int, default=25, help="latent frames (25: 97 video frames)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--check", action="store_true")
+    p.add_argument("--loop", action="store_true", help="also time the asynchronous loop (denoise_window)")
+    p.add_argument("--steps", type=int, default=10)
     p.add_argument("--tiny", action="store_true")
     args = p.parse_args()
     n = int(os.environ.get("WORLD_SIZE", "1"))
@@ -80,6 +82,27 @@ def main():
                 mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0
                 print(f"{args.size if not args.tiny else 'tiny'} x{args.frames} frames, {n} rank(s), {name}: "
                       f"{sec:.3f} s  (peak {mem:.1f} GiB){note}", flush=True)
+        if args.loop:  # the asynchronous loop of bench.py's "loop" row: ar 5, blocks of 5, 10 steps, CFG
+            import schedule
+
+            ts, sigmas = schedule.timesteps(args.steps, 8.0)
+            win = skyreels.plan_windows("df", (args.frames - 1) * 4 + 1, (args.frames - 1) * 4 + 1, None, 5, 5, ts,
+                                        False, None)[0]
+            x0 = torch.randn(1, 16, args.frames, h, w, generator=g, device=dev)
+            warm = dict(win, matrix=win["matrix"][:2], update=win["update"][:2])
+            pipe.denoise_window(x0.clone(), warm, text, neg, 6.0, sigmas, 5, 0, 24)
+            sec, out = timed(lambda: pipe.denoise_window(x0.clone(), win, text, neg, 6.0, sigmas, 5, 0, 24), dev, 1)
+            if rank == 0:
+                mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0
+                print(f"{args.size} async loop ar 5 blocks of 5, {args.frames} frames, {args.steps} steps, CFG, "
+                      f"{len(win['matrix'])} iterations, {n} rank(s): {sec:.2f} s (peak {mem:.1f} GiB)", flush=True)
+        if n > 1:  # all-to-all bandwidth at the size of one layer's q, k, v shards
+            part = torch.randn(3 * args.frames * h * w // 4 // n * cfg.dim, device=dev).to(dtype)
+            sec, _ = timed(lambda: dist.all_to_all_single(torch.empty_like(part), part), dev, 5)
+            if rank == 0:
+                gb = part.numel() * part.element_size() * (n - 1) / n / 1e9
+                print(f"all_to_all of {part.numel() * 2 / 2**20:.0f} MiB per rank: {sec * 1e3:.2f} ms, "
+                      f"{gb / sec:.0f} GB/s sent per rank", flush=True)
     if n > 1:
         dist.destroy_process_group()
 
