@@ -56,8 +56,20 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--offload", action="store_true", help="keep only the component in use on the GPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (faster on GPU, slower start)")
+    p.add_argument("--lora", action="append", default=[], type=lora_arg, metavar="PATH[:SCALE]",
+                   help="fold a LoRA into the DiT (repeatable; scale 1 by default)")
+    p.add_argument("--transformer", help="a single-file DiT (original Wan / ComfyUI naming, or diffusers') to use "
+                   "instead of the folder's transformer weights")
     p.add_argument("--out", "--outdir", default="video.mp4", help="output mp4 (a folder gets video.mp4 inside)")
     return p.parse_args(argv)
+
+
+def lora_arg(text):
+    path, _, scale = text.rpartition(":")
+    try:
+        return path, float(scale)
+    except ValueError:  # no scale given (or a ':' that belongs to the path)
+        return text, 1.0
 
 
 def image_size(image_path, resolution):
@@ -139,7 +151,8 @@ def run(args):
     local = os.path.isdir(args.model) or args.model.startswith("tiny-")
     if local:  # the kind is in model_index.json: check it before reading gigabytes of weights
         check_kind(mode, args.model, skyreels.kind_of(args.model))
-    pipe = skyreels.load(args.model, device=args.device, dtype=dtype, offload=args.offload, compile=args.compile)
+    pipe = skyreels.load(args.model, device=args.device, dtype=dtype, offload=args.offload, compile=args.compile,
+                         loras=args.lora, transformer=args.transformer)
     check_kind(mode, args.model, pipe.kind)
     settings = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, image=args.image,
                     last_image=args.last_image, video=args.video, height=height, width=width,
@@ -150,7 +163,8 @@ def run(args):
     frames = pipe.stream(**settings, progress=progress)  # validates every setting before any work
     write(frames, out, tmp, args.fps)
     with open(sidecar, "w") as f:
-        json.dump(dict(mode=mode, model=args.model, dtype=str(dtype).replace("torch.", ""), **settings), f, indent=1)
+        json.dump(dict(mode=mode, model=args.model, dtype=str(dtype).replace("torch.", ""), transformer=args.transformer,
+                       loras=args.lora, **settings), f, indent=1)
     print(out)
 
 

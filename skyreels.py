@@ -6,6 +6,7 @@ assigned in place. A 28 GB bf16 transformer therefore never exists twice in memo
 """
 import json
 import os
+import re
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -72,33 +73,51 @@ def place(module, device, dtype):
     return module
 
 
-def load_weights(module, folder, dtype=torch.float32, device="cpu"):
-    """Fill `module` (built on the meta device, or anywhere) from `folder`'s safetensors, strictly.
+def load_component(cls, config_cls, folder, dtype=torch.float32, device="cpu", single_file=None):
+    """A component (model.DiT, model.CLIPVision, vae.VAE, text.UMT5Encoder) sized by `folder`'s config.json and
+    filled from its safetensors, strictly. It is built on the meta device (no memory) and each tensor is cast and
+    placed as it is read, so a bf16 UMT5-XXL (11 GB) never exists in float32. single_file: one .safetensors
+    holding the whole module instead of the folder's weights, in our naming or the original Wan one (a DiT)."""
+    path = os.path.join(folder, "config.json")
+    try:
+        cfg = config_cls.from_config(read_json(path))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    with torch.device("meta"):
+        module = cls(cfg)
+    if single_file is None:
+        return load_weights(module, folder, weight_files(folder), dtype, device).eval()
+    with _open(single_file) as f:
+        keys = list(f.keys())
+    names = dit_names(module)  # each key in our naming, so that both namings load
+    aliases = {k: names.get(canonical(k), k) for k in keys}
+    return load_weights(module, single_file, dict.fromkeys(keys, single_file), dtype, device, aliases).eval()
 
-    A module may declare, as class attributes:
+
+def load_weights(module, where, files, dtype, device, aliases=None):
+    """Fill `module` from `files` ({checkpoint key: safetensors path}), strictly; `where` names them in errors.
+
+    A module may declare, as attributes:
       checkpoint_aliases  {checkpoint key: our key}, used only where our key is not in the checkpoint
                           (UMT5 checkpoints tie shared.weight and encoder.embed_tokens.weight either way);
-      ignored_keys        checkpoint keys that are known and unused (e.g. CLIP layers past the penultimate);
+      ignored_keys        checkpoint keys (or key prefixes ending in '.') that are known and unused;
       keep_fp32           substrings of parameter names kept in float32 whatever `dtype` is, as the reference
                           keeps them (norms, modulation, time embedding).
     """
-    files = weight_files(folder)
-    expected = {k: v for k, v in module.state_dict(keep_vars=True).items()}
-    aliases = getattr(module, "checkpoint_aliases", {})
-    ignored = set(getattr(module, "ignored_keys", ()))
+    expected = module.state_dict(keep_vars=True)
+    aliases = aliases or getattr(module, "checkpoint_aliases", {})
+    ignored = tuple(getattr(module, "ignored_keys", ()))
     plan = {}  # our key -> checkpoint key
     for key in files:
         ours = aliases.get(key, key)
         if ours in expected and (ours not in plan or key == ours):
             plan[ours] = key
     missing = sorted(set(expected) - set(plan))
-    unexpected = sorted(k for k in files if aliases.get(k, k) not in expected and k not in ignored
-                        and not any(k.startswith(p) for p in ignored if p.endswith(".")))
+    unexpected = sorted(k for k in files if aliases.get(k, k) not in expected and not k.startswith(ignored))
     if missing or unexpected:
-        what = (f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}" if missing else "") + \
-               ("; " if missing and unexpected else "") + \
-               (f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}" if unexpected else "")
-        raise CheckpointError(f"{folder} does not fit {type(module).__name__} from its config.json: {what}")
+        what = "; ".join(f"{name} keys {keys[:5]}{' ...' if len(keys) > 5 else ''}"
+                         for name, keys in (("missing", missing), ("unexpected", unexpected)) if keys)
+        raise CheckpointError(f"{where} does not fit {type(module).__name__} from its config.json: {what}")
     by_file = {}
     for ours, key in plan.items():
         by_file.setdefault(files[key], []).append((ours, key))
@@ -109,10 +128,7 @@ def load_weights(module, folder, dtype=torch.float32, device="cpu"):
             for ours, key in pairs:
                 if key not in present:
                     raise CheckpointError(f"{path} lacks {key}, which its index promises")
-                try:
-                    t = f.get_tensor(key)
-                except (SafetensorError, OSError) as e:
-                    raise CheckpointError(f"corrupt or incomplete safetensors file: {path} ({e})") from None
+                t = _tensor(f, path, key)
                 if tuple(t.shape) != tuple(expected[ours].shape):
                     raise CheckpointError(f"{path}: {key} has shape {tuple(t.shape)}, but config.json implies "
                                           f"{tuple(expected[ours].shape)}")
@@ -120,6 +136,138 @@ def load_weights(module, folder, dtype=torch.float32, device="cpu"):
                 state[ours] = t.to(device=device, dtype=to if t.is_floating_point() else t.dtype)
         module.load_state_dict(state, strict=False, assign=True)
     return module
+
+
+def _tensor(f, path, key):
+    try:
+        return f.get_tensor(key)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"corrupt or incomplete safetensors file: {path} ({e})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The original Wan 2.1 / SkyReels-V2 naming (also ComfyUI's, and most shared LoRAs'), for whole DiT files and LoRAs
+
+# Original name -> ours (diffusers'): at the top level by name prefix, inside blocks.N segment by segment.
+WAN_TOP = {
+    "head.head": "proj_out", "head.modulation": "scale_shift_table",
+    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
+    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+    "time_projection.1": "condition_embedder.time_proj",
+    "img_emb.proj.0": "condition_embedder.image_embedder.norm1",
+    "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
+    "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2",
+    "img_emb.proj.4": "condition_embedder.image_embedder.norm2",
+    "img_emb.emb_pos": "condition_embedder.image_embedder.pos_embed",
+    "fps_projection.0": "fps_projection.net.0.proj", "fps_projection.2": "fps_projection.net.2",
+}
+WAN_BLOCK = {
+    "self_attn": "attn1", "cross_attn": "attn2", "q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0",
+    "k_img": "add_k_proj", "v_img": "add_v_proj", "norm_k_img": "norm_added_k",
+    "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2", "modulation": "scale_shift_table",
+    "norm3": "norm2",  # the original's norm3 is the cross-attention norm; its norm2 (the FFN's) has no weights
+}
+PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "base_model.model.", "lora_unet_")
+
+
+def wan_name(name):
+    """Our DiT parameter name in the original naming."""
+    table = WAN_BLOCK if name.startswith("blocks.") else WAN_TOP
+    ours = {v: k for k, v in table.items()}
+    segments = "|".join(re.escape(v) for v in sorted(ours, key=len, reverse=True))
+    start = r"(?<![^.])" if table is WAN_BLOCK else "^"  # whole dotted segments; top-level names from the start
+    return re.sub(rf"{start}({segments})(?![^.])", lambda m: ours[m[1]], name)
+
+
+def canonical(key):
+    """A key without its format's prefix and with '_' for '.': the form in which our names, the original's and
+    kohya's (lora_unet_blocks_0_self_attn_q, dots made underscores) meet."""
+    for prefix in PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            break
+    return key.replace(".", "_")
+
+
+def dit_names(dit):
+    """{canonical name: our parameter name} for every parameter of `dit`, in our naming and the original's. The two
+    namings never give one name two meanings, so one lookup serves keys of either."""
+    names = {canonical(wan_name(k)): k for k in dit.state_dict()}
+    names.update({canonical(k): k for k in dit.state_dict()})
+    return names
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA: low-rank weight deltas, folded into the DiT's weights once
+
+# A LoRA key is <module>.<part>, the module in any of the three namings (dit_names): diffusers/PEFT
+# (transformer.blocks.0.attn1.to_q.lora_A.weight), original Wan / ComfyUI (diffusion_model.blocks.0.self_attn.q
+# .lora_down.weight), kohya / musubi-tuner (lora_unet_blocks_0_self_attn_q.lora_down.weight). The part says what it
+# holds and which parameter of the module it changes.
+LORA_PARTS = {"lora_A.weight": ("down", "weight"), "lora_down.weight": ("down", "weight"),
+              "lora_B.weight": ("up", "weight"), "lora_up.weight": ("up", "weight"), "alpha": ("alpha", "weight"),
+              "diff": ("diff", "weight"), "diff_b": ("diff", "bias"), "lora_B.bias": ("diff", "bias")}
+LORA_KEY = re.compile(rf"(.+)\.({'|'.join(re.escape(p) for p in LORA_PARTS)})$")
+
+
+def read_lora(path, dit):
+    """{our parameter name: float32 delta at scale 1} from a LoRA file: (alpha / rank) * up @ down for each LoRA
+    pair (alpha: its own, or the PEFT adapter's lora_alpha, or the rank), plus full deltas (.diff, .diff_b,
+    lora_B.bias). The whole file is checked first: a key that matches no parameter, or whose shape does not fit it
+    (a LoRA for another model size), is a CheckpointError naming the file and the key."""
+    names, params = dit_names(dit), dict(dit.named_parameters())
+    with _open(path) as f:
+        config = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+        tensors = {k: _tensor(f, path, k) for k in f.keys()}
+    config = {k.removeprefix("transformer."): v for k, v in config.items()}
+    if config.get("alpha_pattern") or config.get("use_rslora") or config.get("use_dora"):
+        raise CheckpointError(f"{path}: PEFT alpha_pattern, rSLoRA and DoRA adapters are not supported")
+    parts = {}  # our parameter name -> {part: (key, tensor)}
+    for key, t in tensors.items():
+        m = LORA_KEY.match(key)
+        part, param = LORA_PARTS[m[2]] if m else (None, None)
+        ours = m and names.get(canonical(m[1]) + "_" + param)
+        if ours is None:
+            raise CheckpointError(f"{path}: {key} matches no weight of this transformer")
+        parts.setdefault(ours, {})[part] = (key, t)
+    deltas = {}
+    for ours, got in parts.items():
+        shape = tuple(params[ours].shape)
+        if ("down" in got) != ("up" in got) or ("alpha" in got and "down" not in got):
+            raise CheckpointError(f"{path}: {next(iter(got.values()))[0]} has no matching lora_down/lora_up pair")
+        rank = got["down"][1].shape[0] if "down" in got else 0
+        # down (rank, in, *kernel), up (out, rank, 1, ...): convolutions too, as kohya writes them
+        want = dict(down=(rank,) + shape[1:], up=(shape[0], rank) + (1,) * (len(shape) - 2), alpha=(), diff=shape)
+        for part, (key, t) in got.items():
+            if tuple(t.shape) != want[part]:
+                raise CheckpointError(f"{path}: {key} has shape {tuple(t.shape)}, which does not fit {ours} "
+                                      f"{shape} (a LoRA for another model?)")
+        delta = got["diff"][1].float() if "diff" in got else torch.zeros(shape)
+        if rank:
+            alpha = float(got["alpha"][1]) if "alpha" in got else float(config.get("lora_alpha", rank))
+            delta += alpha / rank * (got["up"][1].float().flatten(1) @ got["down"][1].float().flatten(1)).view(shape)
+        deltas[ours] = delta
+    return deltas
+
+
+def fold_loras(pipe, loras):
+    """W += sum of scale * delta over [(path, scale), ...], in float32, rounded once to W's dtype. Every file is
+    read and checked before any weight changes. The first time a LoRA touches a weight, its original is kept on the
+    CPU (pipe.lora_originals), so that unload_loras restores it exactly: rounding makes W + d - d differ from W."""
+    total = {}
+    for path, scale in loras:
+        for name, delta in read_lora(path, pipe.transformer).items():
+            total[name] = total.get(name, 0) + scale * delta
+    pipe.on_device(None)  # offload: every parameter back in its home copy
+    params = dict(pipe.transformer.named_parameters())
+    with torch.no_grad():
+        for name, delta in total.items():
+            p = params[name]
+            pipe.lora_originals.setdefault(name, p.detach().to("cpu", copy=True))
+            p.data.copy_(p.data.float() + delta.to(p.device))
+    pipe.loras += list(loras)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -145,20 +293,30 @@ def kind_of(path):
     return KINDS[name]
 
 
-def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch.float32, compile=False):
+def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch.float32, compile=False, loras=(),
+         transformer=None):
     """A ready pipeline from an official -Diffusers folder (or a Hugging Face id, or tiny-t2v/i2v/df).
+    loras: [(path, scale), ...] folded into the DiT (Pipeline.load_lora). transformer: a single .safetensors DiT
+    (original Wan / ComfyUI naming, or ours) that replaces the folder's transformer weights, sized by its config.json.
     compile=True compiles the DiT's blocks with torch.compile: ~20% faster on an H100 and half the activation
     memory (fused elementwise work), after a compile of ~10-30 s per new latent shape."""
+    for file in [transformer] * (transformer is not None) + [lora for lora, _ in loras]:
+        if not os.path.isfile(file):
+            raise CheckpointError(f"no such file: {file}")
+    if transformer is not None and path.startswith("tiny-"):
+        raise ValueError("transformer= replaces a folder's weights; tiny-* models have no folder")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = tiny_pipeline(path, device, dtype) if path.startswith("tiny-") else \
-        load_folder(path, device, dtype, offload, vae_dtype)
+        load_folder(path, device, dtype, offload, vae_dtype, transformer)
+    if loras:
+        fold_loras(pipe, loras)
     if compile:
         for block in pipe.transformer.blocks:
             block.compile()
     return pipe
 
 
-def load_folder(path, device, dtype, offload, vae_dtype):
+def load_folder(path, device, dtype, offload, vae_dtype, transformer_file=None):
     if not os.path.isdir(path):
         try:
             from huggingface_hub import snapshot_download
@@ -174,11 +332,13 @@ def load_folder(path, device, dtype, offload, vae_dtype):
         raise CheckpointError(f"missing file: {spiece}")
     clip = preprocess = None
     if kind == "i2v":
-        clip = model.load_clip(sub("image_encoder"), dtype, home)
+        clip = load_component(model.CLIPVision, model.CLIPVisionConfig, sub("image_encoder"), dtype, home)
         preprocess = read_json(sub("image_processor/preprocessor_config.json"))
-    return Pipeline(kind, text.Tokenizer(spiece), text.load_text_encoder(sub("text_encoder"), dtype, home),
-                    model.load_transformer(sub("transformer"), dtype, home), vae.load_vae(sub("vae"), vae_dtype, home),
-                    clip, preprocess, device, offload)
+    return Pipeline(kind, text.Tokenizer(spiece),
+                    load_component(text.UMT5Encoder, text.UMT5Config, sub("text_encoder"), dtype, home),
+                    load_component(model.DiT, model.DiTConfig, sub("transformer"), dtype, home, transformer_file),
+                    load_component(vae.VAE, vae.VAEConfig, sub("vae"), vae_dtype, home), clip, preprocess, device,
+                    offload)
 
 
 TINY_CORPUS = ["A cat and a dog baking a cake together in a kitchen.", "The camera follows a small blue bird upward.",
@@ -261,6 +421,7 @@ class Pipeline:
     def __init__(self, kind, tokenizer, text_encoder, transformer, vae, clip, clip_preprocess, device, offload):
         self.shortcuts = True  # the exact async shortcuts (run_diffusion_forcing); off: diffusers' full passes
         self.on_cpu = {}  # offload: component -> its parameters' CPU tensors while it is on the GPU
+        self.loras, self.lora_originals = [], {}  # fold_loras: [(path, scale)]; {parameter name: its CPU original}
         self.kind, self.tokenizer, self.text_encoder, self.transformer = kind, tokenizer, text_encoder, transformer
         self.vae, self.clip, self.clip_preprocess, self.device, self.offload = vae, clip, clip_preprocess, device, offload
 
@@ -275,6 +436,20 @@ class Pipeline:
                 self.on_cpu[module] = [p.data for p in module.parameters()]
                 module.to(self.device)
         return module
+
+    def load_lora(self, path, scale=1.0):
+        """Fold a LoRA file (diffusers/PEFT, original Wan / ComfyUI or kohya keys) into the DiT at `scale`; LoRAs
+        add up. The file is checked whole first (CheckpointError naming the file and the first key that does not
+        fit); a T2V LoRA on an I2V model leaves the image projections alone, as diffusers does."""
+        fold_loras(self, [(path, scale)])
+
+    def unload_loras(self):
+        """The DiT's weights exactly as before the first LoRA."""
+        params = dict(self.transformer.named_parameters())
+        with torch.no_grad():
+            for name, original in self.lora_originals.items():
+                params[name].data.copy_(original)
+        self.loras, self.lora_originals = [], {}
 
     def generate(self, prompt, negative_prompt="", image=None, last_image=None, video=None, height=544, width=960,
                  num_frames=97, num_inference_steps=None, guidance_scale=None, shift=None, generator=None, seed=None,
