@@ -58,18 +58,14 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (faster on GPU, slower start)")
     p.add_argument("--lora", action="append", default=[], type=lora_arg, metavar="PATH[:SCALE]",
                    help="fold a LoRA into the DiT (repeatable; scale 1 by default)")
-    p.add_argument("--transformer", help="a single-file DiT (original Wan / ComfyUI naming, or diffusers') to use "
-                   "instead of the folder's transformer weights")
+    p.add_argument("--transformer", help="a one-file DiT (original Wan / ComfyUI or diffusers names) for the folder's")
     p.add_argument("--out", "--outdir", default="video.mp4", help="output mp4 (a folder gets video.mp4 inside)")
     return p.parse_args(argv)
 
 
-def lora_arg(text):
+def lora_arg(text):  # PATH[:SCALE]; a ':' not followed by a number is part of the path
     path, _, scale = text.rpartition(":")
-    try:
-        return path, float(scale)
-    except ValueError:  # no scale given (or a ':' that belongs to the path)
-        return text, 1.0
+    return (path, float(scale)) if path and scale.lstrip("-").replace(".", "", 1).isdigit() else (text, 1.0)
 
 
 def image_size(image_path, resolution):
@@ -163,8 +159,8 @@ def run(args):
     frames = pipe.stream(**settings, progress=progress)  # validates every setting before any work
     write(frames, out, tmp, args.fps)
     with open(sidecar, "w") as f:
-        json.dump(dict(mode=mode, model=args.model, dtype=str(dtype).replace("torch.", ""), transformer=args.transformer,
-                       loras=args.lora, **settings), f, indent=1)
+        json.dump(dict(mode=mode, model=args.model, dtype=str(dtype).replace("torch.", ""), loras=args.lora,
+                       transformer=args.transformer, **settings), f, indent=1)
     print(out)
 
 

@@ -27,13 +27,11 @@ class CheckpointError(Exception):
 
 
 def read_json(path):
-    if not os.path.isfile(path):
-        raise CheckpointError(f"missing file: {path}")
     try:
         with open(path) as f:
             return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    except (OSError, ValueError) as e:  # missing, unreadable, or not JSON
+        raise CheckpointError(f"cannot read {path} ({e})") from None
 
 
 def weight_files(folder):
@@ -53,12 +51,10 @@ def weight_files(folder):
 
 
 def _open(path):
-    if not os.path.isfile(path):
-        raise CheckpointError(f"missing weight file: {path}")
     try:
         return safe_open(path, framework="pt")
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"corrupt or incomplete safetensors file: {path} ({e})") from None
+    except (SafetensorError, OSError) as e:  # missing, or not a (complete) safetensors file
+        raise CheckpointError(f"cannot read {path} as safetensors ({e})") from None
 
 
 def param_dtype(module, name, dtype):
@@ -75,9 +71,8 @@ def place(module, device, dtype):
 
 def load_component(cls, config_cls, folder, dtype=torch.float32, device="cpu", single_file=None):
     """A component (model.DiT, model.CLIPVision, vae.VAE, text.UMT5Encoder) sized by `folder`'s config.json and
-    filled from its safetensors, strictly. It is built on the meta device (no memory) and each tensor is cast and
-    placed as it is read, so a bf16 UMT5-XXL (11 GB) never exists in float32. single_file: one .safetensors
-    holding the whole module instead of the folder's weights, in our naming or the original Wan one (a DiT)."""
+    filled from its safetensors, strictly, or from `single_file`, one .safetensors DiT in our or the original naming.
+    Built on the meta device, so a bf16 UMT5-XXL (11 GB) never exists in float32 (see the module docstring)."""
     path = os.path.join(folder, "config.json")
     try:
         cfg = config_cls.from_config(read_json(path))
@@ -88,9 +83,8 @@ def load_component(cls, config_cls, folder, dtype=torch.float32, device="cpu", s
     if single_file is None:
         return load_weights(module, folder, weight_files(folder), dtype, device).eval()
     with _open(single_file) as f:
-        keys = list(f.keys())
-    names = dit_names(module)  # each key in our naming, so that both namings load
-    aliases = {k: names.get(canonical(k), k) for k in keys}
+        names, keys = dit_names(module), list(f.keys())
+    aliases = {k: names.get(canonical(k), k) for k in keys}  # to our naming, whichever the file's
     return load_weights(module, single_file, dict.fromkeys(keys, single_file), dtype, device, aliases).eval()
 
 
@@ -118,16 +112,10 @@ def load_weights(module, where, files, dtype, device, aliases=None):
         what = "; ".join(f"{name} keys {keys[:5]}{' ...' if len(keys) > 5 else ''}"
                          for name, keys in (("missing", missing), ("unexpected", unexpected)) if keys)
         raise CheckpointError(f"{where} does not fit {type(module).__name__} from its config.json: {what}")
-    by_file = {}
-    for ours, key in plan.items():
-        by_file.setdefault(files[key], []).append((ours, key))
-    for path, pairs in sorted(by_file.items()):
+    for path in sorted({files[key] for key in plan.values()}):  # shard by shard
         state = {}
         with _open(path) as f:
-            present = set(f.keys())
-            for ours, key in pairs:
-                if key not in present:
-                    raise CheckpointError(f"{path} lacks {key}, which its index promises")
+            for ours, key in ((o, k) for o, k in plan.items() if files[k] == path):
                 t = _tensor(f, path, key)
                 if tuple(t.shape) != tuple(expected[ours].shape):
                     raise CheckpointError(f"{path}: {key} has shape {tuple(t.shape)}, but config.json implies "
@@ -141,26 +129,22 @@ def load_weights(module, where, files, dtype, device, aliases=None):
 def _tensor(f, path, key):
     try:
         return f.get_tensor(key)
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"corrupt or incomplete safetensors file: {path} ({e})") from None
+    except (SafetensorError, OSError) as e:  # a key the index promised but the file lacks, or a truncated file
+        raise CheckpointError(f"cannot read {key} from {path} ({e})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The original Wan 2.1 / SkyReels-V2 naming (also ComfyUI's, and most shared LoRAs'), for whole DiT files and LoRAs
 
 # Original name -> ours (diffusers'): at the top level by name prefix, inside blocks.N segment by segment.
+CE = "condition_embedder."
 WAN_TOP = {
-    "head.head": "proj_out", "head.modulation": "scale_shift_table",
-    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
-    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
-    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
-    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
-    "time_projection.1": "condition_embedder.time_proj",
-    "img_emb.proj.0": "condition_embedder.image_embedder.norm1",
-    "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
-    "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2",
-    "img_emb.proj.4": "condition_embedder.image_embedder.norm2",
-    "img_emb.emb_pos": "condition_embedder.image_embedder.pos_embed",
+    "head.head": "proj_out", "head.modulation": "scale_shift_table", "time_projection.1": CE + "time_proj",
+    "text_embedding.0": CE + "text_embedder.linear_1", "text_embedding.2": CE + "text_embedder.linear_2",
+    "time_embedding.0": CE + "time_embedder.linear_1", "time_embedding.2": CE + "time_embedder.linear_2",
+    "img_emb.proj.0": CE + "image_embedder.norm1", "img_emb.proj.1": CE + "image_embedder.ff.net.0.proj",
+    "img_emb.proj.3": CE + "image_embedder.ff.net.2", "img_emb.proj.4": CE + "image_embedder.norm2",
+    "img_emb.emb_pos": CE + "image_embedder.pos_embed",
     "fps_projection.0": "fps_projection.net.0.proj", "fps_projection.2": "fps_projection.net.2",
 }
 WAN_BLOCK = {
@@ -169,31 +153,25 @@ WAN_BLOCK = {
     "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2", "modulation": "scale_shift_table",
     "norm3": "norm2",  # the original's norm3 is the cross-attention norm; its norm2 (the FFN's) has no weights
 }
-PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "base_model.model.", "lora_unet_")
+PREFIX = re.compile(r"^(model\.diffusion_model\.|diffusion_model\.|transformer\.|base_model\.model\.|lora_unet_)")
 
 
 def wan_name(name):
     """Our DiT parameter name in the original naming."""
     table = WAN_BLOCK if name.startswith("blocks.") else WAN_TOP
     ours = {v: k for k, v in table.items()}
-    segments = "|".join(re.escape(v) for v in sorted(ours, key=len, reverse=True))
+    segments = "|".join(map(re.escape, ours))
     start = r"(?<![^.])" if table is WAN_BLOCK else "^"  # whole dotted segments; top-level names from the start
     return re.sub(rf"{start}({segments})(?![^.])", lambda m: ours[m[1]], name)
 
 
 def canonical(key):
-    """A key without its format's prefix and with '_' for '.': the form in which our names, the original's and
-    kohya's (lora_unet_blocks_0_self_attn_q, dots made underscores) meet."""
-    for prefix in PREFIXES:
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-            break
-    return key.replace(".", "_")
+    """A key without its prefix, '.' made '_': where ours, the original's and kohya's (lora_unet_blocks_0_...) meet."""
+    return PREFIX.sub("", key).replace(".", "_")
 
 
 def dit_names(dit):
-    """{canonical name: our parameter name} for every parameter of `dit`, in our naming and the original's. The two
-    namings never give one name two meanings, so one lookup serves keys of either."""
+    """{canonical name: our parameter name} in our naming and the original's (they never give a name two meanings)."""
     names = {canonical(wan_name(k)): k for k in dit.state_dict()}
     names.update({canonical(k): k for k in dit.state_dict()})
     return names
@@ -202,37 +180,33 @@ def dit_names(dit):
 # ----------------------------------------------------------------------------------------------------------------
 # LoRA: low-rank weight deltas, folded into the DiT's weights once
 
-# A LoRA key is <module>.<part>, the module in any of the three namings (dit_names): diffusers/PEFT
-# (transformer.blocks.0.attn1.to_q.lora_A.weight), original Wan / ComfyUI (diffusion_model.blocks.0.self_attn.q
-# .lora_down.weight), kohya / musubi-tuner (lora_unet_blocks_0_self_attn_q.lora_down.weight). The part says what it
-# holds and which parameter of the module it changes.
-LORA_PARTS = {"lora_A.weight": ("down", "weight"), "lora_down.weight": ("down", "weight"),
-              "lora_B.weight": ("up", "weight"), "lora_up.weight": ("up", "weight"), "alpha": ("alpha", "weight"),
-              "diff": ("diff", "weight"), "diff_b": ("diff", "bias"), "lora_B.bias": ("diff", "bias")}
+# A LoRA key is <module>.<part>, the module in any naming (dit_names): diffusers/PEFT transformer.blocks.0.attn1.to_q,
+# original Wan / ComfyUI diffusion_model.blocks.0.self_attn.q, kohya / musubi-tuner lora_unet_blocks_0_self_attn_q.
+LORA_PARTS = {"lora_A.weight": "down", "lora_down.weight": "down", "lora_B.weight": "up", "lora_up.weight": "up",
+              "alpha": "alpha", "diff": "diff", "diff_b": "diff", "lora_B.bias": "diff"}
+BIAS_PARTS = ("diff_b", "lora_B.bias")  # deltas of the module's bias; the other parts are of its weight
 LORA_KEY = re.compile(rf"(.+)\.({'|'.join(re.escape(p) for p in LORA_PARTS)})$")
 
 
 def read_lora(path, dit):
-    """{our parameter name: float32 delta at scale 1} from a LoRA file: (alpha / rank) * up @ down for each LoRA
-    pair (alpha: its own, or the PEFT adapter's lora_alpha, or the rank), plus full deltas (.diff, .diff_b,
-    lora_B.bias). The whole file is checked first: a key that matches no parameter, or whose shape does not fit it
-    (a LoRA for another model size), is a CheckpointError naming the file and the key."""
+    """[(our parameter name, coefficient, up, down)] of a LoRA file: its delta at scale 1 is coefficient * up @ down
+    (alpha / rank; alpha: the pair's, the PEFT adapter's lora_alpha, or the rank), or up alone for a full delta (.diff,
+    .diff_b, lora_B.bias; down None). A key that matches no parameter or does not fit its shape is a CheckpointError."""
     names, params = dit_names(dit), dict(dit.named_parameters())
     with _open(path) as f:
-        config = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
         tensors = {k: _tensor(f, path, k) for k in f.keys()}
-    config = {k.removeprefix("transformer."): v for k, v in config.items()}
-    if config.get("alpha_pattern") or config.get("use_rslora") or config.get("use_dora"):
+        peft = {k.removeprefix("transformer."): v for k, v in json.loads(  # the adapter config diffusers saves
+            (f.metadata() or {}).get("lora_adapter_metadata", "{}")).items()}
+    if peft.get("alpha_pattern") or peft.get("use_rslora") or peft.get("use_dora"):
         raise CheckpointError(f"{path}: PEFT alpha_pattern, rSLoRA and DoRA adapters are not supported")
     parts = {}  # our parameter name -> {part: (key, tensor)}
     for key, t in tensors.items():
         m = LORA_KEY.match(key)
-        part, param = LORA_PARTS[m[2]] if m else (None, None)
-        ours = m and names.get(canonical(m[1]) + "_" + param)
+        ours = m and names.get(canonical(m[1]) + ("_bias" if m[2] in BIAS_PARTS else "_weight"))
         if ours is None:
             raise CheckpointError(f"{path}: {key} matches no weight of this transformer")
-        parts.setdefault(ours, {})[part] = (key, t)
-    deltas = {}
+        parts.setdefault(ours, {})[LORA_PARTS[m[2]]] = (key, t)
+    terms = []
     for ours, got in parts.items():
         shape = tuple(params[ours].shape)
         if ("down" in got) != ("up" in got) or ("alpha" in got and "down" not in got):
@@ -244,30 +218,31 @@ def read_lora(path, dit):
             if tuple(t.shape) != want[part]:
                 raise CheckpointError(f"{path}: {key} has shape {tuple(t.shape)}, which does not fit {ours} "
                                       f"{shape} (a LoRA for another model?)")
-        delta = got["diff"][1].float() if "diff" in got else torch.zeros(shape)
+        if "diff" in got:
+            terms.append((ours, 1.0, got["diff"][1], None))
         if rank:
-            alpha = float(got["alpha"][1]) if "alpha" in got else float(config.get("lora_alpha", rank))
-            delta += alpha / rank * (got["up"][1].float().flatten(1) @ got["down"][1].float().flatten(1)).view(shape)
-        deltas[ours] = delta
-    return deltas
+            alpha = float(got["alpha"][1]) if "alpha" in got else float(peft.get("lora_alpha", rank))
+            terms.append((ours, alpha / rank, got["up"][1], got["down"][1]))
+    return terms
 
 
 def fold_loras(pipe, loras):
-    """W += sum of scale * delta over [(path, scale), ...], in float32, rounded once to W's dtype. Every file is
-    read and checked before any weight changes. The first time a LoRA touches a weight, its original is kept on the
-    CPU (pipe.lora_originals), so that unload_loras restores it exactly: rounding makes W + d - d differ from W."""
-    total = {}
+    """W += sum of scale * delta over [(path, scale), ...], in float32 on W's device, rounded once to W's dtype, after
+    every file is read and checked. A weight's original is kept on the CPU (pipe.lora_originals) the first time a
+    LoRA touches it, so that unload_loras restores it exactly: in bf16, W + d - d is not W."""
+    terms = {}
     for path, scale in loras:
-        for name, delta in read_lora(path, pipe.transformer).items():
-            total[name] = total.get(name, 0) + scale * delta
+        for name, coefficient, up, down in read_lora(path, pipe.transformer):
+            terms.setdefault(name, []).append((scale * coefficient, up, down))
     pipe.on_device(None)  # offload: every parameter back in its home copy
-    params = dict(pipe.transformer.named_parameters())
-    with torch.no_grad():
-        for name, delta in total.items():
-            p = params[name]
-            pipe.lora_originals.setdefault(name, p.detach().to("cpu", copy=True))
-            p.data.copy_(p.data.float() + delta.to(p.device))
-    pipe.loras += list(loras)
+    for name, group in terms.items():
+        p = pipe.transformer.get_parameter(name)
+        delta = torch.zeros(p.shape, device=p.device)
+        for coefficient, up, down in group:
+            up = up.to(p.device, torch.float32)
+            delta += coefficient * (up if down is None else (up.flatten(1) @ down.to(up).flatten(1)).view(p.shape))
+        pipe.lora_originals.setdefault(name, p.data.to("cpu", copy=True))
+        p.data.copy_(p.data.float() + delta)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -295,21 +270,17 @@ def kind_of(path):
 
 def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch.float32, compile=False, loras=(),
          transformer=None):
-    """A ready pipeline from an official -Diffusers folder (or a Hugging Face id, or tiny-t2v/i2v/df).
-    loras: [(path, scale), ...] folded into the DiT (Pipeline.load_lora). transformer: a single .safetensors DiT
-    (original Wan / ComfyUI naming, or ours) that replaces the folder's transformer weights, sized by its config.json.
+    """A ready pipeline from an official -Diffusers folder (or a Hugging Face id, or tiny-t2v/i2v/df). loras: [(path,
+    scale), ...] (fold_loras). transformer: a one-file DiT (ours or the original naming) for the folder's weights.
     compile=True compiles the DiT's blocks with torch.compile: ~20% faster on an H100 and half the activation
     memory (fused elementwise work), after a compile of ~10-30 s per new latent shape."""
     for file in [transformer] * (transformer is not None) + [lora for lora, _ in loras]:
         if not os.path.isfile(file):
             raise CheckpointError(f"no such file: {file}")
-    if transformer is not None and path.startswith("tiny-"):
-        raise ValueError("transformer= replaces a folder's weights; tiny-* models have no folder")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = tiny_pipeline(path, device, dtype) if path.startswith("tiny-") else \
         load_folder(path, device, dtype, offload, vae_dtype, transformer)
-    if loras:
-        fold_loras(pipe, loras)
+    fold_loras(pipe, loras)
     if compile:
         for block in pipe.transformer.blocks:
             block.compile()
@@ -421,7 +392,7 @@ class Pipeline:
     def __init__(self, kind, tokenizer, text_encoder, transformer, vae, clip, clip_preprocess, device, offload):
         self.shortcuts = True  # the exact async shortcuts (run_diffusion_forcing); off: diffusers' full passes
         self.on_cpu = {}  # offload: component -> its parameters' CPU tensors while it is on the GPU
-        self.loras, self.lora_originals = [], {}  # fold_loras: [(path, scale)]; {parameter name: its CPU original}
+        self.lora_originals = {}  # fold_loras: {DiT parameter name: its CPU original}
         self.kind, self.tokenizer, self.text_encoder, self.transformer = kind, tokenizer, text_encoder, transformer
         self.vae, self.clip, self.clip_preprocess, self.device, self.offload = vae, clip, clip_preprocess, device, offload
 
@@ -438,18 +409,13 @@ class Pipeline:
         return module
 
     def load_lora(self, path, scale=1.0):
-        """Fold a LoRA file (diffusers/PEFT, original Wan / ComfyUI or kohya keys) into the DiT at `scale`; LoRAs
-        add up. The file is checked whole first (CheckpointError naming the file and the first key that does not
-        fit); a T2V LoRA on an I2V model leaves the image projections alone, as diffusers does."""
+        """Fold a LoRA (diffusers/PEFT, original Wan / ComfyUI or kohya keys) into the DiT at `scale`; LoRAs add up."""
         fold_loras(self, [(path, scale)])
 
     def unload_loras(self):
         """The DiT's weights exactly as before the first LoRA."""
-        params = dict(self.transformer.named_parameters())
-        with torch.no_grad():
-            for name, original in self.lora_originals.items():
-                params[name].data.copy_(original)
-        self.loras, self.lora_originals = [], {}
+        for name in list(self.lora_originals):
+            self.transformer.get_parameter(name).data.copy_(self.lora_originals.pop(name))
 
     def generate(self, prompt, negative_prompt="", image=None, last_image=None, video=None, height=544, width=960,
                  num_frames=97, num_inference_steps=None, guidance_scale=None, shift=None, generator=None, seed=None,
