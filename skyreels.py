@@ -274,7 +274,7 @@ def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch
     scale), ...] (fold_loras). transformer: a one-file DiT (ours or the original naming) for the folder's weights.
     compile=True compiles the DiT's blocks with torch.compile: ~20% faster on an H100 and half the activation
     memory (fused elementwise work), after a compile of ~10-30 s per new latent shape."""
-    for file in [transformer] * (transformer is not None) + [lora for lora, _ in loras]:
+    for file in ([transformer] if transformer else []) + [lora for lora, _ in loras]:  # at the door, not after loading
         if not os.path.isfile(file):
             raise CheckpointError(f"no such file: {file}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

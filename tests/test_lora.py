@@ -11,6 +11,7 @@ A LoRA here is drawn at random (rank 4, lora_alpha 8, so alpha/rank = 2 matters)
 peft on diffusers' transformer and saved by diffusers' `save_lora_weights`; the other formats are the same LoRA
 rewritten.
 """
+import json
 import os
 
 import numpy as np
@@ -130,7 +131,8 @@ def test_every_linear_maps_to_the_module_diffusers_lora_converter_names(tiny_fol
     assert {k.removeprefix("transformer.").split(".lora_")[0] for k in converted} == set(linears)
     path = str(tmp_path / "all_linears.safetensors")
     save_file(state, path)
-    assert {name for name, *_ in skyreels.read_lora(path, dit)} == {f"{n}.{p}" for n in linears for p in ("weight", "bias")}
+    ours = {name for name, *_ in skyreels.read_lora(path, dit)}
+    assert ours == {f"{n}.{p}" for n in linears for p in ("weight", "bias")}
 
 
 def test_original_names_agree_with_diffusers_single_file_converter(tiny_folders):
@@ -237,7 +239,8 @@ def test_offload_with_loras_gives_the_same_video(tiny_folders, loras):
 # ----------------------------------------------------------------------------------------------------------------
 # Bad LoRAs: one line naming the file and the first offending key, before any weight changes
 
-GOOD = {"transformer.blocks.0.attn1.to_q.lora_A.weight": (4, 24), "transformer.blocks.0.attn1.to_q.lora_B.weight": (24, 4)}
+GOOD = {"transformer.blocks.0.attn1.to_q.lora_A.weight": (4, 24),
+        "transformer.blocks.0.attn1.to_q.lora_B.weight": (24, 4)}
 BAD_LORAS = {
     "key that matches no module": ({"transformer.blocks.0.attn1.to_z.lora_A.weight": (4, 24)}, "to_z"),
     "block the model lacks": ({"diffusion_model.blocks.7.self_attn.q.lora_down.weight": (4, 24)}, "blocks.7"),
@@ -285,14 +288,12 @@ def test_bad_lora_on_the_command_line_is_one_error_line_and_no_output(tiny_folde
 
 
 def test_command_line_loras_and_transformer_are_used_and_recorded(tiny_folders, loras, tmp_path):
-    import json
-
     folder = tiny_folders["t2v"]
     single = original_file(folder, tmp_path, "diffusion_model.")
     out = tmp_path / "v.mp4"
-    sample.main(["t2v", "--model", folder, "--prompt", "a cat", "--lora", loras["peft"], "--lora", f"{loras['wan']}:-0.5",
-                 "--transformer", single, "--height", "32", "--width", "48", "--steps", "1", "--num-frames", "5",
-                 "--seed", "0", "--out", str(out)])
+    sample.main(["t2v", "--model", folder, "--prompt", "a cat", "--lora", loras["peft"],
+                 "--lora", f"{loras['wan']}:-0.5", "--transformer", single, "--height", "32", "--width", "48",
+                 "--steps", "1", "--num-frames", "5", "--seed", "0", "--out", str(out)])
     settings = json.load(open(tmp_path / "v.json"))
     assert settings["loras"] == [[loras["peft"], 1.0], [loras["wan"], -0.5]] and settings["transformer"] == single
 
