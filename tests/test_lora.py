@@ -287,7 +287,7 @@ def test_bad_lora_on_the_command_line_is_one_error_line_and_no_output(tiny_folde
     assert sorted(os.listdir(tmp_path)) == (["bad.safetensors"] if case != "missing file" else [])
 
 
-def test_command_line_loras_and_transformer_are_used_and_recorded(tiny_folders, loras, tmp_path):
+def test_command_line_loras_and_transformer_load_and_are_recorded_beside_the_video(tiny_folders, loras, tmp_path):
     folder = tiny_folders["t2v"]
     single = original_file(folder, tmp_path, "diffusion_model.")
     out = tmp_path / "v.mp4"
