@@ -12,7 +12,6 @@ the meta device and filled from the checkpoint, so nothing here registers buffer
 """
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -345,7 +344,7 @@ class ConditionEmbedder(nn.Module):
 
 
 class DiT(nn.Module):
-    """The SkyReels-V2 diffusion transformer (Wan 2.1 architecture). `load_transformer` builds it on the meta
+    """The SkyReels-V2 diffusion transformer (Wan 2.1 architecture). skyreels.load_component builds it on the meta
     device and fills it from a checkpoint; built elsewhere it is randomly initialised (a tiny model for tests)."""
 
     # Float32 whatever the load dtype, as diffusers' _keep_in_fp32_modules: the timestep MLP and the modulation
@@ -553,26 +552,3 @@ def clip_preprocess(images, config):
         x = (x - np.array(config["image_mean"], np.float32)) / np.array(config["image_std"], np.float32)
         out.append(x.transpose(2, 0, 1))
     return torch.from_numpy(np.stack(out))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loading (skyreels.py imports this module, so it is imported here only when loading)
-
-
-def _load(cls, config_cls, folder, dtype, device):
-    import skyreels
-
-    cfg = config_cls.from_config(skyreels.read_json(os.path.join(folder, "config.json")))
-    with torch.device("meta"):  # no memory: every tensor is then read once, cast and placed
-        module = cls(cfg)
-    return skyreels.load_weights(module, folder, dtype, device).eval()
-
-
-def load_transformer(folder, dtype=torch.bfloat16, device="cpu"):
-    """The DiT of a checkpoint's transformer/ folder, strictly (skyreels.CheckpointError if it does not fit)."""
-    return _load(DiT, DiTConfig, folder, dtype, device)
-
-
-def load_clip(folder, dtype=torch.float32, device="cpu"):
-    """The CLIP vision tower of a checkpoint's image_encoder/ folder, strictly."""
-    return _load(CLIPVision, CLIPVisionConfig, folder, dtype, device)

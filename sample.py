@@ -58,8 +58,16 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--offload", action="store_true", help="keep only the component in use on the GPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (faster on GPU, slower start)")
+    p.add_argument("--lora", action="append", default=[], type=lora_arg, metavar="PATH[:SCALE]",
+                   help="fold a LoRA into the DiT (repeatable; scale 1 by default)")
+    p.add_argument("--transformer", help="a one-file DiT (original Wan / ComfyUI or diffusers names) for the folder's")
     p.add_argument("--out", "--outdir", default="video.mp4", help="output mp4 (a folder gets video.mp4 inside)")
     return p.parse_args(argv)
+
+
+def lora_arg(text):  # PATH[:SCALE]; a ':' not followed by a number is part of the path
+    path, _, scale = text.rpartition(":")
+    return (path, float(scale)) if path and scale.lstrip("-").replace(".", "", 1).isdigit() else (text, 1.0)
 
 
 def image_size(image_path, resolution):
@@ -174,7 +182,8 @@ def run(args, rank=0):
     local = os.path.isdir(args.model) or args.model.startswith("tiny-")
     if local:  # the kind is in model_index.json: check it before reading gigabytes of weights
         check_kind(mode, args.model, skyreels.kind_of(args.model))
-    pipe = skyreels.load(args.model, device=args.device, dtype=dtype, offload=args.offload, compile=args.compile)
+    pipe = skyreels.load(args.model, device=args.device, dtype=dtype, offload=args.offload, compile=args.compile,
+                         loras=args.lora, transformer=args.transformer)
     check_kind(mode, args.model, pipe.kind)
     settings = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, image=args.image,
                     last_image=args.last_image, video=args.video, height=height, width=width,
@@ -189,8 +198,9 @@ def run(args, rank=0):
         return
     write(frames, out, tmp, args.fps)
     with open(sidecar, "w") as f:
-        json.dump(dict(mode=mode, model=args.model, dtype=str(dtype).replace("torch.", ""),
-                       world_size=int(os.environ.get("WORLD_SIZE", "1")), **settings), f, indent=1)
+        json.dump(dict(mode=mode, model=args.model, dtype=str(dtype).replace("torch.", ""), loras=args.lora,
+                       transformer=args.transformer, world_size=int(os.environ.get("WORLD_SIZE", "1")), **settings),
+                  f, indent=1)
     print(out)
 
 

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -29,13 +30,11 @@ class CheckpointError(Exception):
 
 
 def read_json(path):
-    if not os.path.isfile(path):
-        raise CheckpointError(f"missing file: {path}")
     try:
         with open(path) as f:
             return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    except (OSError, ValueError) as e:  # missing, unreadable, or not JSON
+        raise CheckpointError(f"cannot read {path} ({e})") from None
 
 
 def weight_files(folder):
@@ -64,12 +63,10 @@ def weights_bytes(folder, dtype):
 
 
 def _open(path):
-    if not os.path.isfile(path):
-        raise CheckpointError(f"missing weight file: {path}")
     try:
         return safe_open(path, framework="pt")
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"corrupt or incomplete safetensors file: {path} ({e})") from None
+    except (SafetensorError, OSError) as e:  # missing, or not a (complete) safetensors file
+        raise CheckpointError(f"cannot read {path} as safetensors ({e})") from None
 
 
 def param_dtype(module, name, dtype):
@@ -84,47 +81,54 @@ def place(module, device, dtype):
     return module
 
 
-def load_weights(module, folder, dtype=torch.float32, device="cpu"):
-    """Fill `module` (built on the meta device, or anywhere) from `folder`'s safetensors, strictly.
+def load_component(cls, config_cls, folder, dtype=torch.float32, device="cpu", single_file=None):
+    """A component (model.DiT, model.CLIPVision, vae.VAE, text.UMT5Encoder) sized by `folder`'s config.json and
+    filled from its safetensors, strictly, or from `single_file`, one .safetensors DiT in our or the original naming.
+    Built on the meta device, so a bf16 UMT5-XXL (11 GB) never exists in float32 (see the module docstring)."""
+    path = os.path.join(folder, "config.json")
+    try:
+        cfg = config_cls.from_config(read_json(path))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    with torch.device("meta"):
+        module = cls(cfg)
+    if single_file is None:
+        return load_weights(module, folder, weight_files(folder), dtype, device).eval()
+    with _open(single_file) as f:
+        names, keys = dit_names(module), list(f.keys())
+    aliases = {k: names.get(canonical(k), k) for k in keys}  # to our naming, whichever the file's
+    return load_weights(module, single_file, dict.fromkeys(keys, single_file), dtype, device, aliases).eval()
 
-    A module may declare, as class attributes:
+
+def load_weights(module, where, files, dtype, device, aliases=None):
+    """Fill `module` from `files` ({checkpoint key: safetensors path}), strictly; `where` names them in errors.
+
+    A module may declare, as attributes:
       checkpoint_aliases  {checkpoint key: our key}, used only where our key is not in the checkpoint
                           (UMT5 checkpoints tie shared.weight and encoder.embed_tokens.weight either way);
-      ignored_keys        checkpoint keys that are known and unused (e.g. CLIP layers past the penultimate);
+      ignored_keys        checkpoint keys (or key prefixes ending in '.') that are known and unused;
       keep_fp32           substrings of parameter names kept in float32 whatever `dtype` is, as the reference
                           keeps them (norms, modulation, time embedding).
     """
-    files = weight_files(folder)
-    expected = {k: v for k, v in module.state_dict(keep_vars=True).items()}
-    aliases = getattr(module, "checkpoint_aliases", {})
-    ignored = set(getattr(module, "ignored_keys", ()))
+    expected = module.state_dict(keep_vars=True)
+    aliases = aliases or getattr(module, "checkpoint_aliases", {})
+    ignored = tuple(getattr(module, "ignored_keys", ()))
     plan = {}  # our key -> checkpoint key
     for key in files:
         ours = aliases.get(key, key)
         if ours in expected and (ours not in plan or key == ours):
             plan[ours] = key
     missing = sorted(set(expected) - set(plan))
-    unexpected = sorted(k for k in files if aliases.get(k, k) not in expected and k not in ignored
-                        and not any(k.startswith(p) for p in ignored if p.endswith(".")))
+    unexpected = sorted(k for k in files if aliases.get(k, k) not in expected and not k.startswith(ignored))
     if missing or unexpected:
-        what = (f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}" if missing else "") + \
-               ("; " if missing and unexpected else "") + \
-               (f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}" if unexpected else "")
-        raise CheckpointError(f"{folder} does not fit {type(module).__name__} from its config.json: {what}")
-    by_file = {}
-    for ours, key in plan.items():
-        by_file.setdefault(files[key], []).append((ours, key))
-    for path, pairs in sorted(by_file.items()):
+        what = "; ".join(f"{name} keys {keys[:5]}{' ...' if len(keys) > 5 else ''}"
+                         for name, keys in (("missing", missing), ("unexpected", unexpected)) if keys)
+        raise CheckpointError(f"{where} does not fit {type(module).__name__} from its config.json: {what}")
+    for path in sorted({files[key] for key in plan.values()}):  # shard by shard
         state = {}
         with _open(path) as f:
-            present = set(f.keys())
-            for ours, key in pairs:
-                if key not in present:
-                    raise CheckpointError(f"{path} lacks {key}, which its index promises")
-                try:
-                    t = f.get_tensor(key)
-                except (SafetensorError, OSError) as e:
-                    raise CheckpointError(f"corrupt or incomplete safetensors file: {path} ({e})") from None
+            for ours, key in ((o, k) for o, k in plan.items() if files[k] == path):
+                t = _tensor(f, path, key)
                 if tuple(t.shape) != tuple(expected[ours].shape):
                     raise CheckpointError(f"{path}: {key} has shape {tuple(t.shape)}, but config.json implies "
                                           f"{tuple(expected[ours].shape)}")
@@ -132,6 +136,125 @@ def load_weights(module, folder, dtype=torch.float32, device="cpu"):
                 state[ours] = t.to(device=device, dtype=to if t.is_floating_point() else t.dtype)
         module.load_state_dict(state, strict=False, assign=True)
     return module
+
+
+def _tensor(f, path, key):
+    try:
+        return f.get_tensor(key)
+    except (SafetensorError, OSError) as e:  # a key the index promised but the file lacks, or a truncated file
+        raise CheckpointError(f"cannot read {key} from {path} ({e})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The original Wan 2.1 / SkyReels-V2 naming (also ComfyUI's, and most shared LoRAs'), for whole DiT files and LoRAs
+
+# Original name -> ours (diffusers'): at the top level by name prefix, inside blocks.N segment by segment.
+CE = "condition_embedder."
+WAN_TOP = {
+    "head.head": "proj_out", "head.modulation": "scale_shift_table", "time_projection.1": CE + "time_proj",
+    "text_embedding.0": CE + "text_embedder.linear_1", "text_embedding.2": CE + "text_embedder.linear_2",
+    "time_embedding.0": CE + "time_embedder.linear_1", "time_embedding.2": CE + "time_embedder.linear_2",
+    "img_emb.proj.0": CE + "image_embedder.norm1", "img_emb.proj.1": CE + "image_embedder.ff.net.0.proj",
+    "img_emb.proj.3": CE + "image_embedder.ff.net.2", "img_emb.proj.4": CE + "image_embedder.norm2",
+    "img_emb.emb_pos": CE + "image_embedder.pos_embed",
+    "fps_projection.0": "fps_projection.net.0.proj", "fps_projection.2": "fps_projection.net.2",
+}
+WAN_BLOCK = {
+    "self_attn": "attn1", "cross_attn": "attn2", "q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0",
+    "k_img": "add_k_proj", "v_img": "add_v_proj", "norm_k_img": "norm_added_k",
+    "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2", "modulation": "scale_shift_table",
+    "norm3": "norm2",  # the original's norm3 is the cross-attention norm; its norm2 (the FFN's) has no weights
+}
+PREFIX = re.compile(r"^(model\.diffusion_model\.|diffusion_model\.|transformer\.|base_model\.model\.|lora_unet_)")
+
+
+def wan_name(name):
+    """Our DiT parameter name in the original naming."""
+    table = WAN_BLOCK if name.startswith("blocks.") else WAN_TOP
+    ours = {v: k for k, v in table.items()}
+    segments = "|".join(map(re.escape, ours))
+    start = r"(?<![^.])" if table is WAN_BLOCK else "^"  # whole dotted segments; top-level names from the start
+    return re.sub(rf"{start}({segments})(?![^.])", lambda m: ours[m[1]], name)
+
+
+def canonical(key):
+    """A key without its prefix, '.' made '_': where ours, the original's and kohya's (lora_unet_blocks_0_...) meet."""
+    return PREFIX.sub("", key).replace(".", "_")
+
+
+def dit_names(dit):
+    """{canonical name: our parameter name} in our naming and the original's (they never give a name two meanings)."""
+    names = {canonical(wan_name(k)): k for k in dit.state_dict()}
+    names.update({canonical(k): k for k in dit.state_dict()})
+    return names
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA: low-rank weight deltas, folded into the DiT's weights once
+
+# A LoRA key is <module>.<part>, the module in any naming (dit_names): diffusers/PEFT transformer.blocks.0.attn1.to_q,
+# original Wan / ComfyUI diffusion_model.blocks.0.self_attn.q, kohya / musubi-tuner lora_unet_blocks_0_self_attn_q.
+LORA_PARTS = {"lora_A.weight": "down", "lora_down.weight": "down", "lora_B.weight": "up", "lora_up.weight": "up",
+              "alpha": "alpha", "diff": "diff", "diff_b": "diff", "lora_B.bias": "diff"}
+BIAS_PARTS = ("diff_b", "lora_B.bias")  # deltas of the module's bias; the other parts are of its weight
+LORA_KEY = re.compile(rf"(.+)\.({'|'.join(re.escape(p) for p in LORA_PARTS)})$")
+
+
+def read_lora(path, dit):
+    """[(our parameter name, coefficient, up, down)] of a LoRA file: its delta at scale 1 is coefficient * up @ down
+    (alpha / rank; alpha: the pair's, the PEFT adapter's lora_alpha, or the rank), or up alone for a full delta (.diff,
+    .diff_b, lora_B.bias; down None). A key that matches no parameter or does not fit its shape is a CheckpointError."""
+    names, params = dit_names(dit), dict(dit.named_parameters())
+    with _open(path) as f:
+        tensors = {k: _tensor(f, path, k) for k in f.keys()}
+        peft = {k.removeprefix("transformer."): v for k, v in json.loads(  # the adapter config diffusers saves
+            (f.metadata() or {}).get("lora_adapter_metadata", "{}")).items()}
+    if peft.get("alpha_pattern") or peft.get("use_rslora") or peft.get("use_dora"):
+        raise CheckpointError(f"{path}: PEFT alpha_pattern, rSLoRA and DoRA adapters are not supported")
+    parts = {}  # our parameter name -> {part: (key, tensor)}
+    for key, t in tensors.items():
+        m = LORA_KEY.match(key)
+        ours = m and names.get(canonical(m[1]) + ("_bias" if m[2] in BIAS_PARTS else "_weight"))
+        if ours is None:
+            raise CheckpointError(f"{path}: {key} matches no weight of this transformer")
+        parts.setdefault(ours, {})[LORA_PARTS[m[2]]] = (key, t)
+    terms = []
+    for ours, got in parts.items():
+        shape = tuple(params[ours].shape)
+        if ("down" in got) != ("up" in got) or ("alpha" in got and "down" not in got):
+            raise CheckpointError(f"{path}: {next(iter(got.values()))[0]} has no matching lora_down/lora_up pair")
+        rank = got["down"][1].shape[0] if "down" in got else 0
+        # down (rank, in, *kernel), up (out, rank, 1, ...): convolutions too, as kohya writes them
+        want = dict(down=(rank,) + shape[1:], up=(shape[0], rank) + (1,) * (len(shape) - 2), alpha=(), diff=shape)
+        for part, (key, t) in got.items():
+            if tuple(t.shape) != want[part]:
+                raise CheckpointError(f"{path}: {key} has shape {tuple(t.shape)}, which does not fit {ours} "
+                                      f"{shape} (a LoRA for another model?)")
+        if "diff" in got:
+            terms.append((ours, 1.0, got["diff"][1], None))
+        if rank:
+            alpha = float(got["alpha"][1]) if "alpha" in got else float(peft.get("lora_alpha", rank))
+            terms.append((ours, alpha / rank, got["up"][1], got["down"][1]))
+    return terms
+
+
+def fold_loras(pipe, loras):
+    """W += sum of scale * delta over [(path, scale), ...], in float32 on W's device, rounded once to W's dtype, after
+    every file is read and checked. A weight's original is kept on the CPU (pipe.lora_originals) the first time a
+    LoRA touches it, so that unload_loras restores it exactly: in bf16, W + d - d is not W."""
+    terms = {}
+    for path, scale in loras:
+        for name, coefficient, up, down in read_lora(path, pipe.transformer):
+            terms.setdefault(name, []).append((scale * coefficient, up, down))
+    pipe.on_device(None)  # offload: every parameter back in its home copy
+    for name, group in terms.items():
+        p = pipe.transformer.get_parameter(name)
+        delta = torch.zeros(p.shape, device=p.device)
+        for coefficient, up, down in group:
+            up = up.to(p.device, torch.float32)
+            delta += coefficient * (up if down is None else (up.flatten(1) @ down.to(up).flatten(1)).view(p.shape))
+        pipe.lora_originals.setdefault(name, p.data.to("cpu", copy=True))
+        p.data.copy_(p.data.float() + delta)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -157,15 +280,21 @@ def kind_of(path):
     return KINDS[name]
 
 
-def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch.float32, compile=False):
-    """A ready pipeline from an official -Diffusers folder (or a Hugging Face id, or tiny-t2v/i2v/df).
+def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch.float32, compile=False, loras=(),
+         transformer=None):
+    """A ready pipeline from an official -Diffusers folder (or a Hugging Face id, or tiny-t2v/i2v/df). loras: [(path,
+    scale), ...] (fold_loras). transformer: a one-file DiT (ours or the original naming) for the folder's weights.
     compile=True compiles the DiT's blocks with torch.compile: ~20% faster on an H100 and half the activation
     memory (fused elementwise work), after a compile of ~10-30 s per new latent shape.
     In a torch.distributed process group of several ranks (torchrun), every rank calls this alike, each with its own
     device (e.g. cuda:LOCAL_RANK), and the ranks share the DiT's work (split_ranks)."""
+    for file in ([transformer] if transformer else []) + [lora for lora, _ in loras]:  # at the door, not after loading
+        if not os.path.isfile(file):
+            raise CheckpointError(f"no such file: {file}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = tiny_pipeline(path, device, dtype) if path.startswith("tiny-") else \
-        load_folder(path, device, dtype, offload, vae_dtype)
+        load_folder(path, device, dtype, offload, vae_dtype, transformer)
+    fold_loras(pipe, loras)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         pipe.parallel, pipe.cfg_parallel = split_ranks()
     if compile:
@@ -174,7 +303,7 @@ def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch
     return pipe
 
 
-def load_folder(path, device, dtype, offload, vae_dtype):
+def load_folder(path, device, dtype, offload, vae_dtype, transformer_file=None):
     if not os.path.isdir(path):
         try:
             from huggingface_hub import snapshot_download
@@ -197,11 +326,13 @@ def load_folder(path, device, dtype, offload, vae_dtype):
         raise CheckpointError(f"missing file: {spiece}")
     clip = preprocess = None
     if kind == "i2v":
-        clip = model.load_clip(sub("image_encoder"), dtype, home)
+        clip = load_component(model.CLIPVision, model.CLIPVisionConfig, sub("image_encoder"), dtype, home)
         preprocess = read_json(sub("image_processor/preprocessor_config.json"))
-    return Pipeline(kind, text.Tokenizer(spiece), text.load_text_encoder(sub("text_encoder"), dtype, home),
-                    model.load_transformer(sub("transformer"), dtype, home), vae.load_vae(sub("vae"), vae_dtype, home),
-                    clip, preprocess, device, offload)
+    return Pipeline(kind, text.Tokenizer(spiece),
+                    load_component(text.UMT5Encoder, text.UMT5Config, sub("text_encoder"), dtype, home),
+                    load_component(model.DiT, model.DiTConfig, sub("transformer"), dtype, home, transformer_file),
+                    load_component(vae.VAE, vae.VAEConfig, sub("vae"), vae_dtype, home), clip, preprocess, device,
+                    offload)
 
 
 TINY_CORPUS = ["A cat and a dog baking a cake together in a kitchen.", "The camera follows a small blue bird upward.",
@@ -373,6 +504,7 @@ class Pipeline:
         self.cache_budget = None  # bytes for the shortcuts' key/value cache; None: what the GPU has free; 0: none
         self.on_cpu = {}  # offload: component -> its parameters' CPU tensors while it is on the GPU
         self.parallel = self.cfg_parallel = None  # several processes: split_ranks
+        self.lora_originals = {}  # fold_loras: {DiT parameter name: its CPU original}
         self.kind, self.tokenizer, self.text_encoder, self.transformer = kind, tokenizer, text_encoder, transformer
         self.vae, self.clip, self.clip_preprocess, self.device, self.offload = vae, clip, clip_preprocess, device, offload
         for m in (text_encoder, transformer, vae, clip):  # inference only: no autograd graph keeps activations
@@ -393,6 +525,15 @@ class Pipeline:
                 for p in resident(module):
                     p.data = p.data.to(self.device)
         return module
+
+    def load_lora(self, path, scale=1.0):
+        """Fold a LoRA (diffusers/PEFT, original Wan / ComfyUI or kohya keys) into the DiT at `scale`; LoRAs add up."""
+        fold_loras(self, [(path, scale)])
+
+    def unload_loras(self):
+        """The DiT's weights exactly as before the first LoRA."""
+        for name in list(self.lora_originals):
+            self.transformer.get_parameter(name).data.copy_(self.lora_originals.pop(name))
 
     def generate(self, prompt, negative_prompt="", image=None, last_image=None, video=None, height=544, width=960,
                  num_frames=97, num_inference_steps=None, guidance_scale=None, shift=None, generator=None, seed=None,

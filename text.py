@@ -4,12 +4,11 @@ SkyReels-V2 (like Wan 2.1) conditions its DiT on the last hidden state of the UM
 cleaned, tokenized to 512 ids ending in </s>, encoded, and the rows past the prompt's own tokens are set to zero:
 
     tokenizer = Tokenizer("…/tokenizer/spiece.model")
-    encoder = load_text_encoder("…/text_encoder", torch.bfloat16, "cuda")
+    encoder = skyreels.load_component(UMT5Encoder, UMT5Config, "…/text_encoder", torch.bfloat16, "cuda")
     context = encode_prompts(tokenizer, encoder, ["A cat and a dog baking a cake."])   # (1, 512, 4096)
 """
 import html
 import math
-import os
 import re
 from dataclasses import dataclass, fields
 
@@ -246,18 +245,6 @@ class UMT5Encoder(nn.Module):
                 for p, data in zip(layer.parameters(), saved):
                     p.data = data
         return x
-
-
-def load_text_encoder(folder, dtype=torch.float32, device="cpu"):
-    """The encoder from a text_encoder/ folder (config.json and safetensors, sharded or not). It is built on the
-    meta device and each checkpoint tensor is cast and placed as it is read, so a bf16 UMT5-XXL (11 GB) never
-    exists in float32."""
-    import skyreels  # here rather than at the top, because skyreels imports this module
-
-    cfg = UMT5Config.from_config(skyreels.read_json(os.path.join(folder, "config.json")))
-    with torch.device("meta"):
-        encoder = UMT5Encoder(cfg)
-    return skyreels.load_weights(encoder, folder, dtype, device)
 
 
 @torch.no_grad()

@@ -11,7 +11,6 @@ which reads and replaces its own entry. A video's first chunk is the one for whi
 Parameter names are diffusers' AutoencoderKLWan keys, so vae/ of an official -Diffusers folder loads strictly by name.
 Only inference is implemented (no dropout, no posterior sampling: the pipelines use the posterior mean).
 """
-import os
 from dataclasses import dataclass, fields
 
 import torch
@@ -257,7 +256,7 @@ class Decoder(nn.Module):
 
 class VAE(nn.Module):
     """encode: video -> latents. decode: latents -> video, whole or in pieces. normalize / denormalize: latents to
-    and from the scale the DiT works at. `load_vae` builds one from a checkpoint folder."""
+    and from the scale the DiT works at. skyreels.load_component builds one from a checkpoint folder."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -330,17 +329,3 @@ class VAE(nn.Module):
         """What the DiT makes -> latents for decode."""
         mean, inv_std = self.latent_stats(z)
         return z / inv_std + mean
-
-
-def load_vae(folder, dtype=torch.float32, device="cpu"):
-    """The VAE in an official -Diffusers folder's vae/, loaded strictly: every tensor used, every parameter filled."""
-    import skyreels  # here, not at the top: skyreels imports this module
-
-    path = os.path.join(folder, "config.json")
-    try:
-        cfg = VAEConfig.from_config(skyreels.read_json(path))
-    except ValueError as e:
-        raise skyreels.CheckpointError(f"{path}: {e}") from None
-    with torch.device("meta"):
-        vae = VAE(cfg)
-    return skyreels.load_weights(vae, folder, dtype, device).eval()

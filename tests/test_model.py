@@ -20,6 +20,14 @@ FRAMES, H, W = 6, 4, 6  # latent frames and size: 2x3 tokens per frame
 TEXT_LEN = 512  # diffusers splits its context into image and text tokens at 512
 
 
+def load_transformer(folder, dtype=torch.bfloat16):
+    return skyreels.load_component(model.DiT, model.DiTConfig, folder, dtype)
+
+
+def load_clip(folder):
+    return skyreels.load_component(model.CLIPVision, model.CLIPVisionConfig, folder)
+
+
 def rel_err(ours, ref):
     return ((ours.float() - ref.float()).norm() / ref.float().norm()).item()
 
@@ -68,7 +76,7 @@ def test_t2v_one_timestep_per_sample_matches_diffusers(tiny_folders):
     x, context = inputs(16)
     t = torch.tensor([987.5])
     ref = diffusers_transformer(folder)(x, t, context, return_dict=False)[0]
-    assert rel_err(model.load_transformer(folder, torch.float32)(x, t, context), ref) <= 1e-5
+    assert rel_err(load_transformer(folder, torch.float32)(x, t, context), ref) <= 1e-5
 
 
 @pytest.mark.parametrize("fps", [16, 24])
@@ -80,7 +88,7 @@ def test_diffusion_forcing_per_frame_timesteps_and_fps_match_diffusers(tiny_fold
     x, context = inputs(16)
     ref = diffusers_transformer(folder)(x, PER_FRAME_T, context, enable_diffusion_forcing=True,
                                         fps=[0 if fps == 16 else 1], return_dict=False)[0]
-    assert rel_err(model.load_transformer(folder, torch.float32)(x, PER_FRAME_T, context, fps=fps), ref) <= 1e-5
+    assert rel_err(load_transformer(folder, torch.float32)(x, PER_FRAME_T, context, fps=fps), ref) <= 1e-5
 
 
 @pytest.mark.parametrize("block", [2, 3])
@@ -92,7 +100,7 @@ def test_block_causal_attention_matches_diffusers(tiny_folders, block):
     ref_model = diffusers_transformer(folder)
     ref_model._set_ar_attention(block)
     ref = ref_model(x, PER_FRAME_T, context, enable_diffusion_forcing=True, fps=[1], return_dict=False)[0]
-    ours = model.load_transformer(folder, torch.float32)(x, PER_FRAME_T, context, fps=24, causal_block_size=block)
+    ours = load_transformer(folder, torch.float32)(x, PER_FRAME_T, context, fps=24, causal_block_size=block)
     assert rel_err(ours, ref) <= 1e-5
 
 
@@ -103,7 +111,7 @@ def test_i2v_image_tokens_match_diffusers(tiny_folders):
     x, context = inputs(36)
     t, image = torch.tensor([987.5]), image_tokens(1)
     ref = diffusers_transformer(folder)(x, t, context, encoder_hidden_states_image=image, return_dict=False)[0]
-    ours = model.load_transformer(folder, torch.float32)(x, t, context, image_context=image)
+    ours = load_transformer(folder, torch.float32)(x, t, context, image_context=image)
     assert rel_err(ours, ref) <= 1e-5
 
 
@@ -116,7 +124,7 @@ def test_first_last_frame_takes_both_images_tokens_concatenated(tiny_folders):
     x, context = inputs(36)
     t, images = torch.tensor([987.5]), image_tokens(2)
     ref = diffusers_transformer(folder)(x, t, context, encoder_hidden_states_image=images, return_dict=False)[0]
-    ours = model.load_transformer(folder, torch.float32)(x, t, context, image_context=images.reshape(1, -1, 32))
+    ours = load_transformer(folder, torch.float32)(x, t, context, image_context=images.reshape(1, -1, 32))
     assert rel_err(ours, ref) <= 1e-5
 
 
@@ -127,7 +135,7 @@ def test_bfloat16_keeps_the_references_float32_islands_bit_for_bit(tiny_folders,
     ops in the same dtypes, so the bfloat16 output is bit-identical. (Not so with causal blocks: per-block SDPA and
     diffusers' masked SDPA sum in different orders; their float32 parity is tested above.)"""
     folder = os.path.join(tiny_folders[kind], "transformer")
-    ours, ref = model.load_transformer(folder, torch.bfloat16), diffusers_transformer(folder, torch.bfloat16)
+    ours, ref = load_transformer(folder, torch.bfloat16), diffusers_transformer(folder, torch.bfloat16)
     assert {n: p.dtype for n, p in ours.named_parameters()} == {n: p.dtype for n, p in ref.named_parameters()}
     x, context = inputs(ours.config.in_channels)
     x, context = x.bfloat16(), context.bfloat16()
@@ -144,7 +152,7 @@ def test_bfloat16_keeps_the_references_float32_islands_bit_for_bit(tiny_folders,
 @torch.no_grad()
 def test_one_timestep_per_sample_equals_that_timestep_on_every_frame(tiny_folders):
     """Same math, different matmul shapes in the time embedding: tolerance 1e-6 relative."""
-    dit = model.load_transformer(os.path.join(tiny_folders["df"], "transformer"), torch.float32)
+    dit = load_transformer(os.path.join(tiny_folders["df"], "transformer"), torch.float32)
     x, context = inputs(16)
     per_sample = dit(x, torch.tensor([500.0]), context, fps=16)
     assert rel_err(dit(x, torch.full((1, FRAMES), 500.0), context, fps=16), per_sample) <= 1e-6
@@ -155,7 +163,7 @@ def test_one_timestep_per_sample_equals_that_timestep_on_every_frame(tiny_folder
 def test_block_causal_attention_hides_later_blocks(tiny_folders, frames):
     """Every op but self-attention is per token, so with blocks of 2 frames the output of frames 0-3 must not
     change when frames 4.. change, while without causal blocks it must."""
-    dit = model.load_transformer(os.path.join(tiny_folders["df"], "transformer"), torch.float32)
+    dit = load_transformer(os.path.join(tiny_folders["df"], "transformer"), torch.float32)
     x, context = inputs(16, frames)
     t = PER_FRAME_T[:, :frames]
     y = x.clone()
@@ -178,7 +186,7 @@ def test_clip_penultimate_hidden_states_match_transformers(tiny_folders):
     folder = os.path.join(tiny_folders["i2v"], "image_encoder")
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     ref = CLIPVisionModelWithProjection.from_pretrained(folder).eval()(pixels, output_hidden_states=True)
-    assert rel_err(model.load_clip(folder)(pixels), ref.hidden_states[-2]) <= 1e-5
+    assert rel_err(load_clip(folder)(pixels), ref.hidden_states[-2]) <= 1e-5
 
 
 def test_clip_preprocess_matches_transformers_exactly(tiny_folders):
@@ -204,10 +212,10 @@ def test_clip_preprocess_matches_transformers_exactly(tiny_folders):
 def test_tiny_folders_load_strictly(tiny_folders):
     for kind, path in tiny_folders.items():
         folder = os.path.join(path, "transformer")
-        assert set(model.load_transformer(folder).state_dict()) == set(skyreels.weight_files(folder))
+        assert set(load_transformer(folder).state_dict()) == set(skyreels.weight_files(folder))
         if kind in ("i2v", "flf2v"):
             folder = os.path.join(path, "image_encoder")
-            clip, ckpt = model.load_clip(folder), set(skyreels.weight_files(folder))
+            clip, ckpt = load_clip(folder), set(skyreels.weight_files(folder))
             assert set(clip.state_dict()) <= ckpt  # the rest: the layer after the penultimate, and the heads
             last = ("vision_model.encoder.layers.2.", "vision_model.post_layernorm.", "visual_projection.")
             assert all(k.startswith(last) for k in ckpt - set(clip.state_dict()))
@@ -218,5 +226,5 @@ def test_config_that_disagrees_with_the_tensors_is_a_checkpoint_error(tiny_folde
     config = json.load(open(folder / "config.json"))
     json.dump(dict(config, ffn_dim=64), open(folder / "config.json", "w"))
     with pytest.raises(skyreels.CheckpointError) as e:
-        model.load_transformer(str(folder))
+        load_transformer(str(folder))
     assert "ffn" in str(e.value) and "\n" not in str(e.value)

@@ -12,6 +12,10 @@ import skyreels
 import text
 from conftest import CORPUS, diffusers_pipeline
 
+def load_text_encoder(folder, dtype=torch.float32):
+    return skyreels.load_component(text.UMT5Encoder, text.UMT5Config, folder, dtype)
+
+
 PROMPTS = [
     "A cat and a dog baking a cake together in a kitchen.",
     "一只猫和一只狗在厨房里一起烤蛋糕。阳光透过窗户洒进来，厨房里很温馨。",
@@ -148,7 +152,7 @@ def test_encoder_matches_transformers_umt5(folder, tokenizer):
     from transformers import UMT5EncoderModel
 
     reference = UMT5EncoderModel.from_pretrained(os.path.join(folder, "text_encoder"), dtype=torch.float32).eval()
-    ours = text.load_text_encoder(os.path.join(folder, "text_encoder"))
+    ours = load_text_encoder(os.path.join(folder, "text_encoder"))
     ids, mask = tokenizer(PROMPTS[:4] + [LONG])
     assert len(set(mask.sum(1).tolist())) == 5
     with torch.no_grad():
@@ -167,7 +171,7 @@ def test_bfloat16_encoder_matches_transformers_exactly(folder, tokenizer):
     ids, mask = tokenizer(PROMPTS[:4] + [LONG])
     with torch.no_grad():
         expected = reference(input_ids=ids, attention_mask=mask).last_hidden_state
-        got = text.load_text_encoder(path, torch.bfloat16)(ids, mask)
+        got = load_text_encoder(path, torch.bfloat16)(ids, mask)
     assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
 
 
@@ -179,7 +183,7 @@ def test_prompt_embeddings_match_diffusers_encode_prompt(folder, tokenizer):
     with torch.no_grad():  # as in the pipeline's __call__ (with gradients on, SDPA takes another kernel)
         expected, expected_negative = pipe.encode_prompt(prompt=prompts, negative_prompt=negatives,
                                                          do_classifier_free_guidance=True, max_sequence_length=512)
-    encoder = text.load_text_encoder(os.path.join(folder, "text_encoder"))
+    encoder = load_text_encoder(os.path.join(folder, "text_encoder"))
     for batch, reference in ((prompts, expected), (negatives, expected_negative)):
         got = text.encode_prompts(tokenizer, encoder, batch)
         assert got.shape == reference.shape == (2, 512, 32)
@@ -197,7 +201,7 @@ def test_sharded_checkpoint_loads_strictly(folder):
     with open(os.path.join(path, "model.safetensors.index.json")) as f:
         index = json.load(f)["weight_map"]
     assert len(set(index.values())) == 5
-    encoder = text.load_text_encoder(path)
+    encoder = load_text_encoder(path)
     state = encoder.state_dict()
     assert set(state) == set(index)
     for key, shard in index.items():
@@ -218,7 +222,7 @@ def test_embedding_stored_as_encoder_embed_tokens_loads(folder, tmp_path, keys):
         index["weight_map"][key] = shard
     save_file(tensors, path / shard, metadata={"format": "pt"})
     index_file.write_text(json.dumps(index))
-    encoder = text.load_text_encoder(str(path))
+    encoder = load_text_encoder(str(path))
     assert torch.equal(encoder.shared.weight, embedding)
 
 
@@ -226,7 +230,7 @@ def test_missing_shard_raises_checkpoint_error_naming_it(folder, tmp_path):
     path = copy_text_encoder(folder, tmp_path)
     (path / "model-00003-of-00005.safetensors").unlink()
     with pytest.raises(skyreels.CheckpointError, match="model-00003-of-00005.safetensors") as e:
-        text.load_text_encoder(str(path))
+        load_text_encoder(str(path))
     assert "\n" not in str(e.value)
 
 
@@ -236,12 +240,12 @@ def test_truncated_shard_raises_checkpoint_error_naming_it(folder, tmp_path):
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
     with pytest.raises(skyreels.CheckpointError, match="model-00001-of-00005.safetensors") as e:
-        text.load_text_encoder(str(path))
+        load_text_encoder(str(path))
     assert "\n" not in str(e.value)
 
 
 def test_bfloat16_load_gives_bf16_parameters_and_nothing_on_meta(folder, tokenizer):
-    encoder = text.load_text_encoder(os.path.join(folder, "text_encoder"), torch.bfloat16)
+    encoder = load_text_encoder(os.path.join(folder, "text_encoder"), torch.bfloat16)
     keep_fp32 = getattr(encoder, "keep_fp32", ())
     for name, p in encoder.named_parameters():
         assert not p.is_meta, name

@@ -19,6 +19,10 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def load_vae(folder, dtype=torch.float32):
+    return skyreels.load_component(V.VAE, V.VAEConfig, folder, dtype)
+
+
 @pytest.fixture(scope="module")
 def folder(tiny_folders):
     return os.path.join(tiny_folders["t2v"], "vae")
@@ -26,7 +30,7 @@ def folder(tiny_folders):
 
 @pytest.fixture(scope="module")
 def ours(folder):
-    return V.load_vae(folder)
+    return load_vae(folder)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +125,7 @@ def test_normalisation_round_trips(ours):
 def test_bfloat16_stays_close_to_float32(folder, ours):
     """Oracle: our float32 VAE. Tolerance: relative L2 error <= 5e-2; bfloat16 keeps 8 mantissa bits, and diffusers'
     own bfloat16 run of this tiny model is ~2e-2 (decode) and ~1e-2 (encode) from its float32 run."""
-    half = V.load_vae(folder, torch.bfloat16)
+    half = load_vae(folder, torch.bfloat16)
     z, x = latents(2), video(5)
     assert rel(half.decode(z.bfloat16()), ours.decode(z)) <= 5e-2
     assert rel(half.encode(x.bfloat16()), ours.encode(x)) <= 5e-2
@@ -145,7 +149,7 @@ def test_config_disagreeing_with_tensors_raises_checkpoint_error(folder, tmp_pat
     config["base_dim"] = 16
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(skyreels.CheckpointError, match="shape"):
-        V.load_vae(str(bad))
+        load_vae(str(bad))
 
 
 def test_wan22_config_is_rejected():
