@@ -37,6 +37,29 @@ def timed(fn, dev, runs):
     return statistics.median(times), out
 
 
+def simulate(bandwidth=288e9):
+    """Issue 16's plan for 4 and 8 GPUs, on paper: per forward and rank, the all-to-all bytes of sequence parallelism
+    (q, k, v to head shards and the output back: 4 x L x D x 2 bytes x (n-1)/n^2 per layer, plus the final gather),
+    their time at `bandwidth` (measured: 288 GB/s sent per rank between 2 H100s), and the heads each rank computes.
+    With CFG on an even n, each half of n/2 ranks makes one pass: sequence parallelism over n/2."""
+    forward_s = {("14B", "540P"): 7.18, ("14B", "720P"): 24.75, ("1.3B", "540P"): 1.42}  # one H100, measured
+    tokens, rows = {"540P": 25 * 34 * 60, "720P": 31 * 45 * 80}, {"540P": 34, "720P": 45}
+    for (size, res), sec in forward_s.items():
+        dim, heads, layers = (5120, 40, 40) if size == "14B" else (1536, 12, 30)
+        for n in (2, 4, 8):
+            for guided in (False, True):
+                sp = n // 2 if guided else n  # ranks sharing one pass
+                per_layer = 4 * tokens[res] * dim * 2 * (sp - 1) / sp**2 if sp > 1 else 0
+                comm = layers * per_layer / bandwidth
+                padded = -(-heads // sp) * sp if sp > 1 else heads
+                rows_padded = -(-rows[res] // sp) * sp  # every rank holds rows_padded / sp token rows of each frame
+                compute = sec / sp * padded / heads * rows_padded / rows[res]  # padding costs as if it were work
+                print(f"{size} {res} n={n} {'CFG' if guided else 'one pass'}: SP over {sp}, heads {heads}->{padded}, rows "
+                      f"{rows[res]}->{rows_padded}, "
+                      f"all-to-all {layers * per_layer / 1e9:.2f} GB/rank/forward = {comm * 1e3:.0f} ms, compute "
+                      f"~{compute:.2f} s per pass: comm {comm / (compute + comm):.1%}, speedup ~{sec * (1 + guided) / (compute + comm) / (1 + guided) * (2 if guided and n > 1 else 1) / (1 if not guided else 1):.1f}x")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--size", default="1.3B", choices=["1.3B", "14B"])
@@ -46,7 +69,10 @@ def main():
     p.add_argument("--loop", action="store_true", help="also time the asynchronous loop (denoise_window)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--simulate", action="store_true", help="print the 4- and 8-GPU communication plan")
     args = p.parse_args()
+    if args.simulate:
+        return simulate()
     n = int(os.environ.get("WORLD_SIZE", "1"))
     dev = torch.device("cpu" if args.tiny else f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
     if dev.type == "cuda":
