@@ -489,7 +489,7 @@ def clip_preprocess(images, config):
 def _load(cls, config_cls, folder, dtype, device):
     import skyreels
 
-    cfg = config_cls.from_config(skyreels.read_json(os.path.join(folder, "config.json")))
+    cfg = skyreels.read_config(config_cls, os.path.join(folder, "config.json"))
     with torch.device("meta"):  # no memory: every tensor is then read once, cast and placed
         module = cls(cfg)
     return skyreels.load_weights(module, folder, dtype, device).eval()

@@ -4,8 +4,13 @@ Loading is name alignment: our modules use the official parameter names, so a co
 device (no memory), and each tensor is read from its safetensors shard, cast and placed as it is read, and
 assigned in place. A 28 GB bf16 transformer therefore never exists twice in memory.
 """
+import dataclasses
+import inspect
 import json
+import math
+import numbers
 import os
+import re
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -30,9 +35,26 @@ def read_json(path):
         raise CheckpointError(f"missing file: {path}")
     try:
         with open(path) as f:
-            return json.load(f)
+            data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is valid JSON but not an object ({{...}})")
+    return data
+
+
+def read_config(cls, path):
+    """Config dataclass `cls` from `path`, each value of its field's type (its default's; if None, int or null)."""
+    config = read_json(path)
+    for f in dataclasses.fields(cls):
+        want = {bool: bool, int: int, float: (int, float), str: str, tuple: (list, tuple)}.get(type(f.default), int)
+        v = config.get(f.name, f.default)
+        if not (v is None is f.default or isinstance(v, want) and (want is bool or not isinstance(v, bool))):
+            raise CheckpointError(f"{path}: {f.name} is {v!r}, a value of the wrong type")
+    try:
+        return cls.from_config(config)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def weight_files(folder):
@@ -116,6 +138,8 @@ def load_weights(module, folder, dtype=torch.float32, device="cpu"):
                 if tuple(t.shape) != tuple(expected[ours].shape):
                     raise CheckpointError(f"{path}: {key} has shape {tuple(t.shape)}, but config.json implies "
                                           f"{tuple(expected[ours].shape)}")
+                if t.is_floating_point() != expected[ours].is_floating_point():
+                    raise CheckpointError(f"{path}: {key} is {t.dtype}, but {expected[ours].dtype} belongs there")
                 to = param_dtype(module, ours, dtype)
                 state[ours] = t.to(device=device, dtype=to if t.is_floating_point() else t.dtype)
         module.load_state_dict(state, strict=False, assign=True)
@@ -149,7 +173,7 @@ def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch
     """A ready pipeline from an official -Diffusers folder (or a Hugging Face id, or tiny-t2v/i2v/df).
     compile=True compiles the DiT's blocks with torch.compile: ~20% faster on an H100 and half the activation
     memory (fused elementwise work), after a compile of ~10-30 s per new latent shape."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = tiny_pipeline(path, device, dtype) if path.startswith("tiny-") else \
         load_folder(path, device, dtype, offload, vae_dtype)
     if compile:
@@ -158,27 +182,60 @@ def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch
     return pipe
 
 
+def check_device(device):
+    """A torch.device this machine has, or one ValueError."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not (device.index or 0) < torch.cuda.device_count():
+        raise ValueError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA devices; use cpu")
+    return device
+
+
+def rope_limit(path):  # the DiT's rotary table length per axis, without its weights
+    config = os.path.join(path, "transformer", "config.json")
+    dit = model.DIT_CONFIGS["tiny"] if path.startswith("tiny-") else read_config(model.DiTConfig, config)
+    return dit.rope_max_seq_len
+
+
 def load_folder(path, device, dtype, offload, vae_dtype):
     if not os.path.isdir(path):
-        try:
-            from huggingface_hub import snapshot_download
-        except ImportError:
-            raise CheckpointError(f"no model folder at {path}; download it first, e.g. `hf download "
-                                  f"{path} --local-dir {path.split('/')[-1]}`") from None
-        path = snapshot_download(path)
+        path = download(path)
     kind = kind_of(path)
     home = torch.device("cpu") if offload else device  # offloaded components wait on the CPU
     sub = lambda name: os.path.join(path, name)  # noqa: E731
     spiece = sub("tokenizer/spiece.model")
     if not os.path.isfile(spiece):
         raise CheckpointError(f"missing file: {spiece}")
+    try:
+        tokenizer = text.Tokenizer(spiece)
+    except (RuntimeError, OSError) as e:
+        raise CheckpointError(f"{spiece} is not a sentencepiece model ({str(e).splitlines()[0]})") from None
     clip = preprocess = None
     if kind == "i2v":
         clip = model.load_clip(sub("image_encoder"), dtype, home)
         preprocess = read_json(sub("image_processor/preprocessor_config.json"))
-    return Pipeline(kind, text.Tokenizer(spiece), text.load_text_encoder(sub("text_encoder"), dtype, home),
+        if not isinstance(preprocess.get("size"), dict) or not isinstance(preprocess.get("crop_size"), dict):
+            raise CheckpointError(f"{sub('image_processor/preprocessor_config.json')} lacks size or crop_size")
+    return Pipeline(kind, tokenizer, text.load_text_encoder(sub("text_encoder"), dtype, home),
                     model.load_transformer(sub("transformer"), dtype, home), vae.load_vae(sub("vae"), vae_dtype, home),
                     clip, preprocess, device, offload)
+
+
+def download(name):
+    """A Hugging Face id's local snapshot. A name that is not owner/name (a path, say) is a folder not found."""
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name):
+        hint = "Skywork/" + os.path.basename(name) if "SkyReels-V2" in name else "OWNER/NAME"
+        raise CheckpointError(f"no model folder at {name} (to download one: `pip install huggingface_hub`, then "
+                              f"`hf download {hint} --local-dir {hint.split('/')[1]}`)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name)
+    except Exception as e:  # huggingface_hub not installed, offline, no such repo, no access, disk full, ...
+        raise CheckpointError(f"could not download {name} from the Hugging Face hub ({type(e).__name__}): check the "
+                              f"id and the network, or `hf download {name} --local-dir DIR` and pass DIR") from None
 
 
 TINY_CORPUS = ["A cat and a dog baking a cake together in a kitchen.", "The camera follows a small blue bird upward.",
@@ -188,7 +245,6 @@ TINY_CORPUS = ["A cat and a dog baking a cake together in a kitchen.", "The came
 def tiny_pipeline(name, device, dtype):
     """tiny-t2v / tiny-i2v / tiny-df: random-weight tiny models built in memory, for a download-free smoke run and for
     stepping through the algorithm in a debugger. Their videos are noise."""
-    import dataclasses
     import tempfile
 
     import sentencepiece
@@ -216,31 +272,40 @@ def tiny_pipeline(name, device, dtype):
                     clip, preprocess, device, False)
 
 def to_pil(image, what):
-    """A PIL RGB image from a PIL image, an (H, W, 3) uint8 array or a path."""
+    """A PIL RGB image from a PIL image, a path, or an (H, W, 3) array: uint8, or float in [0, 1]."""
     from PIL import Image
     import numpy as np
 
     if isinstance(image, (str, os.PathLike)):
         try:
-            return Image.open(image).convert("RGB")
-        except (OSError, ValueError) as e:
+            with Image.open(image) as im:  # PIL refuses decompression bombs (over 179 Mpixels) here
+                return im.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise ValueError(f"cannot read {what} {image}: {str(e).splitlines()[0]}") from None
-    if isinstance(image, np.ndarray):
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and \
+            (image.dtype == np.uint8 or image.dtype.kind == "f" and np.isfinite(image).all()):
         return Image.fromarray(image if image.dtype == np.uint8 else (np.clip(image, 0, 1) * 255).round()
-                               .astype(np.uint8)).convert("RGB")
-    return image.convert("RGB")
+                               .astype(np.uint8))
+    raise ValueError(f"{what} must be a PIL image, a file path, or an (H, W, 3) uint8 or finite float array; got "
+                     f"{type(image).__name__} {tuple(getattr(image, 'shape', ()))} {getattr(image, 'dtype', '')}")
 
 
 def read_video(video):
-    """A list of PIL frames from a list of frames or a video file."""
-    if not isinstance(video, (str, os.PathLike)):
-        return [to_pil(f, "video frame") for f in video]
-    import imageio.v2 as imageio
+    """A list of PIL frames from a video file or a list (or array) of frames."""
+    import numpy as np
 
-    try:
-        return [to_pil(f, "video frame") for f in imageio.mimread(video, memtest=False)]
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"cannot read video {video}: {str(e).splitlines()[0]}") from None
+    if isinstance(video, (str, os.PathLike)):
+        import imageio.v2 as imageio
+
+        try:
+            video = imageio.mimread(video, memtest=False)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ValueError(f"cannot read video {video}: {str(e).splitlines()[0]}") from None
+    if not isinstance(video, (list, tuple, np.ndarray)) or len(video) == 0:
+        raise ValueError(f"video must be a file path or a non-empty list of frames, got {type(video).__name__}")
+    return [to_pil(f, "a video frame") for f in video]
 
 
 def pixels(images, height, width):
@@ -255,6 +320,86 @@ def pixels(images, height, width):
 def to_frames(video):
     """(1, 3, F, H, W) in [-1, 1] -> float32 numpy (F, H, W, 3) in [0, 1], as diffusers' output_type="np"."""
     return (video[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).float().cpu().numpy()
+
+
+# Integer settings: the least and the most each may be. Python or numpy ints, never floats or bools.
+INTEGERS = dict(height=(16, math.inf), width=(16, math.inf), num_frames=(1, math.inf), fps=(1, math.inf),
+                num_inference_steps=(1, 1000), seed=(0, 2**64 - 1), ar_step=(0, math.inf),
+                causal_block_size=(1, math.inf), base_num_frames=(1, math.inf), overlap_history=(1, math.inf),
+                max_sequence_length=(1, math.inf))
+MAX_TOKENS = 2**20  # a window's tokens: 9x a 720P window's (31x45x80), about what one 80 GB GPU can attend over
+
+
+def check_settings(kind, rope_max_seq_len, settings):
+    """Every argument of Pipeline.stream (a dict; what is missing takes stream's default) checked before any work,
+    for a `kind` checkpoint whose rotary table covers `rope_max_seq_len` positions a side: one ValueError naming the
+    argument, or the settings normalised (mode and defaults filled in, num_frames rounded down to 1 + 4k, images
+    read as PIL images, a video as a list of them)."""
+    s = {k: p.default for k, p in inspect.signature(Pipeline.stream).parameters.items() if k != "self"}
+    s.update(settings)
+    image, last_image, video = s["image"], s["last_image"], s["video"]
+    mode = kind if kind != "df" else "df-i2v" if image is not None else "v2v" if video is not None else "df"
+    if kind == "i2v" and image is None:
+        raise ValueError("an I2V checkpoint needs an image")
+    if image is None and last_image is not None:
+        raise ValueError("last_image needs image (the first frame) too")
+    if (kind == "t2v" and image is not None) or (video is not None and kind != "df"):
+        raise ValueError(f"a {kind.upper()} checkpoint takes no {'image' if image is not None else 'video'}")
+    if video is not None and image is not None:
+        raise ValueError("give an image or a video, not both")
+    defaults = dict(zip(("num_inference_steps", "guidance_scale", "shift"), DEFAULTS[mode]), causal_block_size=1)
+    s.update({k: v for k, v in defaults.items() if s[k] is None}, mode=mode)
+    for name, (low, high) in INTEGERS.items():
+        v = s[name]
+        if (v is not None or name not in ("seed", "overlap_history")) and (
+                isinstance(v, bool) or not isinstance(v, numbers.Integral) or not low <= v <= high):
+            most = f" and at most {high}" if high < math.inf else ""
+            raise ValueError(f"{name} must be an integer, at least {low}{most}, got {v!r}")
+        s[name] = None if v is None else int(v)
+    for name in ("guidance_scale", "shift", "addnoise_condition"):
+        v = s[name]
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0 or v == 0 and \
+                name == "shift":
+            raise ValueError(f"{name} must be a finite number {'> 0' if name == 'shift' else '>= 0'}, got {v!r}")
+        s[name] = float(v)
+    if s["height"] % 16 or s["width"] % 16:
+        raise ValueError(f"height and width must be multiples of 16, got {s['height']}x{s['width']}")
+    for name in ("prompt", "negative_prompt"):
+        if not isinstance(s[name], str) or s[name] != s[name].encode("utf-8", "replace").decode():
+            raise ValueError(f"{name} must be a string of valid text (no lone surrogates), got {s[name]!r:.80}")
+    if s["output_type"] not in ("np", "latent"):
+        raise ValueError(f"output_type must be 'np' or 'latent', got {s['output_type']!r}")
+    if not isinstance(s["generator"], (torch.Generator, type(None))) or \
+            s["progress"] is not None and not callable(s["progress"]):
+        raise ValueError("generator must be a torch.Generator and progress a function progress(step, total)")
+    for name in ("image", "last_image"):
+        s[name] = None if s[name] is None else to_pil(s[name], name)
+    s["video"] = None if video is None else read_video(video)
+    # The frame arithmetic: enough frames for the mode, windows that overlap by less than they hold, and a token
+    # grid per window that the rotary table covers and a GPU can hold.
+    lat = lambda n: (n - 1) // TEMPORAL + 1  # noqa: E731  frames -> latent frames
+    asked, base, overlap = s["num_frames"], s["base_num_frames"], s["overlap_history"]
+    n = s["num_frames"] = (asked - 1) // TEMPORAL * TEMPORAL + 1  # rounded down to 1 + 4k, as diffusers does
+    if (mode == "df-i2v" or last_image is not None) and n <= TEMPORAL:
+        raise ValueError(f"num_frames must be at least 5 with an image (it takes a latent frame of 4), got {asked}")
+    if mode == "v2v" and overlap is None:
+        raise ValueError("video extension needs overlap_history (e.g. 17): the input frames the new ones continue")
+    if kind == "df" and n > base and overlap is None:
+        raise ValueError(f"num_frames ({n}) is above base_num_frames ({base}): set overlap_history (17 or 37) to "
+                         f"make the video window by window")
+    if kind == "df" and overlap is not None and lat(overlap) >= lat(base):
+        raise ValueError(f"overlap_history must be at most {(lat(base) - 1) * TEMPORAL} with base_num_frames {base} "
+                         f"(each window adds a latent frame of 4 or more), got {overlap}")
+    if mode == "v2v" and not (overlap <= len(s["video"]) and overlap < n):
+        raise ValueError(f"overlap_history ({overlap}) must be at most the video's {len(s['video'])} frames and below "
+                         f"num_frames ({n}), which counts the overlap_history input frames the new ones continue")
+    f = lat(min(n, base)) + (last_image is not None) if kind == "df" else lat(n)
+    grid = (f, s["height"] // SPATIAL // 2, s["width"] // SPATIAL // 2)  # the DiT's tokens: 1x2x2 latent patches
+    if max(grid) > rope_max_seq_len or math.prod(grid) > MAX_TOKENS:
+        raise ValueError(f"height {s['height']} and width {s['width']} with {f} latent frames a window make a "
+                         f"{'x'.join(map(str, grid))} token grid, beyond this model (rope_max_seq_len "
+                         f"{rope_max_seq_len} a side, {MAX_TOKENS} tokens): choose a smaller height and width")
+    return s
 
 
 class Pipeline:
@@ -294,49 +439,22 @@ class Pipeline:
                ar_step=0, causal_block_size=None, base_num_frames=97, overlap_history=None, addnoise_condition=0,
                fps=24, max_sequence_length=512, output_type="np", progress=None):
         """`generate` as an iterator of finished frame chunks (F_i, H, W, 3), window by window, so a long video can be
-        written as it is made. Every setting is checked before this returns; `progress(step, total)` is called
-        after each denoising step."""
-        mode = self.kind if self.kind != "df" else "df-i2v" if image is not None else "v2v" if video is not None \
-            else "df"
-        if self.kind == "i2v" and image is None:
-            raise ValueError("an I2V checkpoint needs an image")
-        if image is None and last_image is not None:
-            raise ValueError("last_image needs image (the first frame) too")
-        if (self.kind == "t2v" and image is not None) or (video is not None and self.kind != "df"):
-            raise ValueError(f"a {self.kind.upper()} checkpoint cannot take "
-                             f"{'an image' if image is not None else 'a video'}: that needs a "
-                             f"{'I2V or DF' if image is not None else 'DF'} checkpoint")
-        if video is not None and image is not None:
-            raise ValueError("give an image or a video, not both")
-        if height <= 0 or width <= 0 or height % 16 or width % 16:
-            raise ValueError(f"height and width must be positive multiples of 16, got {height}x{width}")
-        if num_frames < 1:
-            raise ValueError(f"num_frames must be at least 1, got {num_frames}")
-        num_frames = (num_frames - 1) // TEMPORAL * TEMPORAL + 1  # rounded down to 1 + 4k, as diffusers does
-        steps, guidance, default_shift = DEFAULTS[mode]
-        steps = steps if num_inference_steps is None else num_inference_steps
-        guidance = guidance if guidance_scale is None else guidance_scale
-        shift = default_shift if shift is None else shift
-        if steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
-        if shift <= 0:
-            raise ValueError(f"shift must be positive, got {shift}")
-        if generator is None and seed is not None:
-            generator = torch.Generator().manual_seed(seed)
-        ts, sigmas = schedule.timesteps(steps, shift)
-        image = None if image is None else to_pil(image, "image")
-        last_image = None if last_image is None else to_pil(last_image, "last_image")
-        frames = None if video is None else read_video(video)
-        job = dict(mode=mode, prompt=prompt, negative_prompt=negative_prompt, image=image, last_image=last_image,
-                   video=frames, height=height, width=width, num_frames=num_frames, ts=ts, sigmas=sigmas,
-                   guidance=guidance, generator=generator, fps=fps, max_sequence_length=max_sequence_length,
-                   latent=output_type == "latent", progress=progress)
+        written as it is made. Every setting is checked (check_settings) before this returns; `progress(step, total)`
+        is called after each denoising step."""
+        s = check_settings(self.kind, self.transformer.config.rope_max_seq_len,
+                           {k: v for k, v in locals().items() if k != "self"})
+        if s["generator"] is None and s["seed"] is not None:
+            s["generator"] = torch.Generator().manual_seed(s["seed"])
+        ts, sigmas = schedule.timesteps(s["num_inference_steps"], s["shift"])
+        job = {k: s[k] for k in ("mode", "prompt", "negative_prompt", "image", "last_image", "video", "height",
+                                 "width", "num_frames", "generator", "fps", "max_sequence_length", "progress")}
+        job.update(ts=ts, sigmas=sigmas, guidance=s["guidance_scale"], latent=s["output_type"] == "latent")
         if self.kind != "df":
             return self.run_lockstep(**job)
-        windows = plan_windows(mode, num_frames, base_num_frames, overlap_history, causal_block_size or 1, ar_step,
-                               ts, last_image is not None, None if frames is None else len(frames))
-        return self.run_diffusion_forcing(windows=windows, causal_block_size=causal_block_size or 1,
-                                          addnoise_condition=addnoise_condition, **job)
+        windows = plan_windows(s["mode"], s["num_frames"], s["base_num_frames"], s["overlap_history"],
+                               s["causal_block_size"], s["ar_step"], ts, s["last_image"] is not None)
+        return self.run_diffusion_forcing(windows=windows, causal_block_size=s["causal_block_size"],
+                                          addnoise_condition=s["addnoise_condition"], **job)
 
     # -- the pieces every mode shares -----------------------------------------------------------------------------
 
@@ -522,25 +640,13 @@ class Pipeline:
         return x
 
 
-def plan_windows(mode, num_frames, base_num_frames, overlap_history, block, ar_step, ts, has_last, video_frames):
-    """The windows of a diffusion-forcing run and their step matrices, checked before any work.
+def plan_windows(mode, num_frames, base_num_frames, overlap_history, block, ar_step, ts, has_last):
+    """The windows of a diffusion-forcing run and their step matrices, for settings check_settings passed.
 
     A window holds at most base_num_frames frames. Later windows begin with the last `overlap_history` frames made
     so far (in latent frames, trimmed down to whole causal blocks): known frames the rest continues from. Video
     extension is the same with the input video as 'made so far'. Each window is its own base, so the step matrix's
     valid interval is always the whole window."""
-    if block < 1 or ar_step < 0:
-        raise ValueError(f"causal_block_size must be >= 1 and ar_step >= 0, got {block} and {ar_step}")
-    if mode == "v2v" and overlap_history is None:
-        raise ValueError("video extension needs overlap_history (e.g. 17): the input frames the new ones continue")
-    if num_frames > base_num_frames and overlap_history is None:
-        raise ValueError(f"num_frames ({num_frames}) is above base_num_frames ({base_num_frames}): set "
-                         f"overlap_history (17 or 37) to make the video window by window")
-    if overlap_history is not None and not 0 < overlap_history < base_num_frames:
-        raise ValueError(f"overlap_history must be above 0 and below base_num_frames ({base_num_frames}), "
-                         f"got {overlap_history}")
-    if mode == "v2v" and video_frames < overlap_history:
-        raise ValueError(f"the video has {video_frames} frames, fewer than overlap_history ({overlap_history})")
     lat = lambda n: (n - 1) // TEMPORAL + 1  # noqa: E731  frames -> latent frames
     total, base = lat(num_frames), lat(base_num_frames)
     if overlap_history is not None and (num_frames > base_num_frames or mode == "v2v"):
@@ -549,7 +655,7 @@ def plan_windows(mode, num_frames, base_num_frames, overlap_history, block, ar_s
         sizes = [min(total - k * (base - overlap), base) for k in range(n)]
     else:
         overlap, sizes = 0, [total]
-    windows = []
+    windows, matrices = [], {}  # a long video's windows are nearly all alike: one step matrix serves them
     for k, size in enumerate(sizes):
         if k > 0 or mode == "v2v":
             prefix = overlap - overlap % block
@@ -560,9 +666,12 @@ def plan_windows(mode, num_frames, base_num_frames, overlap_history, block, ar_s
         if frames % block:
             raise ValueError(f"a window of {frames} latent frames is not a whole number of causal blocks of "
                              f"{block}; choose num_frames / base_num_frames / causal_block_size to fit")
-        matrix, _, update, _ = schedule.step_matrix(frames, ts, frames, ar_step, prefix, block)
-        if end:  # the last image's latent is known from the start and never moves (as the original code)
-            matrix[:, -1], update[:, -1] = 0, False
+        if (frames, prefix, end) not in matrices:
+            matrix, _, update, _ = schedule.step_matrix(frames, ts, frames, ar_step, prefix, block)
+            if end:  # the last image's latent is known from the start and never moves (as the original code)
+                matrix[:, -1], update[:, -1] = 0, False
+            matrices[frames, prefix, end] = matrix, update
+        matrix, update = matrices[frames, prefix, end]
         windows.append(dict(size=size, prefix=prefix, end=end, matrix=matrix, update=update, overlap=overlap,
                             new_from=0 if k == 0 else overlap, history=overlap_history))
     return windows

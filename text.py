@@ -254,7 +254,7 @@ def load_text_encoder(folder, dtype=torch.float32, device="cpu"):
     exists in float32."""
     import skyreels  # here rather than at the top, because skyreels imports this module
 
-    cfg = UMT5Config.from_config(skyreels.read_json(os.path.join(folder, "config.json")))
+    cfg = skyreels.read_config(UMT5Config, os.path.join(folder, "config.json"))
     with torch.device("meta"):
         encoder = UMT5Encoder(cfg)
     return skyreels.load_weights(encoder, folder, dtype, device)

@@ -336,11 +336,7 @@ def load_vae(folder, dtype=torch.float32, device="cpu"):
     """The VAE in an official -Diffusers folder's vae/, loaded strictly: every tensor used, every parameter filled."""
     import skyreels  # here, not at the top: skyreels imports this module
 
-    path = os.path.join(folder, "config.json")
-    try:
-        cfg = VAEConfig.from_config(skyreels.read_json(path))
-    except ValueError as e:
-        raise skyreels.CheckpointError(f"{path}: {e}") from None
+    cfg = skyreels.read_config(VAEConfig, os.path.join(folder, "config.json"))
     with torch.device("meta"):
         vae = VAE(cfg)
     return skyreels.load_weights(vae, folder, dtype, device).eval()

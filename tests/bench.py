@@ -316,7 +316,7 @@ def bench_loop(quick):
     torch.cuda.empty_cache() if DEV == "cuda" else None
     ts, sigmas = schedule.timesteps(10, 8.0)
     frames = (LAT[2] - 1) * 4 + 1
-    w = skyreels.plan_windows("df", frames, frames, None, 5, 5, ts, False, None)[0]
+    w = skyreels.plan_windows("df", frames, frames, None, 5, 5, ts, False)[0]
     forwards = 2 * len(w["matrix"])
     t_ref = forwards * t_fwd
     pipe = skyreels.Pipeline("df", None, None, ours, None, None, None, torch.device(DEV), False)
