@@ -44,48 +44,46 @@ def parse_args(argv=None):
         steps, guidance, shift = skyreels.DEFAULTS[mode]
         m = modes.add_parser(mode, help=about, description=f"{about}, with a {kind.upper()} checkpoint",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
-        m.add_argument("--model", "--model_id", required=True,
-                       help="an official -Diffusers folder, a Hugging Face id (owner/name), or tiny-t2v/i2v/df")
-        m.add_argument("--prompt", required=True, help="what the video shows")
-        m.add_argument("--negative-prompt", "--negative_prompt", help="what it should not show")
+        add = m.add_argument
+        add("--model", "--model_id", required=True, help="an official -Diffusers folder, a Hugging Face id "
+            "(owner/name), or tiny-t2v / tiny-i2v / tiny-df")
+        add("--prompt", required=True, help="what the video shows")
+        add("--negative-prompt", "--negative_prompt", help="what it should not show")
         if mode in ("i2v", "df-i2v"):
-            m.add_argument("--image", required=True, help="the first frame")
-            m.add_argument("--last-image", "--end_image", "--last_image", help="the last frame")
+            add("--image", required=True, help="the first frame")
+            add("--last-image", "--end_image", "--last_image", help="the last frame")
         if mode == "v2v":
-            m.add_argument("--video", "--video_path", required=True, help="the video to extend")
-        m.add_argument("--resolution", choices=list(RESOLUTIONS), help="without --height/--width: 540P 544x960, 720P "
-                       "720x1280, tiny 64x96 (default 540P; tiny for tiny-* models)" + (", at the image's aspect "
-                       "ratio" if "i2v" in mode else ""))
-        m.add_argument("--height", type=int, help="a multiple of 16, with --width")
-        m.add_argument("--width", type=int, help="a multiple of 16, with --height")
-        m.add_argument("--num-frames", "--num_frames", type=int, default=97, help="rounded down to 1 + 4k" + (
-            "; after the input video, starting with its last overlap_history frames again, so num_frames - "
-            "overlap_history frames are new" if mode == "v2v" else ""))
-        m.add_argument("--steps", "--inference_steps", "--num_inference_steps", type=int, default=steps, help="steps")
-        m.add_argument("--guidance-scale", "--guidance_scale", type=float, default=guidance, help="1 or less: none")
-        m.add_argument("--shift", type=float, default=shift, help="flow shift")
-        m.add_argument("--seed", type=int, help="default: random, recorded in the JSON beside the video")
+            add("--video", "--video_path", required=True, help="the video to extend")
+        add("--resolution", choices=list(RESOLUTIONS), help="without --height/--width: 540P is 544x960, 720P "
+            "720x1280, tiny 64x96" + (" at the image's aspect" * ("i2v" in mode)) + " (default: 540P; tiny for tiny-*)")
+        add("--height", type=int, help="a multiple of 16, with --width")
+        add("--width", type=int, help="a multiple of 16, with --height")
+        add("--num-frames", "--num_frames", type=int, default=97, help="rounded down to 1 + 4k" + (
+            "; the frames after the input video, which begin with its last overlap_history frames again: num_frames "
+            "- overlap_history frames are new" if mode == "v2v" else ""))
+        add("--steps", "--inference_steps", "--num_inference_steps", dest="num_inference_steps", type=int,
+            default=steps, help="denoising steps")
+        add("--guidance-scale", "--guidance_scale", type=float, default=guidance, help="1 or less: none")
+        add("--shift", type=float, default=shift, help="flow shift")
+        add("--seed", type=int, help="default: random, recorded in the JSON beside the video")
         if kind == "df":
-            m.add_argument("--ar-step", "--ar_step", type=int, default=0, help="0: synchronous; 5: asynchronous")
-            m.add_argument("--causal-block-size", "--causal_block_size", type=int, default=1, help="5 with --ar-step")
-            m.add_argument("--base-num-frames", "--base_num_frames", type=int, help="frames a window holds (default "
-                           "97; 121 at 720P)")
-            m.add_argument("--overlap-history", "--overlap_history", type=int, required=mode == "v2v",
-                           help="frames each window continues (17 or 37); needed above --base-num-frames")
-            m.add_argument("--addnoise-condition", "--addnoise_condition", type=float, default=0,
-                           help="noise on the frames continued (20 smooths long videos)")
-        m.add_argument("--fps", type=int, default=24, help="the mp4's" + (" and the model's (16 or 24)" * (kind == "df")))
-        m.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
-        m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1")
-        m.add_argument("--offload", action="store_true", help="keep only the component in use on the GPU")
-        m.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (faster, slower start)")
-        m.add_argument("--out", "--outdir", default="video.mp4", help="the mp4 (in a folder: video.mp4 there)")
+            add("--ar-step", "--ar_step", type=int, default=0, help="0: synchronous; 5: asynchronous")
+            add("--causal-block-size", "--causal_block_size", type=int, default=1, help="5 with --ar-step 5")
+            add("--base-num-frames", "--base_num_frames", type=int, help="frames a window holds: 97 (121 at 720P)")
+            add("--overlap-history", "--overlap_history", type=int, required=mode == "v2v",
+                help="frames each window continues (17 or 37); needed above --base-num-frames")
+            add("--addnoise-condition", "--addnoise_condition", type=float, default=0, help="20: smoother joins")
+        add("--fps", type=int, default=24, help="the mp4's" + (" and the model's (16 or 24)" * (kind == "df")))
+        add("--dtype", choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
+        add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1")
+        add("--offload", action="store_true", help="keep only the component in use on the GPU")
+        add("--compile", action="store_true", help="torch.compile the DiT blocks (faster, slower start)")
+        add("--out", "--outdir", default="video.mp4", help="the mp4 (in a folder: video.mp4 there)")
     return p.parse_args(argv)
 
 
 def image_size(image_path, resolution):
-    """Height and width for an image mode with no size given: the image's aspect ratio at the resolution's area,
-    rounded down to multiples of 16, as the seed's `aspect_ratio_resize` does."""
+    """The image's aspect ratio at the resolution's area, in multiples of 16 (the seed's `aspect_ratio_resize`)."""
     image = skyreels.to_pil(image_path, "--image")
     h, w = RESOLUTIONS[resolution]
     size = (round(math.sqrt(h * w * image.height / image.width)) // 16 * 16,
@@ -97,8 +95,7 @@ def image_size(image_path, resolution):
 
 
 def output_paths(out, inputs):
-    """--out's mp4 and JSON and their temporary names (short: --out's may be near the file system's limit),
-    refused now, not after minutes of denoising, if they cannot be written."""
+    """--out's mp4, JSON and short temporary names, refused now (not after the denoising) if they cannot be written."""
     if os.path.isdir(out):
         out = os.path.join(out, "video.mp4")
     if not out.lower().endswith(".mp4"):
@@ -119,8 +116,7 @@ def output_paths(out, inputs):
     return out, sidecar, tmp, tmp_json
 
 
-def say(message):
-    """A line on stderr, of its own even after a progress line."""
+def say(message):  # a line on stderr, of its own even after a progress line
     print(("\n" if sys.stderr.isatty() else "") + message, file=sys.stderr)
 
 
@@ -144,7 +140,8 @@ def on_signal(signum, frame):  # Ctrl-C and SIGTERM stop the run, but not while 
 
 def main(argv=None):
     args = parse_args(argv)
-    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
     SIGNALS.update(defer=False, pending=False)
     try:
         run(args)
@@ -154,9 +151,6 @@ def main(argv=None):
     except (ValueError, OSError, skyreels.CheckpointError) as e:
         print(f"error: {(str(e) or type(e).__name__).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
 
 
 def run(args):
@@ -170,35 +164,30 @@ def run(args):
         height, width = image_size(a["image"], resolution) if "image" in a else RESOLUTIONS[resolution]
     paths = output_paths(args.out, [a.get("image"), a.get("last_image"), a.get("video")])
     dtype = DTYPES[a["dtype"]] if "dtype" in a else torch.float32 if device.type == "cpu" else torch.bfloat16
-    settings = dict(prompt=args.prompt, negative_prompt=a.get("negative_prompt", ""), image=a.get("image"),
-                    last_image=a.get("last_image"), video=a.get("video"), height=height, width=width,
-                    num_frames=args.num_frames, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                    shift=args.shift, seed=a.get("seed", random.randrange(2**31)),
-                    ar_step=a.get("ar_step", 0), causal_block_size=a.get("causal_block_size"),
-                    base_num_frames=a.get("base_num_frames") or (121 if resolution == "720P" else 97),
-                    overlap_history=a.get("overlap_history"), addnoise_condition=a.get("addnoise_condition", 0),
-                    fps=args.fps)
-    load = dict(device=device, dtype=dtype, offload="offload" in a, compile="compile" in a)
+    # The flags named as stream's arguments; stream's defaults for the rest.
+    settings = {k: v for k, v in a.items() if k not in ("mode", "model", "resolution", "dtype", "device", "offload",
+                                                        "compile", "out")}
+    settings.update(height=height, width=width, seed=a.get("seed", random.randrange(2**31)),
+                    base_num_frames=a.get("base_num_frames", 121 if resolution == "720P" else 97))
     model = args.model if args.model.startswith("tiny-") or os.path.isdir(args.model) else skyreels.download(args.model)
     kind, rope = skyreels.kind_of(model), skyreels.rope_limit(model)  # all is checked before the weights are read
     if kind != MODES[args.mode][0]:
-        raise ValueError(f"{args.mode} needs a {MODES[args.mode][0].upper()} checkpoint, but {args.model} is "
-                         f"{kind.upper()}")
+        raise ValueError(f"{args.mode} needs a {MODES[args.mode][0].upper()} checkpoint; {model} is {kind.upper()}")
     checked = skyreels.check_settings(kind, rope, settings)
     if checked["num_frames"] != args.num_frames:
         say(f"num_frames {args.num_frames} is rounded down to {checked['num_frames']} (the VAE makes 1 + 4k frames)")
-    record = dict(mode=args.mode, model=args.model, dtype=str(dtype).replace("torch.", ""),
-                  **{k: settings[k] if k in ("image", "last_image", "video") else checked[k] for k in settings})
-    chunks = skyreels.load(model, **load).stream(**settings, progress=progress)
-    write(chunks, *paths, args.fps, record, len(checked["video"]) if checked["video"] else 0)
+    record = dict(mode=args.mode, model=args.model, dtype=str(dtype).replace("torch.", ""))
+    record.update({k: a.get(k) if k in ("image", "last_image", "video") else v for k, v in checked.items()
+                   if k not in ("generator", "progress")})  # the numbers as made; the files as named
+    pipe = skyreels.load(model, device=device, dtype=dtype, offload="offload" in a, compile="compile" in a)
+    write(pipe.stream(**settings, progress=progress), *paths, args.fps, record, len(checked["video"] or []))
     print(paths[0])
 
 
 def write(chunks, out, sidecar, tmp, tmp_json, fps, record, new_from=0):
-    """Write frame chunks to `tmp` as they come; then read it back, write `record` as JSON, and rename both into
-    place: a run leaves the mp4 and its JSON complete, or neither. Stopped part-way (Ctrl-C, SIGTERM, an error in
-    a later window), it keeps the frames finished so, with "partial": true, if any of them is new (v2v's output
-    begins with the input's `new_from` frames)."""
+    """Frame chunks to `tmp` as they come, read back, then renamed to `out` with `record` as JSON beside it: both
+    complete, or neither. Stopped part-way (Ctrl-C, SIGTERM, an error in a later window), it keeps the frames
+    finished so, with "partial": true, if any is new (v2v's output begins with the input's `new_from` frames)."""
     import imageio.v2 as imageio
     import numpy as np
 
@@ -232,18 +221,12 @@ def write(chunks, out, sidecar, tmp, tmp_json, fps, record, new_from=0):
         for path in (tmp, tmp_json):
             if os.path.exists(path):
                 os.remove(path)
-    kept = f"{out} holds the {written} frames finished" if written > new_from else "nothing written"
-    if isinstance(stop, KeyboardInterrupt):
-        say(f"stopped; {kept}")
-        raise SystemExit(130)
-    if stop is not None:  # an error in a later window, whose own line follows
-        if written > new_from:
-            say(f"{kept}, then:")
-        raise stop
+    if stop is not None:  # an error (not Ctrl-C) then gets its own line
+        say("stopped; " + (f"{out} holds the {written} frames finished" if written > new_from else "nothing written"))
+        raise SystemExit(130) if isinstance(stop, KeyboardInterrupt) else stop
 
 
-def frames_in(path):
-    """The frames an mp4 holds as ffmpeg decodes it (out of Ctrl-C's reach), or 0 if it cannot read it to the end."""
+def frames_in(path):  # the frames an mp4 holds as ffmpeg decodes it (out of Ctrl-C's reach); 0 if it cannot
     import imageio_ffmpeg
 
     run = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-i", path, "-map", "0:v:0", "-f", "null", "-"],

@@ -161,8 +161,6 @@ def kind_of(path):
     """'t2v', 'i2v' or 'df', from model_index.json's _class_name (or a tiny-* name), without loading weights."""
     if path in ("tiny-t2v", "tiny-i2v", "tiny-df"):
         return path[5:]
-    if not os.path.isdir(path):
-        raise CheckpointError(f"no model folder at {path}")
     name = read_json(os.path.join(path, "model_index.json")).get("_class_name")
     if name not in KINDS:
         raise CheckpointError(f"{path}/model_index.json names {name}, not a SkyReels-V2 pipeline ({', '.join(KINDS)})")
@@ -294,8 +292,6 @@ def to_pil(image, what):
 
 def read_video(video):
     """A list of PIL frames from a video file or a list (or array) of frames."""
-    import numpy as np
-
     if isinstance(video, (str, os.PathLike)):
         import imageio.v2 as imageio
 
@@ -303,7 +299,7 @@ def read_video(video):
             video = imageio.mimread(video, memtest=False)
         except (OSError, ValueError, RuntimeError) as e:
             raise ValueError(f"cannot read video {video}: {str(e).splitlines()[0]}") from None
-    if not isinstance(video, (list, tuple, np.ndarray)) or len(video) == 0:
+    if not hasattr(video, "__len__") or len(video) == 0:
         raise ValueError(f"video must be a file path or a non-empty list of frames, got {type(video).__name__}")
     return [to_pil(f, "a video frame") for f in video]
 
@@ -331,35 +327,28 @@ MAX_TOKENS = 2**20  # a window's tokens: 9x a 720P window's (31x45x80), about wh
 
 
 def check_settings(kind, rope_max_seq_len, settings):
-    """Every argument of Pipeline.stream (a dict; what is missing takes stream's default) checked before any work,
-    for a `kind` checkpoint whose rotary table covers `rope_max_seq_len` positions a side: one ValueError naming the
-    argument, or the settings normalised (mode and defaults filled in, num_frames rounded down to 1 + 4k, images
-    read as PIL images, a video as a list of them)."""
-    s = {k: p.default for k, p in inspect.signature(Pipeline.stream).parameters.items() if k != "self"}
-    s.update(settings)
+    """Pipeline.stream's arguments (a dict; stream's defaults for those missing), checked before any work for a `kind`
+    checkpoint whose rotary table covers `rope_max_seq_len` positions a side: one ValueError naming the argument, or
+    the settings normalised (mode and defaults filled in, num_frames made 1 + 4k, images and video read as PIL)."""
+    s = {k: settings.get(k, p.default) for k, p in inspect.signature(Pipeline.stream).parameters.items() if k != "self"}
     image, last_image, video = s["image"], s["last_image"], s["video"]
     mode = kind if kind != "df" else "df-i2v" if image is not None else "v2v" if video is not None else "df"
-    if kind == "i2v" and image is None:
-        raise ValueError("an I2V checkpoint needs an image")
-    if image is None and last_image is not None:
-        raise ValueError("last_image needs image (the first frame) too")
-    if (kind == "t2v" and image is not None) or (video is not None and kind != "df"):
-        raise ValueError(f"a {kind.upper()} checkpoint takes no {'image' if image is not None else 'video'}")
-    if video is not None and image is not None:
-        raise ValueError("give an image or a video, not both")
+    if image is None and (kind == "i2v" or last_image is not None):
+        raise ValueError("an I2V checkpoint, and last_image, need image (the first frame)")
+    if image is not None and (kind == "t2v" or video is not None) or video is not None and kind != "df":
+        takes = {"t2v": "no image or video", "i2v": "an image, no video", "df": "an image or a video, not both"}
+        raise ValueError(f"a {kind.upper()} checkpoint takes {takes[kind]}")
     defaults = dict(zip(("num_inference_steps", "guidance_scale", "shift"), DEFAULTS[mode]), causal_block_size=1)
     s.update({k: v for k, v in defaults.items() if s[k] is None}, mode=mode)
     for name, (low, high) in INTEGERS.items():
         v = s[name]
         if (v is not None or name not in ("seed", "overlap_history")) and (
                 isinstance(v, bool) or not isinstance(v, numbers.Integral) or not low <= v <= high):
-            most = f" and at most {high}" if high < math.inf else ""
-            raise ValueError(f"{name} must be an integer, at least {low}{most}, got {v!r}")
+            raise ValueError(f"{name} must be an integer in [{low}, {high}], got {v!r}")
         s[name] = None if v is None else int(v)
     for name in ("guidance_scale", "shift", "addnoise_condition"):
         v = s[name]
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0 or v == 0 and \
-                name == "shift":
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < math.inf or not v and name == "shift":
             raise ValueError(f"{name} must be a finite number {'> 0' if name == 'shift' else '>= 0'}, got {v!r}")
         s[name] = float(v)
     if s["height"] % 16 or s["width"] % 16:
@@ -372,11 +361,9 @@ def check_settings(kind, rope_max_seq_len, settings):
     if not isinstance(s["generator"], (torch.Generator, type(None))) or \
             s["progress"] is not None and not callable(s["progress"]):
         raise ValueError("generator must be a torch.Generator and progress a function progress(step, total)")
-    for name in ("image", "last_image"):
-        s[name] = None if s[name] is None else to_pil(s[name], name)
+    s.update({name: to_pil(s[name], name) for name in ("image", "last_image") if s[name] is not None})
     s["video"] = None if video is None else read_video(video)
-    # The frame arithmetic: enough frames for the mode, windows that overlap by less than they hold, and a token
-    # grid per window that the rotary table covers and a GPU can hold.
+    # Enough frames for the mode, windows that overlap less than they hold, a token grid the model can take.
     lat = lambda n: (n - 1) // TEMPORAL + 1  # noqa: E731  frames -> latent frames
     asked, base, overlap = s["num_frames"], s["base_num_frames"], s["overlap_history"]
     n = s["num_frames"] = (asked - 1) // TEMPORAL * TEMPORAL + 1  # rounded down to 1 + 4k, as diffusers does
@@ -396,9 +383,8 @@ def check_settings(kind, rope_max_seq_len, settings):
     f = lat(min(n, base)) + (last_image is not None) if kind == "df" else lat(n)
     grid = (f, s["height"] // SPATIAL // 2, s["width"] // SPATIAL // 2)  # the DiT's tokens: 1x2x2 latent patches
     if max(grid) > rope_max_seq_len or math.prod(grid) > MAX_TOKENS:
-        raise ValueError(f"height {s['height']} and width {s['width']} with {f} latent frames a window make a "
-                         f"{'x'.join(map(str, grid))} token grid, beyond this model (rope_max_seq_len "
-                         f"{rope_max_seq_len} a side, {MAX_TOKENS} tokens): choose a smaller height and width")
+        raise ValueError(f"height {s['height']} and width {s['width']} make a {'x'.join(map(str, grid))} token grid a "
+                         f"window, beyond rope_max_seq_len {rope_max_seq_len} or {MAX_TOKENS} tokens: choose less")
     return s
 
 
@@ -426,8 +412,7 @@ class Pipeline:
                  ar_step=0, causal_block_size=None, base_num_frames=97, overlap_history=None, addnoise_condition=0,
                  fps=24, max_sequence_length=512, output_type="np"):
         """float32 frames (F, H, W, 3) in [0, 1], or with output_type="latent" the final latents."""
-        args = dict(locals())
-        del args["self"]
+        args = {k: v for k, v in locals().items() if k != "self"}
         if output_type == "latent":
             return torch.cat(list(self.stream(**args)), dim=2)
         import numpy as np
