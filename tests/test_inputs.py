@@ -308,7 +308,7 @@ def interrupt(tmp_path, mode_args, sig, after_steps):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_mid_run_keeps_the_finished_windows_readable_with_a_partial_json(tmp_path, sig):
     code, out, lines = interrupt(tmp_path, ["df", "--num-frames", "1001", "--base-num-frames", "17",
-                                            "--overlap-history", "5", "--steps", "1"], sig, 8)
+                                            "--overlap-history", "5", "--steps", "1"], sig, 3)
     assert code == 130
     assert all(line.startswith("step ") for line in lines[:-1])  # plain lines when stderr is no terminal
     assert lines[-1].startswith("stopped; ") and "frames finished" in lines[-1], lines[-1]
