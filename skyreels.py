@@ -4,9 +4,12 @@ Loading is name alignment: our modules use the official parameter names, so a co
 device (no memory), and each tensor is read from its safetensors shard, cast and placed as it is read, and
 assigned in place. A 28 GB bf16 transformer therefore never exists twice in memory.
 """
+import dataclasses
 import hashlib
+import inspect
 import json
 import math
+import numbers
 import os
 import re
 
@@ -32,9 +35,26 @@ class CheckpointError(Exception):
 def read_json(path):
     try:
         with open(path) as f:
-            return json.load(f)
+            data = json.load(f)
     except (OSError, ValueError) as e:  # missing, unreadable, or not JSON
         raise CheckpointError(f"cannot read {path} ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is valid JSON but not an object ({{...}})")
+    return data
+
+
+def read_config(cls, path):
+    """Config dataclass `cls` from `path`, each value of its field's type (its default's; if None, int or null)."""
+    config = read_json(path)
+    for f in dataclasses.fields(cls):
+        want = {bool: bool, int: int, float: (int, float), str: str, tuple: (list, tuple)}.get(type(f.default), int)
+        v = config.get(f.name, f.default)
+        if not (v is None is f.default or isinstance(v, want) and (want is bool or not isinstance(v, bool))):
+            raise CheckpointError(f"{path}: {f.name} is {v!r}, a value of the wrong type")
+    try:
+        return cls.from_config(config)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def weight_files(folder):
@@ -85,11 +105,7 @@ def load_component(cls, config_cls, folder, dtype=torch.float32, device="cpu", s
     """A component (model.DiT, model.CLIPVision, vae.VAE, text.UMT5Encoder) sized by `folder`'s config.json and
     filled from its safetensors, strictly, or from `single_file`, one .safetensors DiT in our or the original naming.
     Built on the meta device, so a bf16 UMT5-XXL (11 GB) never exists in float32 (see the module docstring)."""
-    path = os.path.join(folder, "config.json")
-    try:
-        cfg = config_cls.from_config(read_json(path))
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    cfg = read_config(config_cls, os.path.join(folder, "config.json"))
     with torch.device("meta"):
         module = cls(cfg)
     if single_file is None:
@@ -132,6 +148,8 @@ def load_weights(module, where, files, dtype, device, aliases=None):
                 if tuple(t.shape) != tuple(expected[ours].shape):
                     raise CheckpointError(f"{path}: {key} has shape {tuple(t.shape)}, but config.json implies "
                                           f"{tuple(expected[ours].shape)}")
+                if t.is_floating_point() != expected[ours].is_floating_point():
+                    raise CheckpointError(f"{path}: {key} is {t.dtype}, but {expected[ours].dtype} belongs there")
                 to = param_dtype(module, ours, dtype)
                 state[ours] = t.to(device=device, dtype=to if t.is_floating_point() else t.dtype)
         module.load_state_dict(state, strict=False, assign=True)
@@ -272,8 +290,6 @@ def kind_of(path):
     """'t2v', 'i2v' or 'df', from model_index.json's _class_name (or a tiny-* name), without loading weights."""
     if path in ("tiny-t2v", "tiny-i2v", "tiny-df"):
         return path[5:]
-    if not os.path.isdir(path):
-        raise CheckpointError(f"no model folder at {path}")
     name = read_json(os.path.join(path, "model_index.json")).get("_class_name")
     if name not in KINDS:
         raise CheckpointError(f"{path}/model_index.json names {name}, not a SkyReels-V2 pipeline ({', '.join(KINDS)})")
@@ -291,7 +307,7 @@ def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch
     for file in ([transformer] if transformer else []) + [lora for lora, _ in loras]:  # at the door, not after loading
         if not os.path.isfile(file):
             raise CheckpointError(f"no such file: {file}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = tiny_pipeline(path, device, dtype) if path.startswith("tiny-") else \
         load_folder(path, device, dtype, offload, vae_dtype, transformer)
     fold_loras(pipe, loras)
@@ -303,14 +319,26 @@ def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch
     return pipe
 
 
+def check_device(device):
+    """A torch.device this machine has, or one ValueError."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not (device.index or 0) < torch.cuda.device_count():
+        raise ValueError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA devices; use cpu")
+    return device
+
+
+def rope_limit(path):  # the DiT's rotary table length per axis, without its weights
+    config = os.path.join(path, "transformer", "config.json")
+    dit = model.DIT_CONFIGS["tiny"] if path.startswith("tiny-") else read_config(model.DiTConfig, config)
+    return dit.rope_max_seq_len
+
+
 def load_folder(path, device, dtype, offload, vae_dtype, transformer_file=None):
     if not os.path.isdir(path):
-        try:
-            from huggingface_hub import snapshot_download
-        except ImportError:
-            raise CheckpointError(f"no model folder at {path}; download it first, e.g. `hf download "
-                                  f"{path} --local-dir {path.split('/')[-1]}`") from None
-        path = snapshot_download(path)
+        path = download(path)
     kind = kind_of(path)
     home = torch.device("cpu") if offload else device  # offloaded components wait on the CPU
     sub = lambda name: os.path.join(path, name)  # noqa: E731
@@ -324,15 +352,36 @@ def load_folder(path, device, dtype, offload, vae_dtype, transformer_file=None):
     spiece = sub("tokenizer/spiece.model")
     if not os.path.isfile(spiece):
         raise CheckpointError(f"missing file: {spiece}")
+    try:
+        tokenizer = text.Tokenizer(spiece)
+    except (RuntimeError, OSError) as e:
+        raise CheckpointError(f"{spiece} is not a sentencepiece model ({str(e).splitlines()[0]})") from None
     clip = preprocess = None
     if kind == "i2v":
         clip = load_component(model.CLIPVision, model.CLIPVisionConfig, sub("image_encoder"), dtype, home)
         preprocess = read_json(sub("image_processor/preprocessor_config.json"))
-    return Pipeline(kind, text.Tokenizer(spiece),
+        if not isinstance(preprocess.get("size"), dict) or not isinstance(preprocess.get("crop_size"), dict):
+            raise CheckpointError(f"{sub('image_processor/preprocessor_config.json')} lacks size or crop_size")
+    return Pipeline(kind, tokenizer,
                     load_component(text.UMT5Encoder, text.UMT5Config, sub("text_encoder"), dtype, home),
                     load_component(model.DiT, model.DiTConfig, sub("transformer"), dtype, home, transformer_file),
                     load_component(vae.VAE, vae.VAEConfig, sub("vae"), vae_dtype, home), clip, preprocess, device,
                     offload)
+
+
+def download(name):
+    """A Hugging Face id's local snapshot. A name that is not owner/name (a path, say) is a folder not found."""
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name):
+        hint = "Skywork/" + os.path.basename(name) if "SkyReels-V2" in name else "OWNER/NAME"
+        raise CheckpointError(f"no model folder at {name} (to download one: `pip install huggingface_hub`, then "
+                              f"`hf download {hint} --local-dir {hint.split('/')[1]}`)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name)
+    except Exception as e:  # huggingface_hub not installed, offline, no such repo, no access, disk full, ...
+        raise CheckpointError(f"could not download {name} from the Hugging Face hub ({type(e).__name__}): check the "
+                              f"id and the network, or `hf download {name} --local-dir DIR` and pass DIR") from None
 
 
 TINY_CORPUS = ["A cat and a dog baking a cake together in a kitchen.", "The camera follows a small blue bird upward.",
@@ -342,7 +391,6 @@ TINY_CORPUS = ["A cat and a dog baking a cake together in a kitchen.", "The came
 def tiny_pipeline(name, device, dtype):
     """tiny-t2v / tiny-i2v / tiny-df: random-weight tiny models built in memory, for a download-free smoke run and for
     stepping through the algorithm in a debugger. Their videos are noise."""
-    import dataclasses
     import tempfile
 
     import sentencepiece
@@ -370,31 +418,38 @@ def tiny_pipeline(name, device, dtype):
                     clip, preprocess, device, False)
 
 def to_pil(image, what):
-    """A PIL RGB image from a PIL image, an (H, W, 3) uint8 array or a path."""
+    """A PIL RGB image from a PIL image, a path, or an (H, W, 3) array: uint8, or float in [0, 1]."""
     from PIL import Image
     import numpy as np
 
     if isinstance(image, (str, os.PathLike)):
         try:
-            return Image.open(image).convert("RGB")
-        except (OSError, ValueError) as e:
+            with Image.open(image) as im:  # PIL refuses decompression bombs (over 179 Mpixels) here
+                return im.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise ValueError(f"cannot read {what} {image}: {str(e).splitlines()[0]}") from None
-    if isinstance(image, np.ndarray):
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and \
+            (image.dtype == np.uint8 or image.dtype.kind == "f" and np.isfinite(image).all()):
         return Image.fromarray(image if image.dtype == np.uint8 else (np.clip(image, 0, 1) * 255).round()
-                               .astype(np.uint8)).convert("RGB")
-    return image.convert("RGB")
+                               .astype(np.uint8))
+    raise ValueError(f"{what} must be a PIL image, a file path, or an (H, W, 3) uint8 or finite float array; got "
+                     f"{type(image).__name__} {tuple(getattr(image, 'shape', ()))} {getattr(image, 'dtype', '')}")
 
 
 def read_video(video):
-    """A list of PIL frames from a list of frames or a video file."""
-    if not isinstance(video, (str, os.PathLike)):
-        return [to_pil(f, "video frame") for f in video]
-    import imageio.v2 as imageio
+    """A list of PIL frames from a video file or a list (or array) of frames."""
+    if isinstance(video, (str, os.PathLike)):
+        import imageio.v2 as imageio
 
-    try:
-        return [to_pil(f, "video frame") for f in imageio.mimread(video, memtest=False)]
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"cannot read video {video}: {str(e).splitlines()[0]}") from None
+        try:
+            video = imageio.mimread(video, memtest=False)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ValueError(f"cannot read video {video}: {str(e).splitlines()[0]}") from None
+    if not hasattr(video, "__len__") or len(video) == 0:
+        raise ValueError(f"video must be a file path or a non-empty list of frames, got {type(video).__name__}")
+    return [to_pil(f, "a video frame") for f in video]
 
 
 def pixels(images, height, width):
@@ -498,6 +553,76 @@ def check_ranks_agree(settings, device):
         raise ValueError(f"ranks {differ} were given other settings, inputs or random state than rank 0")
 
 
+# Integer settings: the least and the most each may be. Python or numpy ints, never floats or bools.
+INTEGERS = dict(height=(16, math.inf), width=(16, math.inf), num_frames=(1, math.inf), fps=(1, math.inf),
+                num_inference_steps=(1, 1000), seed=(0, 2**64 - 1), ar_step=(0, math.inf),
+                causal_block_size=(1, math.inf), base_num_frames=(1, math.inf), overlap_history=(1, math.inf),
+                max_sequence_length=(1, math.inf))
+MAX_TOKENS = 2**20  # a window's tokens: 9x a 720P window's (31x45x80), about what one 80 GB GPU can attend over
+
+
+def check_settings(kind, rope_max_seq_len, settings):
+    """Pipeline.stream's arguments (a dict; stream's defaults for those missing), checked before any work for a `kind`
+    checkpoint whose rotary table covers `rope_max_seq_len` positions a side: one ValueError naming the argument, or
+    the settings normalised (mode and defaults filled in, num_frames made 1 + 4k, images and video read as PIL)."""
+    s = {k: settings.get(k, p.default) for k, p in inspect.signature(Pipeline.stream).parameters.items() if k != "self"}
+    image, last_image, video = s["image"], s["last_image"], s["video"]
+    mode = kind if kind != "df" else "df-i2v" if image is not None else "v2v" if video is not None else "df"
+    if image is None and (kind == "i2v" or last_image is not None):
+        raise ValueError("an I2V checkpoint, and last_image, need image (the first frame)")
+    if image is not None and (kind == "t2v" or video is not None) or video is not None and kind != "df":
+        takes = {"t2v": "no image or video", "i2v": "an image, no video", "df": "an image or a video, not both"}
+        raise ValueError(f"a {kind.upper()} checkpoint takes {takes[kind]}")
+    defaults = dict(zip(("num_inference_steps", "guidance_scale", "shift"), DEFAULTS[mode]), causal_block_size=1)
+    s.update({k: v for k, v in defaults.items() if s[k] is None}, mode=mode)
+    for name, (low, high) in INTEGERS.items():
+        v = s[name]
+        if (v is not None or name not in ("seed", "overlap_history")) and (
+                isinstance(v, bool) or not isinstance(v, numbers.Integral) or not low <= v <= high):
+            raise ValueError(f"{name} must be an integer in [{low}, {high}], got {v!r}")
+        s[name] = None if v is None else int(v)
+    for name in ("guidance_scale", "shift", "addnoise_condition"):
+        v = s[name]
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < math.inf or not v and name == "shift":
+            raise ValueError(f"{name} must be a finite number {'> 0' if name == 'shift' else '>= 0'}, got {v!r}")
+        s[name] = float(v)
+    if s["height"] % 16 or s["width"] % 16:
+        raise ValueError(f"height and width must be multiples of 16, got {s['height']}x{s['width']}")
+    for name in ("prompt", "negative_prompt"):
+        if not isinstance(s[name], str) or s[name] != s[name].encode("utf-8", "replace").decode():
+            raise ValueError(f"{name} must be a string of valid text (no lone surrogates), got {s[name]!r:.80}")
+    if s["output_type"] not in ("np", "latent"):
+        raise ValueError(f"output_type must be 'np' or 'latent', got {s['output_type']!r}")
+    if not isinstance(s["generator"], (torch.Generator, type(None))) or \
+            s["progress"] is not None and not callable(s["progress"]):
+        raise ValueError("generator must be a torch.Generator and progress a function progress(step, total)")
+    s.update({name: to_pil(s[name], name) for name in ("image", "last_image") if s[name] is not None})
+    s["video"] = None if video is None else read_video(video)
+    # Enough frames for the mode, windows that overlap less than they hold, a token grid the model can take.
+    lat = lambda n: (n - 1) // TEMPORAL + 1  # noqa: E731  frames -> latent frames
+    asked, base, overlap = s["num_frames"], s["base_num_frames"], s["overlap_history"]
+    n = s["num_frames"] = (asked - 1) // TEMPORAL * TEMPORAL + 1  # rounded down to 1 + 4k, as diffusers does
+    if (mode == "df-i2v" or last_image is not None) and n <= TEMPORAL:
+        raise ValueError(f"num_frames must be at least 5 with an image (it takes a latent frame of 4), got {asked}")
+    if mode == "v2v" and overlap is None:
+        raise ValueError("video extension needs overlap_history (e.g. 17): the input frames the new ones continue")
+    if kind == "df" and n > base and overlap is None:
+        raise ValueError(f"num_frames ({n}) is above base_num_frames ({base}): set overlap_history (17 or 37) to "
+                         f"make the video window by window")
+    if kind == "df" and overlap is not None and lat(overlap) >= lat(base):
+        raise ValueError(f"overlap_history must be at most {(lat(base) - 1) * TEMPORAL} with base_num_frames {base} "
+                         f"(each window adds a latent frame of 4 or more), got {overlap}")
+    if mode == "v2v" and not (overlap <= len(s["video"]) and overlap < n):
+        raise ValueError(f"overlap_history ({overlap}) must be at most the video's {len(s['video'])} frames and below "
+                         f"num_frames ({n}), which counts the overlap_history input frames the new ones continue")
+    f = lat(min(n, base)) + (last_image is not None) if kind == "df" else lat(n)
+    grid = (f, s["height"] // SPATIAL // 2, s["width"] // SPATIAL // 2)  # the DiT's tokens: 1x2x2 latent patches
+    if max(grid) > rope_max_seq_len or math.prod(grid) > MAX_TOKENS:
+        raise ValueError(f"height {s['height']} and width {s['width']} make a {'x'.join(map(str, grid))} token grid a "
+                         f"window, beyond rope_max_seq_len {rope_max_seq_len} or {MAX_TOKENS} tokens: choose less")
+    return s
+
+
 class Pipeline:
     def __init__(self, kind, tokenizer, text_encoder, transformer, vae, clip, clip_preprocess, device, offload):
         self.shortcuts = True  # the exact async shortcuts (run_diffusion_forcing); off: diffusers' full passes
@@ -540,8 +665,7 @@ class Pipeline:
                  ar_step=0, causal_block_size=None, base_num_frames=97, overlap_history=None, addnoise_condition=0,
                  fps=24, max_sequence_length=512, output_type="np"):
         """float32 frames (F, H, W, 3) in [0, 1], or with output_type="latent" the final latents."""
-        args = dict(locals())
-        del args["self"]
+        args = {k: v for k, v in locals().items() if k != "self"}
         if output_type == "latent":
             return torch.cat(list(self.stream(**args)), dim=2)
         import numpy as np
@@ -553,53 +677,24 @@ class Pipeline:
                ar_step=0, causal_block_size=None, base_num_frames=97, overlap_history=None, addnoise_condition=0,
                fps=24, max_sequence_length=512, output_type="np", progress=None):
         """`generate` as an iterator of finished frame chunks (F_i, H, W, 3), window by window, so a long video can be
-        written as it is made. Every setting is checked before this returns; `progress(step, total)` is called
-        after each denoising step."""
-        mode = self.kind if self.kind != "df" else "df-i2v" if image is not None else "v2v" if video is not None \
-            else "df"
-        if self.kind == "i2v" and image is None:
-            raise ValueError("an I2V checkpoint needs an image")
-        if image is None and last_image is not None:
-            raise ValueError("last_image needs image (the first frame) too")
-        if (self.kind == "t2v" and image is not None) or (video is not None and self.kind != "df"):
-            raise ValueError(f"a {self.kind.upper()} checkpoint cannot take "
-                             f"{'an image' if image is not None else 'a video'}: that needs a "
-                             f"{'I2V or DF' if image is not None else 'DF'} checkpoint")
-        if video is not None and image is not None:
-            raise ValueError("give an image or a video, not both")
-        if height <= 0 or width <= 0 or height % 16 or width % 16:
-            raise ValueError(f"height and width must be positive multiples of 16, got {height}x{width}")
-        if num_frames < 1:
-            raise ValueError(f"num_frames must be at least 1, got {num_frames}")
-        num_frames = (num_frames - 1) // TEMPORAL * TEMPORAL + 1  # rounded down to 1 + 4k, as diffusers does
-        steps, guidance, default_shift = DEFAULTS[mode]
-        steps = steps if num_inference_steps is None else num_inference_steps
-        guidance = guidance if guidance_scale is None else guidance_scale
-        shift = default_shift if shift is None else shift
-        if steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
-        if shift <= 0:
-            raise ValueError(f"shift must be positive, got {shift}")
-        if generator is None and seed is not None:
-            generator = torch.Generator().manual_seed(seed)
-        ts, sigmas = schedule.timesteps(steps, shift)
-        image = None if image is None else to_pil(image, "image")
-        last_image = None if last_image is None else to_pil(last_image, "last_image")
-        frames = None if video is None else read_video(video)
-        job = dict(mode=mode, prompt=prompt, negative_prompt=negative_prompt, image=image, last_image=last_image,
-                   video=frames, height=height, width=width, num_frames=num_frames, ts=ts, sigmas=sigmas,
-                   guidance=guidance, generator=generator, fps=fps, max_sequence_length=max_sequence_length,
-                   latent=output_type == "latent", progress=progress)
-        df = dict(causal_block_size=causal_block_size or 1, addnoise_condition=addnoise_condition)
-        windows = None if self.kind != "df" else \
-            plan_windows(mode, num_frames, base_num_frames, overlap_history, causal_block_size or 1, ar_step, ts,
-                         last_image is not None, None if frames is None else len(frames))
+        written as it is made. Every setting is checked (check_settings) before this returns; `progress(step, total)`
+        is called after each denoising step."""
+        s = check_settings(self.kind, self.transformer.config.rope_max_seq_len,
+                           {k: v for k, v in locals().items() if k != "self"})
+        if s["generator"] is None and s["seed"] is not None:
+            s["generator"] = torch.Generator().manual_seed(s["seed"])
         if self.parallel is not None:
-            check_ranks_agree(dict(job, progress=None, ar_step=ar_step, base_num_frames=base_num_frames,
-                                   overlap_history=overlap_history, **df), self.device)
+            check_ranks_agree(dict(s, progress=None), self.device)
+        ts, sigmas = schedule.timesteps(s["num_inference_steps"], s["shift"])
+        job = {k: s[k] for k in ("mode", "prompt", "negative_prompt", "image", "last_image", "video", "height",
+                                 "width", "num_frames", "generator", "fps", "max_sequence_length", "progress")}
+        job.update(ts=ts, sigmas=sigmas, guidance=s["guidance_scale"], latent=s["output_type"] == "latent")
         if self.kind != "df":
             return self.run_lockstep(**job)
-        return self.run_diffusion_forcing(windows=windows, **df, **job)
+        windows = plan_windows(s["mode"], s["num_frames"], s["base_num_frames"], s["overlap_history"],
+                               s["causal_block_size"], s["ar_step"], ts, s["last_image"] is not None)
+        return self.run_diffusion_forcing(windows=windows, causal_block_size=s["causal_block_size"],
+                                          addnoise_condition=s["addnoise_condition"], **job)
 
     # -- the pieces every mode shares -----------------------------------------------------------------------------
 
@@ -817,25 +912,13 @@ class Pipeline:
         return min(x.shape[2], max(int(budget), 0) // per_frame) // block * block
 
 
-def plan_windows(mode, num_frames, base_num_frames, overlap_history, block, ar_step, ts, has_last, video_frames):
-    """The windows of a diffusion-forcing run and their step matrices, checked before any work.
+def plan_windows(mode, num_frames, base_num_frames, overlap_history, block, ar_step, ts, has_last):
+    """The windows of a diffusion-forcing run and their step matrices, for settings check_settings passed.
 
     A window holds at most base_num_frames frames. Later windows begin with the last `overlap_history` frames made
     so far (in latent frames, trimmed down to whole causal blocks): known frames the rest continues from. Video
     extension is the same with the input video as 'made so far'. Each window is its own base, so the step matrix's
     valid interval is always the whole window."""
-    if block < 1 or ar_step < 0:
-        raise ValueError(f"causal_block_size must be >= 1 and ar_step >= 0, got {block} and {ar_step}")
-    if mode == "v2v" and overlap_history is None:
-        raise ValueError("video extension needs overlap_history (e.g. 17): the input frames the new ones continue")
-    if num_frames > base_num_frames and overlap_history is None:
-        raise ValueError(f"num_frames ({num_frames}) is above base_num_frames ({base_num_frames}): set "
-                         f"overlap_history (17 or 37) to make the video window by window")
-    if overlap_history is not None and not 0 < overlap_history < base_num_frames:
-        raise ValueError(f"overlap_history must be above 0 and below base_num_frames ({base_num_frames}), "
-                         f"got {overlap_history}")
-    if mode == "v2v" and video_frames < overlap_history:
-        raise ValueError(f"the video has {video_frames} frames, fewer than overlap_history ({overlap_history})")
     lat = lambda n: (n - 1) // TEMPORAL + 1  # noqa: E731  frames -> latent frames
     total, base = lat(num_frames), lat(base_num_frames)
     if overlap_history is not None and (num_frames > base_num_frames or mode == "v2v"):
@@ -844,7 +927,7 @@ def plan_windows(mode, num_frames, base_num_frames, overlap_history, block, ar_s
         sizes = [min(total - k * (base - overlap), base) for k in range(n)]
     else:
         overlap, sizes = 0, [total]
-    windows = []
+    windows, matrices = [], {}  # a long video's windows are nearly all alike: one step matrix serves them
     for k, size in enumerate(sizes):
         if k > 0 or mode == "v2v":
             prefix = overlap - overlap % block
@@ -855,9 +938,12 @@ def plan_windows(mode, num_frames, base_num_frames, overlap_history, block, ar_s
         if frames % block:
             raise ValueError(f"a window of {frames} latent frames is not a whole number of causal blocks of "
                              f"{block}; choose num_frames / base_num_frames / causal_block_size to fit")
-        matrix, _, update, _ = schedule.step_matrix(frames, ts, frames, ar_step, prefix, block)
-        if end:  # the last image's latent is known from the start and never moves (as the original code)
-            matrix[:, -1], update[:, -1] = 0, False
+        if (frames, prefix, end) not in matrices:
+            matrix, _, update, _ = schedule.step_matrix(frames, ts, frames, ar_step, prefix, block)
+            if end:  # the last image's latent is known from the start and never moves (as the original code)
+                matrix[:, -1], update[:, -1] = 0, False
+            matrices[frames, prefix, end] = matrix, update
+        matrix, update = matrices[frames, prefix, end]
         windows.append(dict(size=size, prefix=prefix, end=end, matrix=matrix, update=update, overlap=overlap,
                             new_from=0 if k == 0 else overlap, history=overlap_history))
     return windows

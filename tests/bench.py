@@ -246,7 +246,7 @@ def bench_14b(quick):
             f, h, w = sizes[res]
             f -= f % 5
             ts, sigmas = schedule.timesteps(steps, 8.0)
-            win = skyreels.plan_windows("df", (f - 1) * 4 + 1, (f - 1) * 4 + 1, None, 5, 5, ts, False, None)[0]
+            win = skyreels.plan_windows("df", (f - 1) * 4 + 1, (f - 1) * 4 + 1, None, 5, 5, ts, False)[0]
             if iters:
                 win = dict(win, matrix=win["matrix"][:iters], update=win["update"][:iters])
             x0 = torch.randn(1, 16, f, h, w, device=DEV, generator=g)
@@ -526,7 +526,7 @@ def bench_loop(quick):
     torch.cuda.empty_cache() if DEV == "cuda" else None
     ts, sigmas = schedule.timesteps(10, 8.0)
     frames = (LAT[2] - 1) * 4 + 1
-    w = skyreels.plan_windows("df", frames, frames, None, 5, 5, ts, False, None)[0]
+    w = skyreels.plan_windows("df", frames, frames, None, 5, 5, ts, False)[0]
     forwards = 2 * len(w["matrix"])
     t_ref = forwards * t_fwd
     pipe = skyreels.Pipeline("df", None, None, ours, None, None, None, torch.device(DEV), False)

@@ -113,7 +113,7 @@ def main():
 
             ts, sigmas = schedule.timesteps(args.steps, 8.0)
             win = skyreels.plan_windows("df", (args.frames - 1) * 4 + 1, (args.frames - 1) * 4 + 1, None, 5, 5, ts,
-                                        False, None)[0]
+                                        False)[0]
             x0 = torch.randn(1, 16, args.frames, h, w, generator=g, device=dev)
             warm = dict(win, matrix=win["matrix"][:2], update=win["update"][:2])
             pipe.denoise_window(x0.clone(), warm, text, neg, 6.0, sigmas, 5, 0, 24)

@@ -111,24 +111,26 @@ def test_bad_input_gets_one_clear_line_and_no_output(tmp_path, tiny_folders, med
     if "--out" not in argv:
         argv += ["--out", str(out)]
     with pytest.raises(SystemExit) as stop:
-        sample.main(SMALL + ["--prompt", "a cat"] + argv)  # the case's own options come last and win
+        sample.main(argv[:1] + SMALL + ["--prompt", "a cat"] + argv[1:])  # the case's own options come last and win
     assert stop.value.code != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert needle.format(**fill) in err, err
-    assert not out.exists() and not (tmp_path / "out.partial.mp4").exists() and not (tmp_path / "out.json").exists()
+    assert sorted(os.listdir(tmp_path)) == sorted(["empty"] + (["corrupt"] if corrupt else []))  # nothing written
 
 
 def test_an_interrupted_run_keeps_the_finished_windows_as_a_playable_mp4(tmp_path, capsys):
-    """An error in a later window (or Ctrl-C) leaves an mp4 of every window finished, and says how many frames."""
+    """Ctrl-C in a later window leaves an mp4 of every window finished, a JSON that says so, and one line."""
     def windows():
         yield np.random.rand(9, 32, 48, 3).astype(np.float32)
         yield np.random.rand(8, 32, 48, 3).astype(np.float32)
         raise KeyboardInterrupt
 
-    out = tmp_path / "v.mp4"
-    with pytest.raises(KeyboardInterrupt):
-        sample.write(windows(), str(out), str(tmp_path / "v.partial.mp4"), 24)
+    out, sidecar, tmp, tmp_json = sample.output_paths(str(tmp_path / "v.mp4"), [])
+    with pytest.raises(SystemExit) as stop:
+        sample.write(windows(), out, sidecar, tmp, tmp_json, 24, dict(seed=0))
+    assert stop.value.code == 130
     assert read_back(out) == (17, (32, 48))
+    assert json.load(open(sidecar)) == dict(seed=0, frames=17, partial=True)
     assert "17 frames" in capsys.readouterr().err
-    assert not (tmp_path / "v.partial.mp4").exists()
+    assert sorted(os.listdir(tmp_path)) == ["v.json", "v.mp4"]
