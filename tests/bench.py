@@ -228,6 +228,8 @@ def bench_14b(quick):
     g = torch.Generator(DEV).manual_seed(0)
     ctx, neg = (torch.randn(1, 512, DF14B["text_dim"], device=DEV, generator=g).to(BF16) for _ in range(2))
     sizes = {"540P": (25, 68, 120), "720P": (31, 90, 160)} if not TINY else {"540P": (25, 4, 6), "720P": (31, 4, 6)}
+    if quick:  # 540P only
+        del sizes["720P"]
     fwd_causal = {}
     with torch.no_grad():
         for res, (f, h, w) in sizes.items():
@@ -242,7 +244,7 @@ def bench_14b(quick):
                 flops = dit_flops(ff * h * w // 4, 5120, 13824, 512, 40)
                 row(f"DF-14B {res} forward, {ff} latent frames, blocks of {blk}", None, f"{tt:.2f}s +{mem:.2f}GiB",
                     f"{flops / tt / 1e12:.0f} TFLOP/s by the count")
-        for res, steps, iters in (("540P", 4, None), ("720P", 4, 8)):
+        for res, steps, iters in (("540P", 4, None), ("720P", 4, 8))[:len(sizes)]:
             f, h, w = sizes[res]
             f -= f % 5
             ts, sigmas = schedule.timesteps(steps, 8.0)
@@ -292,6 +294,8 @@ def bench_offload_e2e(quick):
             ("DF-14B 720P", DF14B, (720, 1280, 121), 1, (True,))]
     if TINY:
         runs = [(n, c, (32, 48, 17), 2, o) for n, c, _, _, o in runs]
+    if quick:  # DF-1.3B only
+        runs = runs[:1]
     for name, cfg, (hh, ww, nf), steps, modes in runs:
         log(f"== end to end {name}, {nf} frames, {steps} steps, CFG: resident vs --offload")
         result = {}
