@@ -53,10 +53,13 @@ CONFIGS = {
 
 
 class CausalConv3d(nn.Conv3d):
-    """A 3D convolution padded as usual in space, but in time only on the past side, by 2 * padding[0] frames.
+    """A 3D convolution padded as usual in space, but in time only on the past side, by 2 * padding[0] frames (zeros
+    at the start of a video). Convolutions with no time padding (kernel 1 in time) are plain 3D convolutions.
 
-    That past is the last input frames of the previous chunk, read from `cache`, or zeros at the start of a video.
-    Convolutions with no time padding (kernel 1 in time) need no cache.
+    The others go frame by frame. Each tap of the kernel in time is a 2D convolution of one frame, and adds a term to
+    one output frame: the last tap to this frame's, the one before to the next frame's, and so on. The cache holds
+    the output frames still being summed, not the input frames they come from: nothing is concatenated or copied,
+    and an input frame is freed as soon as it has been convolved.
     """
 
     def __init__(self, in_dim, out_dim, kernel, stride=1, padding=0):
@@ -65,13 +68,18 @@ class CausalConv3d(nn.Conv3d):
         self.past = 2 * pt
 
     def forward(self, x, cache=None):
-        if self.past:
-            if self not in cache:
-                cache[self] = x.new_zeros(*x.shape[:2], self.past, *x.shape[3:])
-            # pop, so that the old past is freed before the new one is copied out
-            x = torch.cat([cache.pop(self), x], dim=2)  # (B, C, past + T, H, W)
-            cache[self] = x[:, :, -self.past:].clone()  # a copy: a view would keep all of x alive
-        return super().forward(x)
+        if not self.past:
+            return super().forward(x)
+        taps = self.weight.unbind(2)[::-1]  # (C_out, C_in, kh, kw) each; taps[k] reaches the frame k ahead
+        out = []
+        for frame in x.unbind(2):  # (B, C, H, W)
+            sums = cache.pop(self, [])  # sums[k]: the terms so far of the output frame k ahead (none yet at a start)
+            for k, w in enumerate(taps):
+                term = F.conv2d(frame, w, self.bias if k == 0 else None, self.stride[1:], self.padding[1:])
+                sums[k:k + 1] = [sums[k].add_(term) if k < len(sums) else term]
+            out.append(sums.pop(0))
+            cache[self] = sums
+        return torch.stack(out, dim=2) if len(out) > 1 else out[0].unsqueeze(2)
 
 
 class RMSNorm(nn.Module):
@@ -121,7 +129,7 @@ class Resample(nn.Module):
             if self.mode == "upsample3d":
                 # A video's first frame stays one frame, and (as in the official VAE) is not the past of the next
                 # one either: the time conv starts on zeros.
-                cache[self.time_conv] = x.new_zeros(b, c, 2, h, w)
+                cache[self.time_conv] = []
             x = x.transpose(1, 2)  # (B, T, C, H, W)
         x = self.resample(x.reshape(b * t, c, h, w))  # (B*T, C', H', W')
         x = x.unflatten(0, (b, t)).transpose(1, 2)  # (B, C', T, H', W')
@@ -145,8 +153,8 @@ class ResidualBlock(nn.Module):
     def forward(self, x, cache):
         h = self.conv_shortcut(x)
         x = self.conv1(F.silu(self.norm1(x), inplace=True), cache)  # in place: the norm's output is ours to reuse
-        x = self.conv2(F.silu(self.norm2(x), inplace=True), cache)
-        return x.add_(h)
+        x = F.silu(self.norm2(x), inplace=True)  # a statement of its own, so that conv1's output is freed before conv2
+        return self.conv2(x, cache).add_(h)
 
 
 class AttentionBlock(nn.Module):
@@ -219,11 +227,6 @@ class UpBlock(nn.Module):
                                       for j in range(num_res_blocks + 1)])
         self.upsamplers = nn.ModuleList([Resample(out_dim, mode)] if mode else [])
 
-    def forward(self, x, cache):
-        for layer in (*self.resnets, *self.upsamplers):
-            x = layer(x, cache)
-        return x
-
 
 class Decoder(nn.Module):
     def __init__(self, cfg):
@@ -251,8 +254,14 @@ class Decoder(nn.Module):
         resolution and width is alive at a time."""
         if i == len(self.up_blocks):
             return self.conv_out(F.silu(self.norm_out(x), inplace=True), cache)
-        x = self.up_blocks[i](x, cache)
-        return torch.cat([self.upsample(frame, i + 1, cache) for frame in x.split(1, dim=2)], dim=2)
+        block = self.up_blocks[i]
+        for layer in (*block.resnets, *block.upsamplers):  # not block(x): a module call holds x until it returns
+            x = layer(x, cache)
+        frames, out = list(x.split(1, dim=2)), []
+        del x
+        while frames:  # popped, so that each frame is freed as soon as the next block is done with it
+            out.append(self.upsample(frames.pop(0), i + 1, cache))
+        return torch.cat(out, dim=2)
 
 
 class VAE(nn.Module):
