@@ -52,14 +52,19 @@ CONFIGS = {
 }
 
 
+def stack_frames(frames):
+    """(B, C, H, W) frames -> (B, C, T, H, W), with no copy for a single frame."""
+    return frames[0].unsqueeze(2) if len(frames) == 1 else torch.stack(frames, dim=2)
+
+
 class CausalConv3d(nn.Conv3d):
     """A 3D convolution padded as usual in space, but in time only on the past side, by 2 * padding[0] frames (zeros
     at the start of a video). Convolutions with no time padding (kernel 1 in time) are plain 3D convolutions.
 
-    The others go frame by frame. Each tap of the kernel in time is a 2D convolution of one frame, and adds a term to
-    one output frame: the last tap to this frame's, the one before to the next frame's, and so on. The cache holds
-    the output frames still being summed, not the input frames they come from: nothing is concatenated or copied,
-    and an input frame is freed as soon as it has been convolved.
+    The others go frame by frame, each tap of the kernel in time a 2D convolution of one frame that adds a term to
+    one output frame: the last tap to this frame's output, the one before to the next frame's, and so on. The cache
+    carries what the next frames need: the output frames still being summed, or, where that is smaller (fewer input
+    channels than output channels), the last input frames. Either way nothing is concatenated or copied.
     """
 
     def __init__(self, in_dim, out_dim, kernel, stride=1, padding=0):
@@ -67,19 +72,30 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(in_dim, out_dim, kernel, stride, padding=(0, ph, pw))
         self.past = 2 * pt
 
+    def tap(self, frame, k):
+        """frame's term in the output frame k frames later (the bias goes with the term of its own output frame)."""
+        w = self.weight[:, :, -1 - k]  # (C_out, C_in, kh, kw)
+        return F.conv2d(frame, w, self.bias if k == 0 else None, self.stride[1:], self.padding[1:])
+
     def forward(self, x, cache=None):
         if not self.past:
             return super().forward(x)
-        taps = self.weight.unbind(2)[::-1]  # (C_out, C_in, kh, kw) each; taps[k] reaches the frame k ahead
         out = []
         for frame in x.unbind(2):  # (B, C, H, W)
-            sums = cache.pop(self, [])  # sums[k]: the terms so far of the output frame k ahead (none yet at a start)
-            for k, w in enumerate(taps):
-                term = F.conv2d(frame, w, self.bias if k == 0 else None, self.stride[1:], self.padding[1:])
-                sums[k:k + 1] = [sums[k].add_(term) if k < len(sums) else term]
-            out.append(sums.pop(0))
-            cache[self] = sums
-        return torch.stack(out, dim=2) if len(out) > 1 else out[0].unsqueeze(2)
+            if self.in_channels < self.out_channels:
+                past = cache.pop(self, []) + [frame]  # the last input frames, oldest first (fewer at a start)
+                y = self.tap(frame, 0)
+                for k in range(1, len(past)):
+                    y += self.tap(past[-1 - k], k)
+                cache[self] = past[-self.past:]
+            else:
+                sums = cache.pop(self, [])  # sums[k]: the terms so far of the output frame k frames ahead
+                for k in range(self.past + 1):
+                    sums[k:k + 1] = [sums[k].add_(self.tap(frame, k)) if k < len(sums) else self.tap(frame, k)]
+                y = sums.pop(0)
+                cache[self] = sums
+            out.append(y)
+        return stack_frames(out)
 
 
 class RMSNorm(nn.Module):
@@ -120,19 +136,16 @@ class Resample(nn.Module):
             self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
 
     def forward(self, x, cache):
-        b, c, t, h, w = x.shape
         if self.mode == "upsample3d" and self.time_conv in cache:
-            x = self.time_conv(x, cache).unflatten(1, (2, c))  # (B, 2, C, T, H, W): two output frames per frame
-            x = x.permute(0, 3, 1, 2, 4, 5)  # (B, T, 2, C, H, W), so that the pairs interleave in time
-            t *= 2
+            x = self.time_conv(x, cache)  # (B, 2C, T, H, W): each frame's two output frames, stacked in channels
+            frames = [pair for frame in x.unbind(2) for pair in frame.chunk(2, dim=1)]  # (B, C, H, W), in time order
         else:
             if self.mode == "upsample3d":
                 # A video's first frame stays one frame, and (as in the official VAE) is not the past of the next
                 # one either: the time conv starts on zeros.
                 cache[self.time_conv] = []
-            x = x.transpose(1, 2)  # (B, T, C, H, W)
-        x = self.resample(x.reshape(b * t, c, h, w))  # (B*T, C', H', W')
-        x = x.unflatten(0, (b, t)).transpose(1, 2)  # (B, C', T, H', W')
+            frames = x.unbind(2)
+        x = stack_frames([self.resample(frame) for frame in frames])  # (B, C', T', H', W'), a frame at a time
         if self.mode == "downsample3d":
             last = x[:, :, -1:].clone()
             if self.time_conv in cache:  # 1 + 4 frames -> 2, 1 + 2 frames -> 1
@@ -214,6 +227,7 @@ class Encoder(nn.Module):
                 frame = block(frame, cache)
             frames.append(frame)
         x = torch.cat(frames, dim=2)
+        del frames
         for block in self.down_blocks[split:]:
             x = block(x, cache)
         x = self.mid_block(x, cache)
