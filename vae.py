@@ -82,6 +82,7 @@ class CausalConv3d(nn.Conv3d):
             return super().forward(x)
         out = []
         for frame in x.unbind(2):  # (B, C, H, W)
+            frame = frame.contiguous(memory_format=torch.channels_last)  # cuDNN's layout: no conversion per call
             if self.in_channels < self.out_channels:
                 past = cache.pop(self, []) + [frame]  # the last input frames, oldest first (fewer at a start)
                 y = self.tap(frame, 0)
