@@ -115,10 +115,28 @@ class RMSNorm(nn.Module):
         return torch.div(x, norm, out=torch.empty_like(x)).mul_(self.gamma * self.scale)
 
 
+# Nearest 2x upsampling then a 3x3 conv: output row 2i + p sees input rows i - 1 + p and i + p only, through the sum
+# of the kernel rows that land on each (FOLD[p]: 2 rows from 3); columns alike.
+FOLD = ((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1))
+
+
+def upsample_conv(x, conv):
+    """conv(2x nearest upsampling of x) as four 2x2 convolutions of x, one per output pixel phase: a quarter of the
+    work, and the upsampled image (4x the size of x) is never made. (B, C, H, W) -> (B, C', 2H, 2W), channels-last."""
+    b, _, h, w = x.shape
+    out = x.new_empty(b, 2 * h, 2 * w, conv.out_channels).permute(0, 3, 1, 2)
+    fold = torch.tensor(FOLD, dtype=x.dtype, device=x.device)
+    for p in (0, 1):
+        for q in (0, 1):
+            kernel = torch.einsum("ak,oikl,bl->oiab", fold[p], conv.weight, fold[q])  # (C', C, 2, 2)
+            out[:, :, p::2, q::2] = F.conv2d(x, kernel, conv.bias, padding=1)[:, :, p:p + h, q:q + w]
+    return out
+
+
 class Resample(nn.Module):
     """2x up- or downsampling in space, and for the '3d' modes also in time.
 
-    The 2D convolution sees frames as a batch. In time, the upsampler turns each frame into two with a causal
+    In space, a frame at a time. In time, the upsampler turns each frame into two with a causal
     convolution (except a video's first frame, which stays one); the downsampler convolves with stride 2 over the
     previous chunk's last frame and this chunk (except a video's first chunk, which passes through).
     """
@@ -137,6 +155,16 @@ class Resample(nn.Module):
             self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
 
     def forward(self, x, cache):
+        x = stack_frames(self.frames(x, cache))  # (B, C', T', H', W')
+        if self.mode == "downsample3d":
+            last = x[:, :, -1:].clone()
+            if self.time_conv in cache:  # 1 + 4 frames -> 2, 1 + 2 frames -> 1
+                x = self.time_conv(torch.cat([cache[self.time_conv], x], dim=2))
+            cache[self.time_conv] = last
+        return x
+
+    def frames(self, x, cache):
+        """x resampled, as a list of (B, C', H', W') frames, each made separately (so each can be freed alone)."""
         if self.mode == "upsample3d" and self.time_conv in cache:
             x = self.time_conv(x, cache)  # (B, 2C, T, H, W): each frame's two output frames, stacked in channels
             frames = [pair for frame in x.unbind(2) for pair in frame.chunk(2, dim=1)]  # (B, C, H, W), in time order
@@ -146,13 +174,8 @@ class Resample(nn.Module):
                 # one either: the time conv starts on zeros.
                 cache[self.time_conv] = []
             frames = x.unbind(2)
-        x = stack_frames([self.resample(frame) for frame in frames])  # (B, C', T', H', W'), a frame at a time
-        if self.mode == "downsample3d":
-            last = x[:, :, -1:].clone()
-            if self.time_conv in cache:  # 1 + 4 frames -> 2, 1 + 2 frames -> 1
-                x = self.time_conv(torch.cat([cache[self.time_conv], x], dim=2))
-            cache[self.time_conv] = last
-        return x
+        up = self.mode.startswith("up")
+        return [upsample_conv(f, self.resample[1]) if up else self.resample(f) for f in frames]
 
 
 class ResidualBlock(nn.Module):
@@ -270,12 +293,12 @@ class Decoder(nn.Module):
         if i == len(self.up_blocks):
             return self.conv_out(F.silu(self.norm_out(x), inplace=True), cache)
         block = self.up_blocks[i]
-        for layer in (*block.resnets, *block.upsamplers):  # not block(x): a module call holds x until it returns
+        for layer in block.resnets:  # not block(x): a module call holds x until it returns
             x = layer(x, cache)
-        frames, out = list(x.split(1, dim=2)), []
+        frames, out = block.upsamplers[0].frames(x, cache) if block.upsamplers else [x[:, :, 0]], []
         del x
         while frames:  # popped, so that each frame is freed as soon as the next block is done with it
-            out.append(self.upsample(frames.pop(0), i + 1, cache))
+            out.append(self.upsample(frames.pop(0).unsqueeze(2), i + 1, cache))
         return torch.cat(out, dim=2)
 
 
