@@ -52,20 +52,10 @@ CONFIGS = {
 }
 
 
-def stack_frames(frames):
-    """(B, C, H, W) frames -> (B, C, T, H, W), with no copy for a single frame."""
-    return frames[0].unsqueeze(2) if len(frames) == 1 else torch.stack(frames, dim=2)
-
-
 class CausalConv3d(nn.Conv3d):
-    """A 3D convolution padded as usual in space, but in time only on the past side, by 2 * padding[0] frames (zeros
-    at the start of a video). Convolutions with no time padding (kernel 1 in time) are plain 3D convolutions.
-
-    The others go frame by frame, each tap of the kernel in time a 2D convolution of one frame that adds a term to
-    one output frame: the last tap to this frame's output, the one before to the next frame's, and so on. The cache
-    carries what the next frames need: the output frames still being summed, or, where that is smaller (fewer input
-    channels than output channels), the last input frames. Either way nothing is concatenated or copied.
-    """
+    """A 3D convolution padded as usual in space, but in time only on the past side, by 2 * padding[0] frames (zeros at
+    a video's start). Those with such padding go frame by frame, each tap in time a 2D convolution adding a term to this
+    or a later output frame. The cache keeps the sums in progress, or the last input frames where those are smaller."""
 
     def __init__(self, in_dim, out_dim, kernel, stride=1, padding=0):
         pt, ph, pw = padding if isinstance(padding, tuple) else (padding,) * 3
@@ -73,8 +63,7 @@ class CausalConv3d(nn.Conv3d):
         self.past = 2 * pt
 
     def tap(self, frame, k):
-        """frame's term in the output frame k frames later (the bias goes with the term of its own output frame)."""
-        w = self.weight[:, :, -1 - k]  # (C_out, C_in, kh, kw)
+        w = self.weight[:, :, -1 - k]  # (C_out, C_in, kh, kw): from a frame to the output k frames later
         return F.conv2d(frame, w, self.bias if k == 0 else None, self.stride[1:], self.padding[1:])
 
     def forward(self, x, cache=None):
@@ -85,18 +74,16 @@ class CausalConv3d(nn.Conv3d):
             frame = frame.contiguous(memory_format=torch.channels_last)  # cuDNN's layout: no conversion per call
             if self.in_channels < self.out_channels:
                 past = cache.pop(self, []) + [frame]  # the last input frames, oldest first (fewer at a start)
-                y = self.tap(frame, 0)
+                out.append(self.tap(frame, 0))
                 for k in range(1, len(past)):
-                    y += self.tap(past[-1 - k], k)
+                    out[-1] += self.tap(past[-1 - k], k)
                 cache[self] = past[-self.past:]
             else:
-                sums = cache.pop(self, [])  # sums[k]: the terms so far of the output frame k frames ahead
+                sums = cache.setdefault(self, [])  # sums[k]: the terms so far of the output frame k frames ahead
                 for k in range(self.past + 1):
                     sums[k:k + 1] = [sums[k].add_(self.tap(frame, k)) if k < len(sums) else self.tap(frame, k)]
-                y = sums.pop(0)
-                cache[self] = sums
-            out.append(y)
-        return stack_frames(out)
+                out.append(sums.pop(0))
+        return out[0].unsqueeze(2) if len(out) == 1 else torch.stack(out, dim=2)  # no copy for one frame
 
 
 class RMSNorm(nn.Module):
@@ -115,21 +102,16 @@ class RMSNorm(nn.Module):
         return torch.div(x, norm, out=torch.empty_like(x)).mul_(self.gamma * self.scale)
 
 
-# Nearest 2x upsampling then a 3x3 conv: output row 2i + p sees input rows i - 1 + p and i + p only, through the sum
-# of the kernel rows that land on each (FOLD[p]: 2 rows from 3); columns alike.
-FOLD = ((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1))
-
-
 def upsample_conv(x, conv):
-    """conv(2x nearest upsampling of x) as four 2x2 convolutions of x, one per output pixel phase: a quarter of the
-    work, and the upsampled image (4x the size of x) is never made. (B, C, H, W) -> (B, C', 2H, 2W), channels-last."""
+    """conv(nearest 2x upsampling of x), (B, C, H, W) -> (B, C', 2H, 2W) channels-last, without the upsampled image
+    and in a quarter of the work. Output row 2i + p sees input rows i - 1 + p and i + p only, through the sum of the
+    kernel rows that land on each (fold[p]); columns alike. So each output phase p, q is a 2x2 convolution of x."""
     b, _, h, w = x.shape
     out = x.new_empty(b, 2 * h, 2 * w, conv.out_channels).permute(0, 3, 1, 2)
-    fold = torch.tensor(FOLD, dtype=x.dtype, device=x.device)
-    for p in (0, 1):
-        for q in (0, 1):
-            kernel = torch.einsum("ak,oikl,bl->oiab", fold[p], conv.weight, fold[q])  # (C', C, 2, 2)
-            out[:, :, p::2, q::2] = F.conv2d(x, kernel, conv.bias, padding=1)[:, :, p:p + h, q:q + w]
+    fold = x.new_tensor([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]])  # phase p: kernel rows 0-2 -> 2 rows
+    for p, q in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        kernel = torch.einsum("ak,oikl,bl->oiab", fold[p], conv.weight, fold[q])  # (C', C, 2, 2)
+        out[:, :, p::2, q::2] = F.conv2d(x, kernel, conv.bias, padding=1)[:, :, p:p + h, q:q + w]
     return out
 
 
@@ -155,7 +137,7 @@ class Resample(nn.Module):
             self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
 
     def forward(self, x, cache):
-        x = stack_frames(self.frames(x, cache))  # (B, C', T', H', W')
+        x = torch.stack([self.resample(frame) for frame in x.unbind(2)], dim=2)
         if self.mode == "downsample3d":
             last = x[:, :, -1:].clone()
             if self.time_conv in cache:  # 1 + 4 frames -> 2, 1 + 2 frames -> 1
@@ -164,7 +146,7 @@ class Resample(nn.Module):
         return x
 
     def frames(self, x, cache):
-        """x resampled, as a list of (B, C', H', W') frames, each made separately (so each can be freed alone)."""
+        """Upsampling: (B, C, T, H, W) -> a list of (B, C/2, 2H, 2W) frames, each made alone (to be freed alone)."""
         if self.mode == "upsample3d" and self.time_conv in cache:
             x = self.time_conv(x, cache)  # (B, 2C, T, H, W): each frame's two output frames, stacked in channels
             frames = [pair for frame in x.unbind(2) for pair in frame.chunk(2, dim=1)]  # (B, C, H, W), in time order
@@ -174,8 +156,7 @@ class Resample(nn.Module):
                 # one either: the time conv starts on zeros.
                 cache[self.time_conv] = []
             frames = x.unbind(2)
-        up = self.mode.startswith("up")
-        return [upsample_conv(f, self.resample[1]) if up else self.resample(f) for f in frames]
+        return [upsample_conv(frame, self.resample[1]) for frame in frames]
 
 
 class ResidualBlock(nn.Module):
@@ -287,9 +268,8 @@ class Decoder(nn.Module):
         return self.upsample(self.mid_block(self.conv_in(z, cache), cache), 0, cache)
 
     def upsample(self, x, i, cache):
-        """Up blocks i, i+1, ... and the head, depth first: each frame block i makes goes all the way to pixels before
-        the next one starts. Every layer is causal and cached, so this is exact, and no more than one frame at full
-        resolution and width is alive at a time."""
+        """Up blocks i, i+1, ... and the head, depth first: each frame block i makes goes all the way to pixels
+        before the next starts (exact: every layer is causal and cached), so one full-size frame is alive at a time."""
         if i == len(self.up_blocks):
             return self.conv_out(F.silu(self.norm_out(x), inplace=True), cache)
         block = self.up_blocks[i]

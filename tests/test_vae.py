@@ -166,3 +166,14 @@ def test_causal_conv_in_pieces_equals_one_zero_padded_conv3d(pieces):
         got = torch.cat([conv(piece, cache) for piece in x.split(list(pieces), dim=2)], dim=2)
         expected = F.conv3d(F.pad(x, (1, 1, 1, 1, 2, 0)), conv.weight, conv.bias)
     assert rel(got, expected) <= 1e-5
+
+
+def test_upsampling_conv_by_phases_equals_upsample_then_conv():
+    """Oracle: nn.Upsample(2x, nearest-exact) then the 3x3 conv, as in diffusers' resample. We fold the upsampling into
+    four 2x2 convolutions of the small image (one per output pixel phase). Tolerance: 1e-6 relative (the kernel taps
+    that meet the same input pixel are summed before multiplying)."""
+    torch.manual_seed(0)
+    r = V.Resample(8, "upsample2d")
+    x = torch.randn(2, 8, 5, 7)
+    with torch.no_grad():
+        assert rel(V.upsample_conv(x, r.resample[1]), r.resample(x)) <= 1e-6
