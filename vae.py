@@ -5,8 +5,8 @@ through the network a piece at a time, each causal convolution keeping the last 
 a cache, and the result is the result of one pass over the whole video. The official VAE relies on this: it encodes
 the first frame alone and then four frames at a time, and decodes one latent frame at a time.
 
-Here a cache is a plain dict, {layer: tensor}, created by whoever starts a video and handed down to every layer, each of
-which reads and replaces its own entry. A video's first chunk is the one for which a layer finds no entry yet.
+Here a cache is a plain dict, {layer: list of frames}, created by whoever starts a video and handed down to every layer,
+each of which reads and replaces its own entry. A video's first chunk is the one for which a layer finds no entry yet.
 
 Parameter names are diffusers' AutoencoderKLWan keys, so vae/ of an official -Diffusers folder loads strictly by name.
 Only inference is implemented (no dropout, no posterior sampling: the pipelines use the posterior mean).
