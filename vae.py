@@ -5,8 +5,8 @@ through the network a piece at a time, each causal convolution keeping the last 
 a cache, and the result is the result of one pass over the whole video. The official VAE relies on this: it encodes
 the first frame alone and then four frames at a time, and decodes one latent frame at a time.
 
-Here a cache is a plain dict, {layer: tensor}, created by whoever starts a video and handed down to every layer, each of
-which reads and replaces its own entry. A video's first chunk is the one for which a layer finds no entry yet.
+Here a cache is a plain dict, {layer: list of frames}, created by whoever starts a video and handed down to every layer,
+each of which reads and replaces its own entry. A video's first chunk is the one for which a layer finds no entry yet.
 
 Parameter names are diffusers' AutoencoderKLWan keys, so vae/ of an official -Diffusers folder loads strictly by name.
 Only inference is implemented (no dropout, no posterior sampling: the pipelines use the posterior mean).
@@ -52,25 +52,37 @@ CONFIGS = {
 
 
 class CausalConv3d(nn.Conv3d):
-    """A 3D convolution padded as usual in space, but in time only on the past side, by 2 * padding[0] frames.
-
-    That past is the last input frames of the previous chunk, read from `cache`, or zeros at the start of a video.
-    Convolutions with no time padding (kernel 1 in time) need no cache.
-    """
+    """A 3D convolution padded as usual in space, but in time only on the past side, by 2 * padding[0] frames (zeros at
+    a video's start). Those with such padding go frame by frame, each tap in time a 2D convolution adding a term to this
+    or a later output frame. The cache keeps the sums in progress, or the last input frames where those are smaller."""
 
     def __init__(self, in_dim, out_dim, kernel, stride=1, padding=0):
         pt, ph, pw = padding if isinstance(padding, tuple) else (padding,) * 3
         super().__init__(in_dim, out_dim, kernel, stride, padding=(0, ph, pw))
         self.past = 2 * pt
 
+    def tap(self, frame, k):
+        w = self.weight[:, :, -1 - k]  # (C_out, C_in, kh, kw): from a frame to the output k frames later
+        return F.conv2d(frame, w, self.bias if k == 0 else None, self.stride[1:], self.padding[1:])
+
     def forward(self, x, cache=None):
-        if self.past:
-            if self not in cache:
-                cache[self] = x.new_zeros(*x.shape[:2], self.past, *x.shape[3:])
-            # pop, so that the old past is freed before the new one is copied out
-            x = torch.cat([cache.pop(self), x], dim=2)  # (B, C, past + T, H, W)
-            cache[self] = x[:, :, -self.past:].clone()  # a copy: a view would keep all of x alive
-        return super().forward(x)
+        if not self.past:
+            return super().forward(x)
+        out = []
+        for frame in x.unbind(2):  # (B, C, H, W)
+            frame = frame.contiguous(memory_format=torch.channels_last)  # cuDNN's layout: no conversion per call
+            if self.in_channels < self.out_channels:
+                past = cache.pop(self, []) + [frame]  # the last input frames, oldest first (fewer at a start)
+                out.append(self.tap(frame, 0))
+                for k in range(1, len(past)):
+                    out[-1] += self.tap(past[-1 - k], k)
+                cache[self] = past[-self.past:]
+            else:
+                sums = cache.setdefault(self, [])  # sums[k]: the terms so far of the output frame k frames ahead
+                for k in range(self.past + 1):
+                    sums[k:k + 1] = [sums[k].add_(self.tap(frame, k)) if k < len(sums) else self.tap(frame, k)]
+                out.append(sums.pop(0))
+        return out[0].unsqueeze(2) if len(out) == 1 else torch.stack(out, dim=2)  # no copy for one frame
 
 
 class RMSNorm(nn.Module):
@@ -89,10 +101,23 @@ class RMSNorm(nn.Module):
         return torch.div(x, norm, out=torch.empty_like(x)).mul_(self.gamma * self.scale)
 
 
+def upsample_conv(x, conv):
+    """conv(nearest 2x upsampling of x), (B, C, H, W) -> (B, C', 2H, 2W) channels-last, without the upsampled image
+    and in a quarter of the work. Output row 2i + p sees input rows i - 1 + p and i + p only, through the sum of the
+    kernel rows that land on each (fold[p]); columns alike. So each output phase p, q is a 2x2 convolution of x."""
+    b, _, h, w = x.shape
+    out = x.new_empty(b, 2 * h, 2 * w, conv.out_channels).permute(0, 3, 1, 2)
+    fold = x.new_tensor([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]])  # phase p: kernel rows 0-2 -> 2 rows
+    for p, q in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        kernel = torch.einsum("ak,oikl,bl->oiab", fold[p], conv.weight, fold[q])  # (C', C, 2, 2)
+        out[:, :, p::2, q::2] = F.conv2d(x, kernel, conv.bias, padding=1)[:, :, p:p + h, q:q + w]
+    return out
+
+
 class Resample(nn.Module):
     """2x up- or downsampling in space, and for the '3d' modes also in time.
 
-    The 2D convolution sees frames as a batch. In time, the upsampler turns each frame into two with a causal
+    In space, a frame at a time. In time, the upsampler turns each frame into two with a causal
     convolution (except a video's first frame, which stays one); the downsampler convolves with stride 2 over the
     previous chunk's last frame and this chunk (except a video's first chunk, which passes through).
     """
@@ -111,25 +136,26 @@ class Resample(nn.Module):
             self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
 
     def forward(self, x, cache):
-        b, c, t, h, w = x.shape
-        if self.mode == "upsample3d" and self.time_conv in cache:
-            x = self.time_conv(x, cache).unflatten(1, (2, c))  # (B, 2, C, T, H, W): two output frames per frame
-            x = x.permute(0, 3, 1, 2, 4, 5)  # (B, T, 2, C, H, W), so that the pairs interleave in time
-            t *= 2
-        else:
-            if self.mode == "upsample3d":
-                # A video's first frame stays one frame, and (as in the official VAE) is not the past of the next
-                # one either: the time conv starts on zeros.
-                cache[self.time_conv] = x.new_zeros(b, c, 2, h, w)
-            x = x.transpose(1, 2)  # (B, T, C, H, W)
-        x = self.resample(x.reshape(b * t, c, h, w))  # (B*T, C', H', W')
-        x = x.unflatten(0, (b, t)).transpose(1, 2)  # (B, C', T, H', W')
+        x = torch.stack([self.resample(frame) for frame in x.unbind(2)], dim=2)
         if self.mode == "downsample3d":
             last = x[:, :, -1:].clone()
             if self.time_conv in cache:  # 1 + 4 frames -> 2, 1 + 2 frames -> 1
                 x = self.time_conv(torch.cat([cache[self.time_conv], x], dim=2))
             cache[self.time_conv] = last
         return x
+
+    def frames(self, x, cache):
+        """Upsampling: (B, C, T, H, W) -> a list of (B, C/2, 2H, 2W) frames, each made alone (to be freed alone)."""
+        if self.mode == "upsample3d" and self.time_conv in cache:
+            x = self.time_conv(x, cache)  # (B, 2C, T, H, W): each frame's two output frames, stacked in channels
+            frames = [pair for frame in x.unbind(2) for pair in frame.chunk(2, dim=1)]  # (B, C, H, W), in time order
+        else:
+            if self.mode == "upsample3d":
+                # A video's first frame stays one frame, and (as in the official VAE) is not the past of the next
+                # one either: the time conv starts on zeros.
+                cache[self.time_conv] = []
+            frames = x.unbind(2)
+        return [upsample_conv(frame, self.resample[1]) for frame in frames]
 
 
 class ResidualBlock(nn.Module):
@@ -144,8 +170,8 @@ class ResidualBlock(nn.Module):
     def forward(self, x, cache):
         h = self.conv_shortcut(x)
         x = self.conv1(F.silu(self.norm1(x), inplace=True), cache)  # in place: the norm's output is ours to reuse
-        x = self.conv2(F.silu(self.norm2(x), inplace=True), cache)
-        return x.add_(h)
+        x = F.silu(self.norm2(x), inplace=True)  # a statement of its own, so that conv1's output is freed before conv2
+        return self.conv2(x, cache).add_(h)
 
 
 class AttentionBlock(nn.Module):
@@ -205,6 +231,7 @@ class Encoder(nn.Module):
                 frame = block(frame, cache)
             frames.append(frame)
         x = torch.cat(frames, dim=2)
+        del frames
         for block in self.down_blocks[split:]:
             x = block(x, cache)
         x = self.mid_block(x, cache)
@@ -217,11 +244,6 @@ class UpBlock(nn.Module):
         self.resnets = nn.ModuleList([ResidualBlock(in_dim if j == 0 else out_dim, out_dim)
                                       for j in range(num_res_blocks + 1)])
         self.upsamplers = nn.ModuleList([Resample(out_dim, mode)] if mode else [])
-
-    def forward(self, x, cache):
-        for layer in (*self.resnets, *self.upsamplers):
-            x = layer(x, cache)
-        return x
 
 
 class Decoder(nn.Module):
@@ -245,13 +267,18 @@ class Decoder(nn.Module):
         return self.upsample(self.mid_block(self.conv_in(z, cache), cache), 0, cache)
 
     def upsample(self, x, i, cache):
-        """Up blocks i, i+1, ... and the head, depth first: each frame block i makes goes all the way to pixels before
-        the next one starts. Every layer is causal and cached, so this is exact, and no more than one frame at full
-        resolution and width is alive at a time."""
+        """Up blocks i, i+1, ... and the head, depth first: each frame block i makes goes all the way to pixels
+        before the next starts (exact: every layer is causal and cached), so one full-size frame is alive at a time."""
         if i == len(self.up_blocks):
             return self.conv_out(F.silu(self.norm_out(x), inplace=True), cache)
-        x = self.up_blocks[i](x, cache)
-        return torch.cat([self.upsample(frame, i + 1, cache) for frame in x.split(1, dim=2)], dim=2)
+        block = self.up_blocks[i]
+        for layer in block.resnets:  # not block(x): a module call holds x until it returns
+            x = layer(x, cache)
+        frames, out = block.upsamplers[0].frames(x, cache) if block.upsamplers else [x[:, :, 0]], []
+        del x
+        while frames:  # popped, so that each frame is freed as soon as the next block is done with it
+            out.append(self.upsample(frames.pop(0).unsqueeze(2), i + 1, cache))
+        return torch.cat(out, dim=2)
 
 
 class VAE(nn.Module):

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import skyreels
@@ -155,3 +156,28 @@ def test_config_disagreeing_with_tensors_raises_checkpoint_error(folder, tmp_pat
 def test_wan22_config_is_rejected():
     with pytest.raises(ValueError, match="Wan 2.2"):
         V.VAEConfig.from_config({"base_dim": 160, "z_dim": 48, "is_residual": True, "patch_size": 2})
+
+
+@pytest.mark.parametrize("pieces", [(5,), (1, 4), (1, 1, 1, 2)])
+def test_causal_conv_in_pieces_equals_one_zero_padded_conv3d(pieces):
+    """Oracle: F.conv3d over the whole sequence with two zero frames in front (what diffusers computes). Our conv
+    goes frame by frame, as a sum of 2D convolutions kept in the cache. Tolerance: 1e-5 relative (summation order)."""
+    torch.manual_seed(0)
+    conv = V.CausalConv3d(6, 5, 3, padding=1)
+    x = torch.randn(2, 6, sum(pieces), 7, 9)
+    cache = {}
+    with torch.no_grad():
+        got = torch.cat([conv(piece, cache) for piece in x.split(list(pieces), dim=2)], dim=2)
+        expected = F.conv3d(F.pad(x, (1, 1, 1, 1, 2, 0)), conv.weight, conv.bias)
+    assert rel(got, expected) <= 1e-5
+
+
+def test_upsampling_conv_by_phases_equals_upsample_then_conv():
+    """Oracle: nn.Upsample(2x, nearest-exact) then the 3x3 conv, as in diffusers' resample. We fold the upsampling into
+    four 2x2 convolutions of the small image (one per output pixel phase). Tolerance: 1e-6 relative (the kernel taps
+    that meet the same input pixel are summed before multiplying)."""
+    torch.manual_seed(0)
+    r = V.Resample(8, "upsample2d")
+    x = torch.randn(2, 8, 5, 7)
+    with torch.no_grad():
+        assert rel(V.upsample_conv(x, r.resample[1]), r.resample(x)) <= 1e-6
