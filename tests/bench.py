@@ -8,6 +8,7 @@ several CUDA-event timings after warm-up; peak memory is what the call adds over
 compared with diffusers' (relative error), so a fast path that changes numerics shows it.
 """
 import argparse
+import gc
 import math
 import os
 import statistics
@@ -316,7 +317,8 @@ def bench_offload_e2e(quick):
                          f"{abs(out - result[False][1]).max():.1e}")
             row(f"{name} end to end, offload={offload}", None, f"{tt:.1f}s, GPU peak {mem:.2f} GiB",
                 f"phase peaks GiB: {note}")
-            del pipe, out
+            del pipe, out, peaks
+            gc.collect()  # phase_peaks' wrappers hold the pipeline in a reference cycle
             torch.cuda.empty_cache() if DEV == "cuda" else None
 
 
