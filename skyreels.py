@@ -118,14 +118,9 @@ def load_component(cls, config_cls, folder, dtype=torch.float32, device="cpu", s
 
 def load_weights(module, where, files, dtype, device, aliases=None):
     """Fill `module` from `files` ({checkpoint key: safetensors path}), strictly; `where` names them in errors.
-
-    A module may declare, as attributes:
-      checkpoint_aliases  {checkpoint key: our key}, used only where our key is not in the checkpoint
-                          (UMT5 checkpoints tie shared.weight and encoder.embed_tokens.weight either way);
-      ignored_keys        checkpoint keys (or key prefixes ending in '.') that are known and unused;
-      keep_fp32           substrings of parameter names kept in float32 whatever `dtype` is, as the reference
-                          keeps them (norms, modulation, time embedding).
-    """
+    A module may declare checkpoint_aliases ({checkpoint key: our key}, used only where our key is not in the
+    checkpoint: UMT5 files tie shared.weight and encoder.embed_tokens.weight either way), ignored_keys (checkpoint
+    keys, or prefixes ending in '.', known and unused) and keep_fp32 (see param_dtype)."""
     expected = module.state_dict(keep_vars=True)
     aliases = aliases or getattr(module, "checkpoint_aliases", {})
     ignored = tuple(getattr(module, "ignored_keys", ()))
@@ -484,16 +479,13 @@ class StreamedBlocks(torch.nn.ModuleList):
 
     def fetch(self, i):
         """Start copying block i into its slot, once the block that used the slot before has finished."""
-        if not self.cuda:
+        if self.cuda:
+            self.copier.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.copier):  # no side stream on the CPU (None): a plain copy
             for slot, data in zip(self.slots[i % 2], self.host[i]):
-                slot.copy_(data)
-            return
-        self.copier.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.copier):
-            for slot, data in zip(self.slots[i % 2], self.host[i]):
-                slot.copy_(data, non_blocking=True)
-            self.ready[i % 2] = torch.cuda.Event()
-            self.ready[i % 2].record()
+                slot.copy_(data, non_blocking=self.cuda)
+        if self.cuda:
+            self.ready[i % 2] = self.copier.record_event()
 
     def __iter__(self):
         blocks = list(self.children())
@@ -761,13 +753,12 @@ class Pipeline:
     def run_lockstep(self, mode, prompt, negative_prompt, image, last_image, video, height, width, num_frames, ts,
                      sigmas, guidance, generator, fps, max_sequence_length, latent, progress):
         context, negative = self.encode_text(prompt, negative_prompt, guidance, max_sequence_length)
-        num_latent = (num_frames - 1) // TEMPORAL + 1
         extra = {}
-        if mode == "i2v":
+        if mode == "i2v":  # neither draws random numbers: the noise is the same as without them
             extra["image_context"] = self.encode_clip([image] if last_image is None else [image, last_image])
-        x = self.noise((1, 16, num_latent, height // SPATIAL, width // SPATIAL), generator)
-        if mode == "i2v":
             condition = self.i2v_condition(image, last_image, num_frames, height, width)
+        num_latent = (num_frames - 1) // TEMPORAL + 1
+        x = self.noise((1, 16, num_latent, height // SPATIAL, width // SPATIAL), generator)
         state = schedule.unipc_init(sigmas, num_latent)
         every = torch.ones(num_latent, dtype=torch.bool)
         for i, t in enumerate(ts):
@@ -826,12 +817,7 @@ class Pipeline:
             # The last overlap_history input frames, of which the VAE takes the first 1 + 4k.
             start = video.shape[2] - windows[0]["history"]
             known = self.encode_video(video[:, :, start:start + (windows[0]["history"] - 1) // 4 * 4 + 1])
-        step, total = [0], sum(len(w["matrix"]) for w in windows)
-
-        def tick():
-            if progress:
-                progress(step[0], total)
-            step[0] += 1
+        done, total = 0, sum(len(w["matrix"]) for w in windows)  # steps, over all windows
         for k, w in enumerate(windows):
             x = self.noise(shape[:2] + (w["size"],) + shape[3:], generator)
             p = w["prefix"]
@@ -840,17 +826,18 @@ class Pipeline:
             if w["end"]:
                 x = torch.cat([x, end.to(dtype)], dim=2)
             x = self.denoise_window(x, w, context, negative, guidance, sigmas, causal_block_size,
-                                    addnoise_condition, fps, tick)
+                                    addnoise_condition, fps, progress and (lambda i, d=done: progress(d + i, total)))
+            done += len(w["matrix"])
             if w["end"]:
                 x = x[:, :, :-1]
             known = x[:, :, x.shape[2] - w["overlap"]:]  # the next window's prefix
             yield decode(x[:, :, w["new_from"]:])
 
     def denoise_window(self, x, w, context, negative, guidance, sigmas, causal_block_size, addnoise_condition, fps,
-                       tick=None):
+                       progress=None):
         """Diffusion forcing over one window: x (1, 16, F, h, w) float32 latents, its first w["prefix"] frames
         known, the rest noise; w's step matrix gives each frame its timestep at each iteration and its update mask
-        the frames the per-frame solver moves. Returns the denoised window."""
+        the frames the per-frame solver moves; progress(i) after step i. Returns the denoised window."""
         dtype, p = self.transformer_dtype, w["prefix"]
         matrix, update = w["matrix"], w["update"]
         # diffusers and the original code step each frame on a view of the latents they then overwrite, so a
@@ -864,7 +851,7 @@ class Pipeline:
         limit = self.cache_frames(x, causal_block_size, negative is not None) if shortcut and not noised else 0
         layers = len(self.transformer.blocks)
         caches = (KVCache(layers, limit), KVCache(layers, limit)) if limit else (None, None)
-        for t, upd in zip(matrix, update):
+        for i, (t, upd) in enumerate(zip(matrix, update)):
             lo, hi, keep = 0, x.shape[2], 0
             if shortcut:
                 hi = -(-(int(upd.nonzero().max()) + 1) // causal_block_size) * causal_block_size
@@ -885,8 +872,8 @@ class Pipeline:
             if (lo, hi) != (0, x.shape[2]):  # frames left out are not updated this iteration
                 v = torch.zeros_like(x, dtype=v.dtype).index_copy_(2, torch.arange(lo, hi, device=x.device), v)
             x = schedule.unipc_step(state, v, x, upd)
-            if tick:
-                tick()
+            if progress:
+                progress(i)
         return x
 
     def cache_frames(self, x, block, guided):
