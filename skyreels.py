@@ -295,10 +295,9 @@ def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch
          transformer=None):
     """A ready pipeline from an official -Diffusers folder (or a Hugging Face id, or tiny-t2v/i2v/df). loras: [(path,
     scale), ...] (fold_loras). transformer: a one-file DiT (ours or the original naming) for the folder's weights.
-    compile=True compiles the DiT's blocks with torch.compile: ~20% faster on an H100 and half the activation
-    memory (fused elementwise work), after a compile of ~10-30 s per new latent shape.
-    In a torch.distributed process group of several ranks (torchrun), every rank calls this alike, each with its own
-    device (e.g. cuda:LOCAL_RANK), and the ranks share the DiT's work (split_ranks)."""
+    compile: torch.compile the DiT's blocks, ~20% faster on an H100 and half the activation memory (fused elementwise
+    work), after ~10-30 s per new latent shape. Under torchrun every rank calls this alike, each with its own device
+    (e.g. cuda:LOCAL_RANK), and the ranks share the DiT's work (split_ranks)."""
     for file in ([transformer] if transformer else []) + [lora for lora, _ in loras]:  # at the door, not after loading
         if not os.path.isfile(file):
             raise CheckpointError(f"no such file: {file}")
@@ -678,15 +677,15 @@ class Pipeline:
         if self.parallel is not None:
             check_ranks_agree(dict(s, progress=None), self.device)
         ts, sigmas = schedule.timesteps(s["num_inference_steps"], s["shift"])
-        job = {k: s[k] for k in ("mode", "prompt", "negative_prompt", "image", "last_image", "video", "height",
-                                 "width", "num_frames", "generator", "fps", "max_sequence_length", "progress")}
-        job.update(ts=ts, sigmas=sigmas, guidance=s["guidance_scale"], latent=s["output_type"] == "latent")
+        job = {k: s[k] for k in ("mode", "prompt", "negative_prompt", "image", "last_image", "height", "width",
+                                 "generator", "max_sequence_length", "progress")}
+        job.update(sigmas=sigmas, guidance=s["guidance_scale"], latent=s["output_type"] == "latent")
         if self.kind != "df":
-            return self.run_lockstep(**job)
+            return self.run_lockstep(num_frames=s["num_frames"], ts=ts, **job)
         windows = plan_windows(s["mode"], s["num_frames"], s["base_num_frames"], s["overlap_history"],
                                s["causal_block_size"], s["ar_step"], ts, s["last_image"] is not None)
-        return self.run_diffusion_forcing(windows=windows, causal_block_size=s["causal_block_size"],
-                                          addnoise_condition=s["addnoise_condition"], **job)
+        return self.run_diffusion_forcing(windows, s["causal_block_size"], s["addnoise_condition"], s["video"],
+                                          s["fps"], **job)
 
     # -- the pieces every mode shares -----------------------------------------------------------------------------
 
@@ -732,9 +731,8 @@ class Pipeline:
         return vae.normalize(vae.encode(video.to(self.device, dtype)).float())
 
     def decoder(self, output_latent):
-        """A function from finished latents (in order, any number at a time) to finished frames: the VAE decodes
-        them one piece after another, carrying its causal cache, so frames come out as soon as latents are final and
-        match one decode of the whole sequence."""
+        """A function from finished latents (in order, any number at a time) to frames: the VAE carries its causal
+        cache from piece to piece, so frames come out as soon as latents are final and match one whole decode."""
         if output_latent:
             return lambda z: z
         import numpy as np
@@ -750,8 +748,8 @@ class Pipeline:
 
     # -- text- and image-to-video: every latent frame at the same timestep -------------------------------------------
 
-    def run_lockstep(self, mode, prompt, negative_prompt, image, last_image, video, height, width, num_frames, ts,
-                     sigmas, guidance, generator, fps, max_sequence_length, latent, progress):
+    def run_lockstep(self, mode, prompt, negative_prompt, image, last_image, height, width, num_frames, ts, sigmas,
+                     guidance, generator, max_sequence_length, latent, progress):
         context, negative = self.encode_text(prompt, negative_prompt, guidance, max_sequence_length)
         extra = {}
         if mode == "i2v":  # neither draws random numbers: the noise is the same as without them
@@ -794,17 +792,15 @@ class Pipeline:
 
     # -- diffusion forcing: one loop for text-, image- and video-conditioned generation -------------------------------
 
-    def run_diffusion_forcing(self, windows, causal_block_size, addnoise_condition, mode, prompt, negative_prompt,
-                              image, last_image, video, height, width, num_frames, ts, sigmas, guidance, generator,
-                              fps, max_sequence_length, latent, progress):
-        """Window by window: each window's first `prefix` latent frames are known (the image, the end of the input
-        video, or the end of the previous window), the rest start as noise; the step matrix gives every latent frame
-        its own timestep at each iteration, and the per-frame solver moves the frames it marks. Each window's new
-        latents are final when it ends, so they are decoded and handed on at once."""
+    def run_diffusion_forcing(self, windows, causal_block_size, addnoise_condition, video, fps, mode, prompt,
+                              negative_prompt, image, last_image, height, width, sigmas, guidance, generator,
+                              max_sequence_length, latent, progress):
+        """Window by window (denoise_window): each window's first `prefix` latent frames are known (the image, the end
+        of the input video, or the end of the previous window), the rest start as noise. Each window's new latents are
+        final when it ends, so they are decoded and handed on at once."""
         context, negative = self.encode_text(prompt, negative_prompt, guidance, max_sequence_length)
         decode = self.decoder(latent)
         dtype = self.transformer_dtype
-        shape = (1, 16, 0, height // SPATIAL, width // SPATIAL)
         known = end = None
         if mode == "df-i2v":  # the first (and last) image, encoded as one-frame videos
             images = [image] + ([last_image] if last_image is not None else [])
@@ -819,7 +815,7 @@ class Pipeline:
             known = self.encode_video(video[:, :, start:start + (windows[0]["history"] - 1) // 4 * 4 + 1])
         done, total = 0, sum(len(w["matrix"]) for w in windows)  # steps, over all windows
         for k, w in enumerate(windows):
-            x = self.noise(shape[:2] + (w["size"],) + shape[3:], generator)
+            x = self.noise((1, 16, w["size"], height // SPATIAL, width // SPATIAL), generator)
             p = w["prefix"]
             if p:
                 x[:, :, :p] = known[:, :, :p].to(dtype)
@@ -839,7 +835,6 @@ class Pipeline:
         known, the rest noise; w's step matrix gives each frame its timestep at each iteration and its update mask
         the frames the per-frame solver moves; progress(i) after step i. Returns the denoised window."""
         dtype, p = self.transformer_dtype, w["prefix"]
-        matrix, update = w["matrix"], w["update"]
         # diffusers and the original code step each frame on a view of the latents they then overwrite, so a
         # frame's second corrector starts from its new sample; reproduce that (schedule.py explains).
         state = schedule.unipc_init(sigmas, x.shape[2], alias_first_step=True)
@@ -851,7 +846,7 @@ class Pipeline:
         limit = self.cache_frames(x, causal_block_size, negative is not None) if shortcut and not noised else 0
         layers = len(self.transformer.blocks)
         caches = (KVCache(layers, limit), KVCache(layers, limit)) if limit else (None, None)
-        for i, (t, upd) in enumerate(zip(matrix, update)):
+        for i, (t, upd) in enumerate(zip(w["matrix"], w["update"])):
             lo, hi, keep = 0, x.shape[2], 0
             if shortcut:
                 hi = -(-(int(upd.nonzero().max()) + 1) // causal_block_size) * causal_block_size
@@ -916,10 +911,8 @@ def plan_windows(mode, num_frames, base_num_frames, overlap_history, block, ar_s
         overlap, sizes = 0, [total]
     windows, matrices = [], {}  # a long video's windows are nearly all alike: one step matrix serves them
     for k, size in enumerate(sizes):
-        if k > 0 or mode == "v2v":
-            prefix = overlap - overlap % block
-        else:
-            prefix = 1 if mode == "df-i2v" else 0
+        # Known frames: the overlap, in whole blocks (v2v's first window too), or df-i2v's image latent.
+        prefix = overlap - overlap % block if k > 0 or mode == "v2v" else int(mode == "df-i2v")
         end = int(has_last and k == len(sizes) - 1)
         frames = size + end
         if frames % block:
