@@ -118,14 +118,9 @@ def load_component(cls, config_cls, folder, dtype=torch.float32, device="cpu", s
 
 def load_weights(module, where, files, dtype, device, aliases=None):
     """Fill `module` from `files` ({checkpoint key: safetensors path}), strictly; `where` names them in errors.
-
-    A module may declare, as attributes:
-      checkpoint_aliases  {checkpoint key: our key}, used only where our key is not in the checkpoint
-                          (UMT5 checkpoints tie shared.weight and encoder.embed_tokens.weight either way);
-      ignored_keys        checkpoint keys (or key prefixes ending in '.') that are known and unused;
-      keep_fp32           substrings of parameter names kept in float32 whatever `dtype` is, as the reference
-                          keeps them (norms, modulation, time embedding).
-    """
+    A module may declare checkpoint_aliases ({checkpoint key: our key}, used only where our key is not in the
+    checkpoint: UMT5 files tie shared.weight and encoder.embed_tokens.weight either way), ignored_keys (checkpoint
+    keys, or prefixes ending in '.', known and unused) and keep_fp32 (see param_dtype)."""
     expected = module.state_dict(keep_vars=True)
     aliases = aliases or getattr(module, "checkpoint_aliases", {})
     ignored = tuple(getattr(module, "ignored_keys", ()))
@@ -300,10 +295,9 @@ def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch
          transformer=None):
     """A ready pipeline from an official -Diffusers folder (or a Hugging Face id, or tiny-t2v/i2v/df). loras: [(path,
     scale), ...] (fold_loras). transformer: a one-file DiT (ours or the original naming) for the folder's weights.
-    compile=True compiles the DiT's blocks with torch.compile: ~20% faster on an H100 and half the activation
-    memory (fused elementwise work), after a compile of ~10-30 s per new latent shape.
-    In a torch.distributed process group of several ranks (torchrun), every rank calls this alike, each with its own
-    device (e.g. cuda:LOCAL_RANK), and the ranks share the DiT's work (split_ranks)."""
+    compile: torch.compile the DiT's blocks, ~20% faster on an H100 and half the activation memory (fused elementwise
+    work), after ~10-30 s per new latent shape. Under torchrun every rank calls this alike, each with its own device
+    (e.g. cuda:LOCAL_RANK), and the ranks share the DiT's work (split_ranks)."""
     for file in ([transformer] if transformer else []) + [lora for lora, _ in loras]:  # at the door, not after loading
         if not os.path.isfile(file):
             raise CheckpointError(f"no such file: {file}")
@@ -484,16 +478,13 @@ class StreamedBlocks(torch.nn.ModuleList):
 
     def fetch(self, i):
         """Start copying block i into its slot, once the block that used the slot before has finished."""
-        if not self.cuda:
+        if self.cuda:
+            self.copier.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.copier):  # no side stream on the CPU (None): a plain copy
             for slot, data in zip(self.slots[i % 2], self.host[i]):
-                slot.copy_(data)
-            return
-        self.copier.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.copier):
-            for slot, data in zip(self.slots[i % 2], self.host[i]):
-                slot.copy_(data, non_blocking=True)
-            self.ready[i % 2] = torch.cuda.Event()
-            self.ready[i % 2].record()
+                slot.copy_(data, non_blocking=self.cuda)
+        if self.cuda:
+            self.ready[i % 2] = self.copier.record_event()
 
     def __iter__(self):
         blocks = list(self.children())
@@ -686,15 +677,15 @@ class Pipeline:
         if self.parallel is not None:
             check_ranks_agree(dict(s, progress=None), self.device)
         ts, sigmas = schedule.timesteps(s["num_inference_steps"], s["shift"])
-        job = {k: s[k] for k in ("mode", "prompt", "negative_prompt", "image", "last_image", "video", "height",
-                                 "width", "num_frames", "generator", "fps", "max_sequence_length", "progress")}
-        job.update(ts=ts, sigmas=sigmas, guidance=s["guidance_scale"], latent=s["output_type"] == "latent")
+        job = {k: s[k] for k in ("mode", "prompt", "negative_prompt", "image", "last_image", "height", "width",
+                                 "generator", "max_sequence_length", "progress")}
+        job.update(sigmas=sigmas, guidance=s["guidance_scale"], latent=s["output_type"] == "latent")
         if self.kind != "df":
-            return self.run_lockstep(**job)
+            return self.run_lockstep(num_frames=s["num_frames"], ts=ts, **job)
         windows = plan_windows(s["mode"], s["num_frames"], s["base_num_frames"], s["overlap_history"],
                                s["causal_block_size"], s["ar_step"], ts, s["last_image"] is not None)
-        return self.run_diffusion_forcing(windows=windows, causal_block_size=s["causal_block_size"],
-                                          addnoise_condition=s["addnoise_condition"], **job)
+        return self.run_diffusion_forcing(windows, s["causal_block_size"], s["addnoise_condition"], s["video"],
+                                          s["fps"], **job)
 
     # -- the pieces every mode shares -----------------------------------------------------------------------------
 
@@ -740,9 +731,8 @@ class Pipeline:
         return vae.normalize(vae.encode(video.to(self.device, dtype)).float())
 
     def decoder(self, output_latent):
-        """A function from finished latents (in order, any number at a time) to finished frames: the VAE decodes
-        them one piece after another, carrying its causal cache, so frames come out as soon as latents are final and
-        match one decode of the whole sequence."""
+        """A function from finished latents (in order, any number at a time) to frames: the VAE carries its causal
+        cache from piece to piece, so frames come out as soon as latents are final and match one whole decode."""
         if output_latent:
             return lambda z: z
         import numpy as np
@@ -758,16 +748,15 @@ class Pipeline:
 
     # -- text- and image-to-video: every latent frame at the same timestep -------------------------------------------
 
-    def run_lockstep(self, mode, prompt, negative_prompt, image, last_image, video, height, width, num_frames, ts,
-                     sigmas, guidance, generator, fps, max_sequence_length, latent, progress):
+    def run_lockstep(self, mode, prompt, negative_prompt, image, last_image, height, width, num_frames, ts, sigmas,
+                     guidance, generator, max_sequence_length, latent, progress):
         context, negative = self.encode_text(prompt, negative_prompt, guidance, max_sequence_length)
-        num_latent = (num_frames - 1) // TEMPORAL + 1
         extra = {}
-        if mode == "i2v":
+        if mode == "i2v":  # neither draws random numbers: the noise is the same as without them
             extra["image_context"] = self.encode_clip([image] if last_image is None else [image, last_image])
-        x = self.noise((1, 16, num_latent, height // SPATIAL, width // SPATIAL), generator)
-        if mode == "i2v":
             condition = self.i2v_condition(image, last_image, num_frames, height, width)
+        num_latent = (num_frames - 1) // TEMPORAL + 1
+        x = self.noise((1, 16, num_latent, height // SPATIAL, width // SPATIAL), generator)
         state = schedule.unipc_init(sigmas, num_latent)
         every = torch.ones(num_latent, dtype=torch.bool)
         for i, t in enumerate(ts):
@@ -803,17 +792,15 @@ class Pipeline:
 
     # -- diffusion forcing: one loop for text-, image- and video-conditioned generation -------------------------------
 
-    def run_diffusion_forcing(self, windows, causal_block_size, addnoise_condition, mode, prompt, negative_prompt,
-                              image, last_image, video, height, width, num_frames, ts, sigmas, guidance, generator,
-                              fps, max_sequence_length, latent, progress):
-        """Window by window: each window's first `prefix` latent frames are known (the image, the end of the input
-        video, or the end of the previous window), the rest start as noise; the step matrix gives every latent frame
-        its own timestep at each iteration, and the per-frame solver moves the frames it marks. Each window's new
-        latents are final when it ends, so they are decoded and handed on at once."""
+    def run_diffusion_forcing(self, windows, causal_block_size, addnoise_condition, video, fps, mode, prompt,
+                              negative_prompt, image, last_image, height, width, sigmas, guidance, generator,
+                              max_sequence_length, latent, progress):
+        """Window by window (denoise_window): each window's first `prefix` latent frames are known (the image, the end
+        of the input video, or the end of the previous window), the rest start as noise. Each window's new latents are
+        final when it ends, so they are decoded and handed on at once."""
         context, negative = self.encode_text(prompt, negative_prompt, guidance, max_sequence_length)
         decode = self.decoder(latent)
         dtype = self.transformer_dtype
-        shape = (1, 16, 0, height // SPATIAL, width // SPATIAL)
         known = end = None
         if mode == "df-i2v":  # the first (and last) image, encoded as one-frame videos
             images = [image] + ([last_image] if last_image is not None else [])
@@ -826,33 +813,28 @@ class Pipeline:
             # The last overlap_history input frames, of which the VAE takes the first 1 + 4k.
             start = video.shape[2] - windows[0]["history"]
             known = self.encode_video(video[:, :, start:start + (windows[0]["history"] - 1) // 4 * 4 + 1])
-        step, total = [0], sum(len(w["matrix"]) for w in windows)
-
-        def tick():
-            if progress:
-                progress(step[0], total)
-            step[0] += 1
+        done, total = 0, sum(len(w["matrix"]) for w in windows)  # steps, over all windows
         for k, w in enumerate(windows):
-            x = self.noise(shape[:2] + (w["size"],) + shape[3:], generator)
+            x = self.noise((1, 16, w["size"], height // SPATIAL, width // SPATIAL), generator)
             p = w["prefix"]
             if p:
                 x[:, :, :p] = known[:, :, :p].to(dtype)
             if w["end"]:
                 x = torch.cat([x, end.to(dtype)], dim=2)
             x = self.denoise_window(x, w, context, negative, guidance, sigmas, causal_block_size,
-                                    addnoise_condition, fps, tick)
+                                    addnoise_condition, fps, progress and (lambda i, d=done: progress(d + i, total)))
+            done += len(w["matrix"])
             if w["end"]:
                 x = x[:, :, :-1]
             known = x[:, :, x.shape[2] - w["overlap"]:]  # the next window's prefix
             yield decode(x[:, :, w["new_from"]:])
 
     def denoise_window(self, x, w, context, negative, guidance, sigmas, causal_block_size, addnoise_condition, fps,
-                       tick=None):
+                       progress=None):
         """Diffusion forcing over one window: x (1, 16, F, h, w) float32 latents, its first w["prefix"] frames
         known, the rest noise; w's step matrix gives each frame its timestep at each iteration and its update mask
-        the frames the per-frame solver moves. Returns the denoised window."""
+        the frames the per-frame solver moves; progress(i) after step i. Returns the denoised window."""
         dtype, p = self.transformer_dtype, w["prefix"]
-        matrix, update = w["matrix"], w["update"]
         # diffusers and the original code step each frame on a view of the latents they then overwrite, so a
         # frame's second corrector starts from its new sample; reproduce that (schedule.py explains).
         state = schedule.unipc_init(sigmas, x.shape[2], alias_first_step=True)
@@ -864,7 +846,7 @@ class Pipeline:
         limit = self.cache_frames(x, causal_block_size, negative is not None) if shortcut and not noised else 0
         layers = len(self.transformer.blocks)
         caches = (KVCache(layers, limit), KVCache(layers, limit)) if limit else (None, None)
-        for t, upd in zip(matrix, update):
+        for i, (t, upd) in enumerate(zip(w["matrix"], w["update"])):
             lo, hi, keep = 0, x.shape[2], 0
             if shortcut:
                 hi = -(-(int(upd.nonzero().max()) + 1) // causal_block_size) * causal_block_size
@@ -885,8 +867,8 @@ class Pipeline:
             if (lo, hi) != (0, x.shape[2]):  # frames left out are not updated this iteration
                 v = torch.zeros_like(x, dtype=v.dtype).index_copy_(2, torch.arange(lo, hi, device=x.device), v)
             x = schedule.unipc_step(state, v, x, upd)
-            if tick:
-                tick()
+            if progress:
+                progress(i)
         return x
 
     def cache_frames(self, x, block, guided):
@@ -929,10 +911,8 @@ def plan_windows(mode, num_frames, base_num_frames, overlap_history, block, ar_s
         overlap, sizes = 0, [total]
     windows, matrices = [], {}  # a long video's windows are nearly all alike: one step matrix serves them
     for k, size in enumerate(sizes):
-        if k > 0 or mode == "v2v":
-            prefix = overlap - overlap % block
-        else:
-            prefix = 1 if mode == "df-i2v" else 0
+        # Known frames: the overlap, in whole blocks (v2v's first window too), or df-i2v's image latent.
+        prefix = overlap - overlap % block if k > 0 or mode == "v2v" else int(mode == "df-i2v")
         end = int(has_last and k == len(sizes) - 1)
         frames = size + end
         if frames % block:
