@@ -213,6 +213,8 @@ CLI_CASES = {
     "--out equal to the input video": (["v2v", "--video", "{tmp}/in.mp4", "--overlap-history", "5",
                                         "--out", "{tmp}/in.mp4"], "overwrite"),
     "--out whose .json is too long a name": (["df", "--out", "{tmp}/" + "v" * 251 + ".mp4"], "too long"),
+    "a negative cache budget": (["df", "--cache-budget", "-1"], "--cache-budget"),
+    "a missing LoRA": (["df", "--lora", "{tmp}/no_such_lora.safetensors"], "no such file"),
 }
 
 
@@ -260,6 +262,27 @@ def test_a_json_that_cannot_be_written_leaves_no_video_either(tmp_path, monkeypa
                      str(tmp_path / "v.mp4")] + SMALL)
     assert stop.value.code == 2 and "No space left" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+def test_out_of_gpu_memory_is_one_line_naming_what_helps_and_keeps_the_finished_windows(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """A long video whose second window runs out of GPU memory: one line naming the settings that would help, and the
+    first window's frames stay, with a JSON that says they are partial."""
+    windows, denoise = iter(range(100)), skyreels.Pipeline.denoise_window
+
+    def second_fails(self, *args, **kw):
+        if next(windows) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return denoise(self, *args, **kw)
+    monkeypatch.setattr(skyreels.Pipeline, "denoise_window", second_fails)
+    with pytest.raises(SystemExit) as stop:
+        sample.main(["df", "--model", "tiny-df", "--prompt", "a cat", "--num-frames", "29", "--base-num-frames", "17",
+                     "--overlap-history", "5", "--out", str(tmp_path / "v.mp4")] + SMALL)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 1 and last.startswith("error: out of GPU memory"), last
+    assert "--offload" in last and "--base-num-frames" in last and "--cache-budget 0" in last
+    record = json.load(open(tmp_path / "v.json"))
+    assert record["partial"] and record["frames"] == 17
 
 
 # 9. a new user's first hour
