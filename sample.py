@@ -237,7 +237,8 @@ def run(args, rank=0):
     pipe = skyreels.load(model, device=device, dtype=dtype, offload="offload" in a, compile="compile" in a,
                          loras=a.get("lora", []), transformer=a.get("transformer"))
     pipe.cache_budget = None if budget is None else int(budget * 2**30)
-    chunks = pipe.stream(**settings, progress=progress if rank == 0 else None)
+    checked.pop("mode")  # the rest are stream's arguments, the images and the video already read
+    chunks = pipe.stream(**dict(checked, progress=progress if rank == 0 else None))
     if rank > 0:  # the other ranks share the work; rank 0 alone writes
         for _ in chunks:
             pass
