@@ -220,6 +220,7 @@ def run(args, rank=0):
                                                         "compile", "out", "lora", "transformer", "cache_budget")}
     settings.update(height=height, width=width, seed=a.get("seed", random.randrange(2**31)),
                     base_num_frames=a.get("base_num_frames", 121 if resolution == "720P" else 97))
+    ffmpeg()
     model = args.model if args.model.startswith("tiny-") or os.path.isdir(args.model) else skyreels.download(args.model)
     kind, rope = skyreels.kind_of(model), skyreels.rope_limit(model)  # all is checked before the weights are read
     if kind != MODES[args.mode][0]:
@@ -259,7 +260,7 @@ def write(chunks, out, sidecar, tmp, tmp_json, fps, record, new_from=0):
         for chunk in chunks:
             SIGNALS["defer"] = True  # imageio kills ffmpeg when interrupted while feeding it: the mp4 gets no index
             if writer is None:
-                writer = imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1)
+                writer = imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", quality=8, macro_block_size=1)
             for frame in chunk:
                 writer.append_data((np.clip(frame, 0, 1) * 255).round().astype(np.uint8))
             written += len(chunk)
@@ -289,10 +290,17 @@ def write(chunks, out, sidecar, tmp, tmp_json, fps, record, new_from=0):
         raise SystemExit(130) if isinstance(stop, KeyboardInterrupt) else stop
 
 
-def frames_in(path):  # the frames an mp4 holds as ffmpeg decodes it (out of Ctrl-C's reach); 0 if it cannot
-    import imageio_ffmpeg
+def ffmpeg():  # the mp4s are read and written by imageio-ffmpeg's binary: without it, say so before any work
+    try:
+        import imageio_ffmpeg
 
-    run = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-i", path, "-map", "0:v:0", "-f", "null", "-"],
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError) as e:
+        raise OSError(f"no ffmpeg to write the mp4 with ({type(e).__name__}: {e}): pip install imageio-ffmpeg") from None
+
+
+def frames_in(path):  # the frames an mp4 holds as ffmpeg decodes it (out of Ctrl-C's reach); 0 if it cannot
+    run = subprocess.run([ffmpeg(), "-i", path, "-map", "0:v:0", "-f", "null", "-"],
                          capture_output=True, text=True, start_new_session=True)
     counts = re.findall(r"frame=\s*(\d+)", run.stderr)
     return int(counts[-1]) if run.returncode == 0 and counts else 0

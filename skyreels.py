@@ -12,6 +12,7 @@ import math
 import numbers
 import os
 import re
+import sys
 
 import torch
 import torch.distributed as dist
@@ -307,10 +308,26 @@ def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch
     fold_loras(pipe, loras)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         pipe.parallel, pipe.cfg_parallel = split_ranks()
+    if device.type == "cuda":
+        use_flash_attention_4(device)
     if compile:
         for block in pipe.transformer.blocks.children():
             block.compile()
     return pipe
+
+
+def use_flash_attention_4(device):
+    """The DiT's attention through flash-attn-4 (an optional extra, `pip install flash-attn-4`) on Hopper and
+    Blackwell GPUs, where it is 1.2x faster than cuDNN's; one line says why not when it is not installed."""
+    if torch.cuda.get_device_capability(device)[0] not in (9, 10):
+        return
+    try:
+        from flash_attn.cute import flash_attn_func
+    except Exception as e:  # noqa: BLE001  not installed, or installed without its CUDA libraries
+        print(f"note: attention runs on PyTorch SDPA; flash-attn-4 would be faster ({type(e).__name__}: {e})",
+              file=sys.stderr)
+        return
+    model.FLASH = flash_attn_func
 
 
 def check_device(device):

@@ -460,6 +460,65 @@ def bench_fa4():
             row(f"attn {heads} heads SDPA with FA4 registered", None, "failed", repr(e)[:300])
 
 
+def bench_fa4_dit(quick):
+    """The DiT forward with its attention through flash-attn-4 (model.FLASH, as load() sets it on Hopper) against
+    PyTorch's SDPA (cuDNN) and diffusers in the same run: DF-1.3B synchronous and causal blocks of 5 at 540P, then
+    DF-14B at 540P; plain, then with the blocks compiled."""
+    import skyreels
+
+    log("== DiT forward: SDPA (cuDNN) vs flash-attn-4, DF-1.3B and DF-14B at 540P")
+    ref, ours = build_dits()
+    g = torch.Generator(DEV).manual_seed(0)
+    x = torch.randn(LAT, device=DEV, generator=g).to(BF16)
+    t = torch.randint(0, 1000, (1, 25), device=DEV, generator=g)
+    ctx = torch.randn(1, 512, DF13B["text_dim"], device=DEV, generator=g).to(BF16)
+    skyreels.use_flash_attention_4(torch.device(DEV))
+    fa4 = M.FLASH
+    sizes = {"DF-1.3B": (dit_flops(), None), "DF-14B": (dit_flops(51000, 5120, 13824, 512, 40), None)}
+    t_ref, out_ref = {}, {}
+    with torch.no_grad():
+        for block in (1, 5):
+            ref._set_ar_attention(block)
+            fn = lambda: ref(hidden_states=x, timestep=t, encoder_hidden_states=ctx,  # noqa: E731
+                             enable_diffusion_forcing=True, fps=[1], return_dict=False)[0]
+            out_ref[block], t_ref[block] = fn(), timed(fn, 1, 3)
+            row(f"DF-1.3B blocks of {block}", f"{t_ref[block]:.3f}s", None,
+                f"{sizes['DF-1.3B'][0] / t_ref[block] / 1e12:.0f} TFLOP/s")
+        del ref
+        torch.cuda.empty_cache()
+
+        def variants(name, dit, tag, kernels=(("SDPA", None), ("FA4", fa4))):
+            flops, base = sizes[name]
+            runs = 3 if name == "DF-1.3B" else 1
+            outs = {}
+            for kernel, M.FLASH in kernels:
+                for block in (1, 5):
+                    fn = lambda: dit(x, t, ctx, fps=24, causal_block_size=block)  # noqa: E731
+                    t0 = time.time()
+                    out = fn()
+                    first = time.time() - t0
+                    mem, _ = peak(fn)
+                    tt = timed(fn, 0, runs)  # the first call and peak's were the warm-up
+                    outs[kernel, block] = out
+                    note = f"{flops / tt / 1e12:.0f} TFLOP/s, first call {first:.0f}s"
+                    if name == "DF-1.3B":
+                        note += f", ratio {tt / t_ref[block]:.2f}x, rel err vs diffusers {rel(out, out_ref[block]):.2e}"
+                    if kernel == "FA4" and ("SDPA", block) in outs:
+                        note += f", rel vs SDPA {rel(out, outs['SDPA', block]):.1e}"
+                    row(f"{name} blocks of {block} [{kernel}{tag}]", f"{t_ref[block]:.3f}s" if name == "DF-1.3B"
+                        else None, f"{tt:.3f}s +{mem:.2f}GiB", note)
+            M.FLASH = fa4
+
+        variants("DF-1.3B", ours, "")
+        dit14 = random_dit(DF14B)
+        variants("DF-14B", dit14, "")
+        if not quick:
+            for dit, name in ((ours, "DF-1.3B"), (dit14, "DF-14B")):
+                for b in dit.blocks:
+                    b.compile()
+                variants(name, dit, "+compile", (("FA4", fa4),) if name == "DF-14B" else (("SDPA", None), ("FA4", fa4)))
+
+
 def bench_vae(quick):
     from diffusers import AutoencoderKLWan
 
@@ -678,6 +737,7 @@ def main():
              "loop": lambda: bench_loop(args.quick), "stream": lambda: bench_stream(args.quick),
              "offload": lambda: bench_offload(args.quick), "14b": lambda: bench_14b(args.quick),
              "e2e": lambda: bench_offload_e2e(args.quick),
+             "fa4dit": lambda: bench_fa4_dit(args.quick),
              "fa4": bench_fa4, "budget": bench_budget}[part]()
         except Exception as e:  # noqa: BLE001  one failing part should not hide the others
             import traceback

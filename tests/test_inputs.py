@@ -252,6 +252,17 @@ def test_a_writer_that_fails_leaves_nothing_and_an_older_video_untouched(tmp_pat
     assert sorted(os.listdir(tmp_path)) == ["v.mp4"] and (tmp_path / "v.mp4").read_bytes() == b"an older video"
 
 
+def test_no_ffmpeg_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    """Without imageio-ffmpeg, imageio would hand the .mp4 to another plugin and fail after the whole run."""
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)
+    monkeypatch.setattr(skyreels, "load", lambda *a, **k: pytest.fail("loaded the weights"))
+    with pytest.raises(SystemExit) as stop:
+        sample.main(["df", "--model", "tiny-df", "--prompt", "a cat", "--out", str(tmp_path / "v.mp4")] + SMALL)
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and "pip install imageio-ffmpeg" in err, err
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_json_that_cannot_be_written_leaves_no_video_either(tmp_path, monkeypatch, capsys):
     def full_disk(*args, **kw):
         raise OSError(28, "No space left on device")

@@ -173,6 +173,39 @@ def test_block_causal_attention_hides_later_blocks(tiny_folders, frames):
     assert not torch.allclose(dit(x, t, context, fps=24)[:, :, :4], dit(y, t, context, fps=24)[:, :, :4])
 
 
+def test_the_flash_attention_4_path_hands_the_kernel_tokens_first_and_returns_heads_first(monkeypatch):
+    """flash-attn-4 takes (B, L, H, Dh); the model keeps (B, H, L, Dh). A stand-in kernel (SDPA, asserting its
+    layout) checks the transposes both ways, on the CPU."""
+    def kernel(q, k, v):
+        assert q.shape == (1, 10, 3, 128) and k.shape == v.shape == (1, 7, 3, 128)
+        return torch.nn.functional.scaled_dot_product_attention(*(a.transpose(1, 2) for a in (q, k, v))
+                                                                ).transpose(1, 2), None
+    monkeypatch.setattr(model, "FLASH", kernel)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 3, 10, 128, generator=g), torch.randn(1, 3, 7, 128, generator=g), \
+        torch.randn(1, 3, 7, 128, generator=g)
+    assert torch.equal(model.flash_attention(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+def test_flash_attention_4_is_taken_on_hopper_and_its_absence_is_one_line(monkeypatch, capsys):
+    import sys
+    import types
+
+    monkeypatch.setattr(model, "FLASH", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
+    skyreels.use_flash_attention_4(torch.device("cuda"))  # an A100: not tried, nothing said
+    assert model.FLASH is None and capsys.readouterr().err == ""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", None)  # not installed
+    skyreels.use_flash_attention_4(torch.device("cuda"))
+    err = capsys.readouterr().err
+    assert model.FLASH is None and len(err.splitlines()) == 1 and "flash-attn-4" in err, err
+    kernel = lambda q, k, v: None  # noqa: E731
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", types.SimpleNamespace(flash_attn_func=kernel))
+    skyreels.use_flash_attention_4(torch.device("cuda"))
+    assert model.FLASH is kernel and capsys.readouterr().err == ""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The CLIP vision tower
 
