@@ -322,13 +322,18 @@ def bench_offload_e2e(quick):
             torch.cuda.empty_cache() if DEV == "cuda" else None
 
 
-def bench_dit(quick):
-    log("== DiT forward, DF-1.3B, 25x68x120 latents (51,000 tokens), text 512, bf16")
-    ref, ours = build_dits()
+def dit_inputs():  # latents, per-frame timesteps and text for the 540P forward, and the generator that made them
     g = torch.Generator(DEV).manual_seed(0)
     x = torch.randn(LAT, device=DEV, generator=g).to(BF16)
     t = torch.randint(0, 1000, (1, 25), device=DEV, generator=g)
     ctx = torch.randn(1, 512, DF13B["text_dim"], device=DEV, generator=g).to(BF16)
+    return x, t, ctx, g
+
+
+def bench_dit(quick):
+    log("== DiT forward, DF-1.3B, 25x68x120 latents (51,000 tokens), text 512, bf16")
+    ref, ours = build_dits()
+    x, t, ctx, g = dit_inputs()
     flops = dit_flops()
     runs = 3 if quick else 5
 
@@ -468,10 +473,7 @@ def bench_fa4_dit(quick):
 
     log("== DiT forward: SDPA (cuDNN) vs flash-attn-4, DF-1.3B and DF-14B at 540P")
     ref, ours = build_dits()
-    g = torch.Generator(DEV).manual_seed(0)
-    x = torch.randn(LAT, device=DEV, generator=g).to(BF16)
-    t = torch.randint(0, 1000, (1, 25), device=DEV, generator=g)
-    ctx = torch.randn(1, 512, DF13B["text_dim"], device=DEV, generator=g).to(BF16)
+    x, t, ctx, g = dit_inputs()
     skyreels.use_flash_attention_4(torch.device(DEV))
     fa4 = M.FLASH
     sizes = {"DF-1.3B": (dit_flops(), None), "DF-14B": (dit_flops(51000, 5120, 13824, 512, 40), None)}
@@ -517,6 +519,26 @@ def bench_fa4_dit(quick):
                 for b in dit.blocks:
                     b.compile()
                 variants(name, dit, "+compile", (("FA4", fa4),) if name == "DF-14B" else (("SDPA", None), ("FA4", fa4)))
+
+
+def bench_fa4_e2e():
+    """DF-1.3B end to end at 540P (text, 10 steps with CFG, VAE decode), random weights at the official sizes: the
+    DiT's attention on SDPA, then through flash-attn-4 as load() sets it: time, GPU peak, and the videos' PSNR."""
+    import skyreels
+
+    log("== DF-1.3B end to end, 97 frames, 10 steps, CFG: SDPA vs flash-attn-4")
+    pipe, videos = random_pipeline(DF13B, False), {}
+    skyreels.use_flash_attention_4(torch.device(DEV))
+    fa4 = M.FLASH
+    for name, M.FLASH in (("SDPA", None), ("FA4", fa4)):
+        torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            tt, videos[name] = wall(lambda: pipe.generate("a cat", height=544, width=960, num_frames=97,
+                                                          base_num_frames=97, num_inference_steps=10, seed=0))
+        mse = float(((videos[name] - videos["SDPA"]) ** 2).mean())  # frames in [0, 1]
+        note = f"PSNR vs SDPA {10 * math.log10(1 / max(mse, 1e-20)):.1f} dB" if name == "FA4" else ""
+        row(f"DF-1.3B end to end [{name}]", None, f"{tt:.1f}s, GPU peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB",
+            note)
 
 
 def bench_vae(quick):
@@ -737,7 +759,7 @@ def main():
              "loop": lambda: bench_loop(args.quick), "stream": lambda: bench_stream(args.quick),
              "offload": lambda: bench_offload(args.quick), "14b": lambda: bench_14b(args.quick),
              "e2e": lambda: bench_offload_e2e(args.quick),
-             "fa4dit": lambda: bench_fa4_dit(args.quick),
+             "fa4dit": lambda: bench_fa4_dit(args.quick), "fa4e2e": bench_fa4_e2e,
              "fa4": bench_fa4, "budget": bench_budget}[part]()
         except Exception as e:  # noqa: BLE001  one failing part should not hide the others
             import traceback
