@@ -465,6 +465,30 @@ def bench_fa4():
             row(f"attn {heads} heads SDPA with FA4 registered", None, "failed", repr(e)[:300])
 
 
+def bench_fa4_tiles():
+    """flash-attn-4's SM90 forward at other tile shapes and flags than its default for head dim 128 (128x128,
+    P.V from registers, intra-warpgroup overlap), through its private _flash_attn_fwd: is the default the fastest?"""
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    log("== flash-attn-4 tile sweep: one attention layer, 51,000 tokens, head dim 128, bf16")
+    g = torch.Generator(DEV).manual_seed(0)
+    for heads in (12, 40):
+        q, k, v = (torch.randn(1, 51000, heads, 128, device=DEV, generator=g).to(BF16) for _ in range(3))
+        flops = 4 * 51000 * 51000 * 128 * heads
+        for tile_n in (128, 144, 160, 176, 192):
+            for rs in (True, False):
+                for overlap in (True, False):
+                    fn = lambda: _flash_attn_fwd(q, k, v, tile_mn=(128, tile_n), mma_pv_is_rs=rs,  # noqa: E731
+                                                 intra_wg_overlap=overlap)[0]
+                    try:
+                        ms = timed(fn, 1, 5) * 1e3
+                        row(f"attn {heads} heads, tile 128x{tile_n}, rs {rs}, overlap {overlap}", None, f"{ms:.2f}ms",
+                            f"{flops / ms / 1e9:.0f} TFLOP/s")
+                    except Exception as e:  # noqa: BLE001  tiles past the shared memory fail to launch
+                        row(f"attn {heads} heads, tile 128x{tile_n}, rs {rs}, overlap {overlap}", None, "failed",
+                            repr(e)[:80])
+
+
 def bench_fa4_dit(quick):
     """The DiT forward with its attention through flash-attn-4 (model.FLASH, as load() sets it on Hopper) against
     PyTorch's SDPA (cuDNN) and diffusers in the same run: DF-1.3B synchronous and causal blocks of 5 at 540P, then
@@ -760,6 +784,7 @@ def main():
              "offload": lambda: bench_offload(args.quick), "14b": lambda: bench_14b(args.quick),
              "e2e": lambda: bench_offload_e2e(args.quick),
              "fa4dit": lambda: bench_fa4_dit(args.quick), "fa4e2e": bench_fa4_e2e,
+             "fa4tiles": bench_fa4_tiles,
              "fa4": bench_fa4, "budget": bench_budget}[part]()
         except Exception as e:  # noqa: BLE001  one failing part should not hide the others
             import traceback
