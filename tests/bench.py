@@ -489,6 +489,27 @@ def bench_fa4_tiles():
                             repr(e)[:80])
 
 
+def bench_profile():
+    """Where the time of the compiled DF-1.3B synchronous forward goes (flash-attn-4 where installed): the CUDA
+    kernels of one forward, by total time."""
+    import skyreels
+    from torch.profiler import ProfilerActivity, profile
+
+    log("== CUDA profile: DF-1.3B synchronous forward at 540P, compiled blocks")
+    skyreels.use_flash_attention_4(torch.device(DEV))
+    dit = random_dit(DF13B)
+    for b in dit.blocks:
+        b.compile()
+    x, t, ctx, _ = dit_inputs()
+    with torch.no_grad():
+        fn = lambda: dit(x, t, ctx, fps=24)  # noqa: E731
+        row("DF-1.3B synchronous forward, compiled", None, f"{timed(fn, 2, 3):.3f}s", f"FLASH={M.FLASH is not None}")
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            sync()
+    log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70))
+
+
 def bench_fa4_dit(quick):
     """The DiT forward with its attention through flash-attn-4 (model.FLASH, as load() sets it on Hopper) against
     PyTorch's SDPA (cuDNN) and diffusers in the same run: DF-1.3B synchronous and causal blocks of 5 at 540P, then
@@ -784,7 +805,7 @@ def main():
              "offload": lambda: bench_offload(args.quick), "14b": lambda: bench_14b(args.quick),
              "e2e": lambda: bench_offload_e2e(args.quick),
              "fa4dit": lambda: bench_fa4_dit(args.quick), "fa4e2e": bench_fa4_e2e,
-             "fa4tiles": bench_fa4_tiles,
+             "fa4tiles": bench_fa4_tiles, "profile": bench_profile,
              "fa4": bench_fa4, "budget": bench_budget}[part]()
         except Exception as e:  # noqa: BLE001  one failing part should not hide the others
             import traceback
