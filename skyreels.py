@@ -821,8 +821,7 @@ class Pipeline:
             x = self.denoise_window(x, w, context, negative, guidance, sigmas, causal_block_size,
                                     addnoise_condition, fps, progress and (lambda i, d=done: progress(d + i, total)))
             done += len(w["matrix"])
-            if w["end"]:
-                x = x[:, :, :-1]
+            x = x[:, :, :w["size"]]  # without the last image's latent
             known = x[:, :, x.shape[2] - w["overlap"]:]  # the next window's prefix
             yield decode(x[:, :, w["new_from"]:])
 
