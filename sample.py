@@ -75,6 +75,8 @@ def parse_args(argv=None):
             add("--overlap-history", "--overlap_history", type=int, required=mode == "v2v",
                 help="frames each window continues (17 or 37); needed above --base-num-frames")
             add("--addnoise-condition", "--addnoise_condition", type=float, default=0, help="20: smoother joins")
+            add("--cache-budget", type=float, help="GiB for the asynchronous shortcuts' key/value cache (0: none; "
+                "default: what the GPU has free)")
         add("--fps", type=int, default=24, help="the mp4's" + (" and the model's (16 or 24)" * (kind == "df")))
         add("--dtype", choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
         add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1")
@@ -83,9 +85,6 @@ def parse_args(argv=None):
         add("--lora", action="append", type=lora_arg, metavar="PATH[:SCALE]", help="fold a LoRA into the DiT "
             "(repeatable; scale 1 by default)")
         add("--transformer", help="a one-file DiT (original Wan / ComfyUI or diffusers names) for the folder's")
-        if kind == "df":
-            add("--cache-budget", type=float, help="GiB for the asynchronous shortcuts' key/value cache (0: none; "
-                "default: what the GPU has free)")
         add("--out", "--outdir", default="video.mp4", help="the mp4 (in a folder: video.mp4 there)")
     return p.parse_args(argv)
 
@@ -215,10 +214,8 @@ def run(args, rank=0):
         height, width = image_size(a["image"], resolution) if "image" in a else RESOLUTIONS[resolution]
     paths = output_paths(args.out, [a.get("image"), a.get("last_image"), a.get("video")]) if rank == 0 else None
     dtype = DTYPES[a["dtype"]] if "dtype" in a else torch.float32 if device.type == "cpu" else torch.bfloat16
-    # The flags named as stream's arguments; stream's defaults for the rest.
-    settings = {k: v for k, v in a.items() if k not in ("mode", "model", "resolution", "dtype", "device", "offload",
-                                                        "compile", "out", "lora", "transformer", "cache_budget")}
-    settings.update(height=height, width=width, seed=a.get("seed", random.randrange(2**31)),
+    # check_settings takes the flags named as stream's arguments, and stream's defaults for the rest.
+    settings = dict(a, height=height, width=width, seed=a.get("seed", random.randrange(2**31)),
                     base_num_frames=a.get("base_num_frames", 121 if resolution == "720P" else 97))
     ffmpeg()
     model = args.model if args.model.startswith("tiny-") or os.path.isdir(args.model) else skyreels.download(args.model)
@@ -255,12 +252,11 @@ def write(chunks, out, sidecar, tmp, tmp_json, fps, record, new_from=0):
     import imageio.v2 as imageio
     import numpy as np
 
-    writer, written, stop = None, 0, None
+    writer = imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", quality=8, macro_block_size=1)
+    written, stop = 0, None
     try:
         for chunk in chunks:
             SIGNALS["defer"] = True  # imageio kills ffmpeg when interrupted while feeding it: the mp4 gets no index
-            if writer is None:
-                writer = imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", quality=8, macro_block_size=1)
             for frame in chunk:
                 writer.append_data((np.clip(frame, 0, 1) * 255).round().astype(np.uint8))
             written += len(chunk)
@@ -271,8 +267,7 @@ def write(chunks, out, sidecar, tmp, tmp_json, fps, record, new_from=0):
         stop = e
     SIGNALS["defer"] = True
     try:
-        if writer is not None:
-            writer.close()
+        writer.close()
         if written > new_from:
             if frames_in(tmp) != written:  # ffmpeg failed (a full disk, say), and imageio does not tell
                 raise OSError(f"writing {out} failed: ffmpeg did not finish a readable video (is the disk full?)")

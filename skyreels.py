@@ -13,16 +13,20 @@ import numbers
 import os
 import re
 import sys
+import tempfile
 
+import imageio.v2 as imageio
+import numpy as np
+import sentencepiece
 import torch
 import torch.distributed as dist
+from PIL import Image
 from safetensors import SafetensorError, safe_open
 
 import model
 import schedule
 import text
 import vae
-from model import KVCache
 
 
 class CheckpointError(Exception):
@@ -104,8 +108,7 @@ def place(module, device, dtype):
 
 def load_component(cls, config_cls, folder, dtype=torch.float32, device="cpu", single_file=None):
     """A component (model.DiT, model.CLIPVision, vae.VAE, text.UMT5Encoder) sized by `folder`'s config.json and
-    filled from its safetensors, strictly, or from `single_file`, one .safetensors DiT in our or the original naming.
-    Built on the meta device, so a bf16 UMT5-XXL (11 GB) never exists in float32 (see the module docstring)."""
+    filled from its safetensors, strictly, or from `single_file`, one .safetensors DiT in our or the original naming."""
     cfg = read_config(config_cls, os.path.join(folder, "config.json"))
     with torch.device("meta"):
         module = cls(cfg)
@@ -146,8 +149,7 @@ def load_weights(module, where, files, dtype, device, aliases=None):
                                           f"{tuple(expected[ours].shape)}")
                 if t.is_floating_point() != expected[ours].is_floating_point():
                     raise CheckpointError(f"{path}: {key} is {t.dtype}, but {expected[ours].dtype} belongs there")
-                to = param_dtype(module, ours, dtype)
-                state[ours] = t.to(device=device, dtype=to if t.is_floating_point() else t.dtype)
+                state[ours] = t.to(device, param_dtype(module, ours, dtype) if t.is_floating_point() else t.dtype)
         module.load_state_dict(state, strict=False, assign=True)
     return module
 
@@ -198,9 +200,7 @@ def canonical(key):
 
 def dit_names(dit):
     """{canonical name: our parameter name} in our naming and the original's (they never give a name two meanings)."""
-    names = {canonical(wan_name(k)): k for k in dit.state_dict()}
-    names.update({canonical(k): k for k in dit.state_dict()})
-    return names
+    return {canonical(name): k for k in dit.state_dict() for name in (wan_name(k), k)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -402,10 +402,6 @@ TINY_CORPUS = ["A cat and a dog baking a cake together in a kitchen.", "The came
 def tiny_pipeline(name, device, dtype):
     """tiny-t2v / tiny-i2v / tiny-df: random-weight tiny models built in memory, for a download-free smoke run and for
     stepping through the algorithm in a debugger. Their videos are noise."""
-    import tempfile
-
-    import sentencepiece
-
     kind = name[5:]
     spiece = os.path.join(tempfile.mkdtemp(), "spiece.model")
     sentencepiece.SentencePieceTrainer.train(
@@ -428,11 +424,9 @@ def tiny_pipeline(name, device, dtype):
                     place(model.DiT(dit), device, dtype).eval(), vae.VAE(vae.CONFIGS["tiny"]).to(device).eval(),
                     clip, preprocess, device, False)
 
+
 def to_pil(image, what):
     """A PIL RGB image from a PIL image, a path, or an (H, W, 3) array: uint8, or float in [0, 1]."""
-    from PIL import Image
-    import numpy as np
-
     if isinstance(image, (str, os.PathLike)):
         try:
             with Image.open(image) as im:  # PIL refuses decompression bombs (over 179 Mpixels) here
@@ -452,8 +446,6 @@ def to_pil(image, what):
 def read_video(video):
     """A list of PIL frames from a video file or a list (or array) of frames."""
     if isinstance(video, (str, os.PathLike)):
-        import imageio.v2 as imageio
-
         try:
             video = imageio.mimread(video, memtest=False)
         except (OSError, ValueError, RuntimeError) as e:
@@ -465,9 +457,6 @@ def read_video(video):
 
 def pixels(images, height, width):
     """PIL images -> (1, 3, F, H, W) float32 in [-1, 1], resized as diffusers' VideoProcessor does (Lanczos)."""
-    import numpy as np
-    from PIL import Image
-
     arrays = [np.asarray(im.resize((width, height), resample=Image.LANCZOS), dtype=np.float32) / 255.0 for im in images]
     return (2.0 * torch.from_numpy(np.stack(arrays)) - 1.0).permute(3, 0, 1, 2)[None]  # (1, 3, F, H, W)
 
@@ -570,9 +559,9 @@ MAX_TOKENS = 2**20  # a window's tokens: 9x a 720P window's (31x45x80), about wh
 
 
 def check_settings(kind, rope_max_seq_len, settings):
-    """Pipeline.stream's arguments (a dict; stream's defaults for those missing), checked before any work for a `kind`
-    checkpoint whose rotary table covers `rope_max_seq_len` positions a side: one ValueError naming the argument, or
-    the settings normalised (mode and defaults filled in, num_frames made 1 + 4k, images and video read as PIL)."""
+    """Pipeline.stream's arguments (a dict; stream's defaults for those missing, other keys ignored), checked before
+    any work for a `kind` checkpoint whose rotary table covers `rope_max_seq_len` positions a side: one ValueError
+    naming the argument, or the settings normalised (mode and defaults filled in, num_frames 1 + 4k, media as PIL)."""
     s = {k: settings.get(k, p.default) for k, p in inspect.signature(Pipeline.stream).parameters.items() if k != "self"}
     image, last_image, video = s["image"], s["last_image"], s["video"]
     mode = kind if kind != "df" else "df-i2v" if image is not None else "v2v" if video is not None else "df"
@@ -673,12 +662,8 @@ class Pipeline:
                  ar_step=0, causal_block_size=None, base_num_frames=97, overlap_history=None, addnoise_condition=0,
                  fps=24, max_sequence_length=512, output_type="np"):
         """float32 frames (F, H, W, 3) in [0, 1], or with output_type="latent" the final latents."""
-        args = {k: v for k, v in locals().items() if k != "self"}
-        if output_type == "latent":
-            return torch.cat(list(self.stream(**args)), dim=2)
-        import numpy as np
-
-        return np.concatenate(list(self.stream(**args)))
+        chunks = list(self.stream(**{k: v for k, v in locals().items() if k != "self"}))
+        return torch.cat(chunks, dim=2) if output_type == "latent" else np.concatenate(chunks)
 
     def stream(self, prompt, negative_prompt="", image=None, last_image=None, video=None, height=544, width=960,
                num_frames=97, num_inference_steps=None, guidance_scale=None, shift=None, generator=None, seed=None,
@@ -694,13 +679,14 @@ class Pipeline:
         if self.parallel is not None:
             check_ranks_agree(dict(s, progress=None), self.device)
         ts, sigmas = schedule.timesteps(s["num_inference_steps"], s["shift"])
-        job = {k: s[k] for k in ("mode", "prompt", "negative_prompt", "image", "last_image", "height", "width",
-                                 "generator", "max_sequence_length", "progress")}
-        job.update(sigmas=sigmas, guidance=s["guidance_scale"], latent=s["output_type"] == "latent")
+        images = [im for im in (s["image"], s["last_image"]) if im is not None]  # the first, and the last
+        job = {k: s[k] for k in ("mode", "prompt", "negative_prompt", "height", "width", "generator",
+                                 "max_sequence_length", "progress")}
+        job.update(images=images, sigmas=sigmas, guidance=s["guidance_scale"], latent=s["output_type"] == "latent")
         if self.kind != "df":
             return self.run_lockstep(num_frames=s["num_frames"], ts=ts, **job)
         windows = plan_windows(s["mode"], s["num_frames"], s["base_num_frames"], s["overlap_history"],
-                               s["causal_block_size"], s["ar_step"], ts, s["last_image"] is not None)
+                               s["causal_block_size"], s["ar_step"], ts, len(images) > 1)
         return self.run_diffusion_forcing(windows, s["causal_block_size"], s["addnoise_condition"], s["video"],
                                           s["fps"], **job)
 
@@ -752,8 +738,6 @@ class Pipeline:
         cache from piece to piece, so frames come out as soon as latents are final and match one whole decode."""
         if output_latent:
             return lambda z: z
-        import numpy as np
-
         stream = self.vae.decoder_stream()
 
         def decode(z):  # a latent frame at a time: the GPU holds four frames of video, not a window's
@@ -765,13 +749,13 @@ class Pipeline:
 
     # -- text- and image-to-video: every latent frame at the same timestep -------------------------------------------
 
-    def run_lockstep(self, mode, prompt, negative_prompt, image, last_image, height, width, num_frames, ts, sigmas,
-                     guidance, generator, max_sequence_length, latent, progress):
+    def run_lockstep(self, mode, prompt, negative_prompt, images, height, width, num_frames, ts, sigmas, guidance,
+                     generator, max_sequence_length, latent, progress):
         context, negative = self.encode_text(prompt, negative_prompt, guidance, max_sequence_length)
         extra = {}
         if mode == "i2v":  # neither draws random numbers: the noise is the same as without them
-            extra["image_context"] = self.encode_clip([image] if last_image is None else [image, last_image])
-            condition = self.i2v_condition(image, last_image, num_frames, height, width)
+            extra["image_context"] = self.encode_clip(images)
+            condition = self.i2v_condition(images, num_frames, height, width)
         num_latent = (num_frames - 1) // TEMPORAL + 1
         x = self.noise((1, 16, num_latent, height // SPATIAL, width // SPATIAL), generator)
         state = schedule.unipc_init(sigmas, num_latent)
@@ -791,26 +775,23 @@ class Pipeline:
         hidden = clip(pixels_.to(self.device, next(clip.parameters()).dtype))  # (N, 257, 1280)
         return hidden.reshape(1, -1, hidden.shape[-1]).to(self.transformer_dtype)  # first-last: both images' tokens
 
-    def i2v_condition(self, image, last_image, num_frames, height, width):
+    def i2v_condition(self, images, num_frames, height, width):
         """The 20 conditioning channels of an I2V DiT: a 4-channel mask of the known frames (one channel per video
         frame a latent frame covers; the first latent covers one frame, repeated 4 times) and the latents of the
-        video that is the image followed by zeros (and the last image at the end)."""
-        first = pixels([image], height, width)
-        blank = torch.zeros(1, 3, num_frames - 1 - (last_image is not None), height, width)
-        video = torch.cat([first, blank] + ([pixels([last_image], height, width)] if last_image is not None else []), 2)
+        video that is the first image, zeros, and the last image if given."""
+        video = torch.zeros(1, 3, num_frames, height, width)
+        video[:, :, [0, -1][:len(images)]] = pixels(images, height, width)
         latents = self.encode_video(video)
-        known = torch.zeros(num_frames, device=self.device)
-        known[0] = 1
-        if last_image is not None:
-            known[-1] = 1
-        known = torch.cat([known[:1].repeat(TEMPORAL - 1), known])  # (F + 3,): 4 mask slots per latent frame
-        mask = known.view(-1, TEMPORAL).T[None, :, :, None, None]  # (1, 4, F_lat, 1, 1)
-        return torch.cat([mask.expand(-1, -1, -1, *latents.shape[-2:]), latents], dim=1)
+        mask = torch.zeros(1, TEMPORAL, *latents.shape[2:], device=self.device)  # (1, 4, F_lat, h, w)
+        mask[:, :, 0] = 1
+        if len(images) > 1:
+            mask[:, -1, -1] = 1  # the last frame is the last latent frame's fourth
+        return torch.cat([mask, latents], dim=1)
 
     # -- diffusion forcing: one loop for text-, image- and video-conditioned generation -------------------------------
 
     def run_diffusion_forcing(self, windows, causal_block_size, addnoise_condition, video, fps, mode, prompt,
-                              negative_prompt, image, last_image, height, width, sigmas, guidance, generator,
+                              negative_prompt, images, height, width, sigmas, guidance, generator,
                               max_sequence_length, latent, progress):
         """Window by window (denoise_window): each window's first `prefix` latent frames are known (the image, the end
         of the input video, or the end of the previous window), the rest start as noise. Each window's new latents are
@@ -820,9 +801,8 @@ class Pipeline:
         dtype = self.transformer_dtype
         known = end = None
         if mode == "df-i2v":  # the first (and last) image, encoded as one-frame videos
-            images = [image] + ([last_image] if last_image is not None else [])
             cond = self.encode_video(torch.cat([pixels([im], height, width) for im in images]))
-            known, end = cond[:1], cond[1:] if last_image is not None else None
+            known, end = cond[:1], cond[1:]
         if mode == "v2v":
             video = pixels(video, height, width)
             if not latent:  # the input comes first, as in diffusers (whose latent output is the new latents only)
@@ -831,7 +811,7 @@ class Pipeline:
             start = video.shape[2] - windows[0]["history"]
             known = self.encode_video(video[:, :, start:start + (windows[0]["history"] - 1) // 4 * 4 + 1])
         done, total = 0, sum(len(w["matrix"]) for w in windows)  # steps, over all windows
-        for k, w in enumerate(windows):
+        for w in windows:
             x = self.noise((1, 16, w["size"], height // SPATIAL, width // SPATIAL), generator)
             p = w["prefix"]
             if p:
@@ -841,8 +821,7 @@ class Pipeline:
             x = self.denoise_window(x, w, context, negative, guidance, sigmas, causal_block_size,
                                     addnoise_condition, fps, progress and (lambda i, d=done: progress(d + i, total)))
             done += len(w["matrix"])
-            if w["end"]:
-                x = x[:, :, :-1]
+            x = x[:, :, :w["size"]]  # without the last image's latent
             known = x[:, :, x.shape[2] - w["overlap"]:]  # the next window's prefix
             yield decode(x[:, :, w["new_from"]:])
 
@@ -862,7 +841,7 @@ class Pipeline:
         shortcut = self.shortcuts and causal_block_size > 1
         limit = self.cache_frames(x, causal_block_size, negative is not None) if shortcut and not noised else 0
         layers = len(self.transformer.blocks)
-        caches = (KVCache(layers, limit), KVCache(layers, limit)) if limit else (None, None)
+        caches = (model.KVCache(layers, limit), model.KVCache(layers, limit)) if limit else (None, None)
         for i, (t, upd) in enumerate(zip(w["matrix"], w["update"])):
             lo, hi, keep = 0, x.shape[2], 0
             if shortcut:
