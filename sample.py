@@ -197,7 +197,7 @@ def join_ranks(args):
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(args.device)
     dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    seed = [getattr(args, "seed", None) or random.randrange(2**31)]
+    seed = [getattr(args, "seed", random.randrange(2**31))]  # --seed 0 is a seed
     dist.broadcast_object_list(seed, src=0)
     args.seed = seed[0]
     return dist

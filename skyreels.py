@@ -324,8 +324,9 @@ def use_flash_attention_4(device):
     try:
         from flash_attn.cute import flash_attn_func
     except Exception as e:  # noqa: BLE001  not installed, or installed without its CUDA libraries
-        print(f"note: attention runs on PyTorch SDPA; flash-attn-4 would be faster ({type(e).__name__}: {e})",
-              file=sys.stderr)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"note: attention runs on PyTorch SDPA; flash-attn-4 would be faster ({type(e).__name__}: {e})",
+                  file=sys.stderr)
         return
     model.FLASH = flash_attn_func
 
@@ -617,6 +618,9 @@ def check_settings(kind, rope_max_seq_len, settings):
     if max(grid) > rope_max_seq_len or math.prod(grid) > MAX_TOKENS:
         raise ValueError(f"height {s['height']} and width {s['width']} make a {'x'.join(map(str, grid))} token grid a "
                          f"window, beyond rope_max_seq_len {rope_max_seq_len} or {MAX_TOKENS} tokens: choose less")
+    if kind == "df":  # each window a whole number of causal blocks: planning says so, before the weights are read
+        plan_windows(mode, n, base, overlap, s["causal_block_size"], s["ar_step"],
+                     schedule.timesteps(s["num_inference_steps"], s["shift"])[0], last_image is not None)
     return s
 
 

@@ -113,11 +113,12 @@ def test_ranks_given_other_seeds_all_stop_with_the_same_error(launch):
 
 def test_torchrun_sample_writes_one_video_with_world_size(tmp_path):
     run = torchrun(2, "sample.py", "t2v", "--model", "tiny-t2v", "--prompt", "a cat", "--height", "32", "--width",
-                   "48", "--steps", "2", "--num-frames", "9", "--out", str(tmp_path / "v.mp4"))
+                   "48", "--steps", "2", "--num-frames", "9", "--seed", "0", "--out", str(tmp_path / "v.mp4"))
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split() == [str(tmp_path / "v.mp4")]  # rank 0 alone reports
     assert sorted(os.listdir(tmp_path)) == ["v.json", "v.mp4"]
-    assert json.load(open(tmp_path / "v.json"))["world_size"] == 2
+    record = json.load(open(tmp_path / "v.json"))
+    assert record["world_size"] == 2 and record["seed"] == 0  # --seed 0 is a seed, not "none given"
 
 
 def test_a_bad_input_ends_every_rank_with_one_line(tmp_path):
