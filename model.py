@@ -12,7 +12,6 @@ the meta device and filled from the checkpoint, so nothing here registers buffer
 """
 import dataclasses
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,10 +25,6 @@ def gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
 
-def quick_gelu(x):
-    return x * torch.sigmoid(1.702 * x)
-
-
 def fields_from(cls, config):
     """Dataclass cls from a config.json dict; keys that are not its fields (class names, versions) are ignored."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -40,7 +35,7 @@ def fields_from(cls, config):
 # The DiT
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class DiTConfig:
     # Defaults are diffusers' SkyReelsV2Transformer3DModel defaults, so a config.json that omits a key means the same.
     patch_size: tuple = (1, 2, 2)
@@ -53,7 +48,6 @@ class DiTConfig:
     ffn_dim: int = 8192
     num_layers: int = 32
     cross_attn_norm: bool = True
-    qk_norm: str = "rms_norm_across_heads"  # every checkpoint; diffusers builds the q, k RMS norms whatever it says
     eps: float = 1e-6
     image_dim: int | None = None  # I2V: width of the CLIP image tokens
     added_kv_proj_dim: int | None = None  # I2V: input width of the image key/value projections
@@ -61,9 +55,7 @@ class DiTConfig:
     pos_embed_seq_len: int | None = None  # first-last frame: tokens of the two images together
     inject_sample_info: bool = False  # DF: fps conditioning
 
-    @classmethod
-    def from_config(cls, config):
-        return fields_from(cls, config)
+    from_config = classmethod(fields_from)
 
     @property
     def dim(self):
@@ -91,8 +83,7 @@ class LayerNorm32(nn.LayerNorm):
 
 
 class MLP(nn.Module):
-    """Linear, activation, Linear, under the names of diffusers' FeedForward (net.0.proj, net.2; net.1 was a
-    dropout)."""
+    """Linear, activation, Linear, under diffusers' FeedForward names (net.0.proj, net.2; net.1 was a dropout)."""
 
     def __init__(self, dim_in, hidden, dim_out, act):
         super().__init__()
@@ -128,13 +119,12 @@ def rope_tables(head_dim, f, h, w, device, theta=10000.0):
     split in a height and a width part of 2*(head_dim//6) channels each and a frame part of the rest; each part
     rotates its channel pairs by its own axis position."""
     hw_dim = 2 * (head_dim // 6)
+    pos = torch.meshgrid(*(torch.arange(n, dtype=torch.float64, device=device) for n in (f, h, w)), indexing="ij")
     angles = []
-    for n, d in ((f, head_dim - 2 * hw_dim), (h, hw_dim), (w, hw_dim)):
+    for p, d in zip(pos, (head_dim - 2 * hw_dim, hw_dim, hw_dim)):  # p (f, h, w): each token's position on an axis
         freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
-        angles.append(torch.arange(n, dtype=torch.float64, device=device)[:, None] * freqs)  # (n, d/2)
-    grid = torch.cat([angles[0][:, None, None].expand(f, h, w, -1), angles[1][None, :, None].expand(f, h, w, -1),
-                      angles[2][None, None, :].expand(f, h, w, -1)], dim=-1)  # (f, h, w, head_dim/2)
-    grid = grid.flatten(0, 2)  # (f*h*w, head_dim/2), tokens in (frame, row, column) order
+        angles.append(p[..., None] * freqs)  # (f, h, w, d/2)
+    grid = torch.cat(angles, dim=-1).flatten(0, 2)  # (f*h*w, head_dim/2), tokens in (frame, row, column) order
     return grid.cos().float(), grid.sin().float()
 
 
@@ -202,7 +192,7 @@ def extend_cache(kv, k, v, keep, capacity):
     return torch.cat([kv["k"][:, :, :n], k], dim=2), torch.cat([kv["v"][:, :, :n], v], dim=2)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class SequenceParallel:
     """Ulysses sequence parallelism: the N ranks of a torch.distributed `group` share one forward pass. Each rank
     holds 1/N of the token rows of every latent frame (the rows padded to a multiple of N), so the per-frame
@@ -264,8 +254,7 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None, image_context=None, rope=None, causal_block_tokens=0, kv=None, keep=0,
                 capacity=0, parallel=None):
-        """kv: this layer's KVCache entry (self-attention) of `capacity` tokens; its keys and values go before x's,
-        and the first `keep` tokens of x join them. parallel: a SequenceParallel (self-attention over token shards)."""
+        """kv, keep, capacity: see extend_cache. parallel: a SequenceParallel (self-attention over token shards)."""
         source = x if context is None else context
         q = self.split_heads(self.norm_q(self.to_q(x)))
         k = self.split_heads(self.norm_k(self.to_k(source)))
@@ -276,10 +265,7 @@ class Attention(nn.Module):
             q, k, v = parallel.to_heads(torch.stack([q, k, v])).unbind(0)
         if kv is not None:
             k, v = extend_cache(kv, k, v, keep, capacity)
-        if causal_block_tokens:
-            out = block_causal_attention(q, k, v, causal_block_tokens)
-        else:
-            out = attention(q, k, v)
+        out = block_causal_attention(q, k, v, causal_block_tokens) if causal_block_tokens else attention(q, k, v)
         if parallel is not None:
             out = parallel.to_tokens(out, self.heads)
         if image_context is not None:
@@ -315,8 +301,7 @@ class Block(nn.Module):
         self.ffn = MLP(dim, cfg.ffn_dim, dim, gelu_tanh)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, context, image_context, mod, rope, causal_block_tokens, kv=None, keep=0, capacity=0,
-                parallel=None):
+    def forward(self, x, context, image_context, mod, rope, causal_block_tokens, kv, keep, capacity, parallel):
         """x (B, L, D); mod (B, G, 1, 6, D) float32, the timestep modulation of each frame group."""
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + mod).unbind(-2)  # (B, G, 1, D)
         y = self.attn1(modulate(self.norm1, x, shift, scale), rope=rope, causal_block_tokens=causal_block_tokens,
@@ -335,9 +320,8 @@ class ImageEmbedder(nn.Module):
         self.norm1 = LayerNorm32(image_dim)
         self.ff = MLP(image_dim, image_dim, dim, F.gelu)
         self.norm2 = LayerNorm32(dim)
-        self.pos_embed = None
-        if pos_embed_seq_len is not None:
-            self.pos_embed = nn.Parameter(torch.zeros(1, pos_embed_seq_len, image_dim))
+        self.pos_embed = (None if pos_embed_seq_len is None
+                          else nn.Parameter(torch.zeros(1, pos_embed_seq_len, image_dim)))
 
     def forward(self, x):
         if self.pos_embed is not None:
@@ -346,17 +330,6 @@ class ImageEmbedder(nn.Module):
                                  f"and last images' CLIP tokens, concatenated), got {x.shape[1]}")
             x = x + self.pos_embed
         return self.norm2(self.ff(self.norm1(x)))
-
-
-class ConditionEmbedder(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.time_embedder = TwoLinear(cfg.freq_dim, cfg.dim, F.silu)
-        self.time_proj = nn.Linear(cfg.dim, 6 * cfg.dim)
-        self.text_embedder = TwoLinear(cfg.text_dim, cfg.dim, gelu_tanh)
-        self.image_embedder = None
-        if cfg.image_dim is not None:
-            self.image_embedder = ImageEmbedder(cfg.image_dim, cfg.dim, cfg.pos_embed_seq_len)
 
 
 class DiT(nn.Module):
@@ -372,7 +345,11 @@ class DiT(nn.Module):
         self.config = cfg
         dim = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_channels, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.condition_embedder = ConditionEmbedder(cfg)
+        te = self.condition_embedder = nn.Module()  # a plain container that gives the checkpoint's key prefix
+        te.time_embedder = TwoLinear(cfg.freq_dim, dim, F.silu)
+        te.time_proj = nn.Linear(dim, 6 * dim)
+        te.text_embedder = TwoLinear(cfg.text_dim, dim, gelu_tanh)
+        te.image_embedder = None if cfg.image_dim is None else ImageEmbedder(cfg.image_dim, dim, cfg.pos_embed_seq_len)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
         self.norm_out = LayerNorm32(dim, cfg.eps, elementwise_affine=False)
         self.proj_out = nn.Linear(dim, cfg.out_channels * math.prod(cfg.patch_size))
@@ -382,15 +359,7 @@ class DiT(nn.Module):
             self.fps_projection = MLP(dim, dim, 6 * dim, F.silu)
         # Some Wan-family checkpoints carry an unused query norm for the image tokens; diffusers skips it too.
         self.ignored_keys = tuple(f"blocks.{i}.attn2.norm_added_q." for i in range(cfg.num_layers))
-        self.rope_cache = {}  # (f, h, w, device) -> (cos, sin): the same grid recurs every step
-
-    def rope(self, f, h, w, device):
-        if max(f, h, w) > self.config.rope_max_seq_len:
-            raise ValueError(f"a {f}x{h}x{w} token grid exceeds rope_max_seq_len {self.config.rope_max_seq_len}")
-        key = (f, h, w, str(device))
-        if key not in self.rope_cache:
-            self.rope_cache[key] = rope_tables(self.config.attention_head_dim, f, h, w, device)
-        return self.rope_cache[key]
+        self.rope_cache = {}  # (f, h, w, device) -> (cos, sin)
 
     def forward(self, x, t, context, image_context=None, fps=None, causal_block_size=1, cache=None, keep=0,
                 parallel=None):
@@ -416,9 +385,8 @@ class DiT(nn.Module):
         t = t.to(x.device).reshape(B, -1)  # (B, G): G = 1 group of frames, or G = f groups of one frame each
         if t.shape[1] not in (1, f):
             raise ValueError(f"t must hold one timestep per sample or per latent frame ({f}), got {t.shape[1]}")
-        temb = te.time_embedder(timestep_embedding(t, cfg.freq_dim).float())  # (B, G, D) float32
-        # The reference rounds the time embedding to the model dtype here; the projection runs in that dtype.
-        temb = temb.to(dtype)
+        # The reference rounds the float32 time embedding (B, G, D) to the model dtype, in which the projection runs.
+        temb = te.time_embedder(timestep_embedding(t, cfg.freq_dim).float()).to(dtype)
         e = te.time_proj(F.silu(temb)).unflatten(-1, (6, -1))  # (B, G, 6, D)
         if cfg.inject_sample_info:
             index = torch.full((B,), 0 if fps == 16 else 1, device=x.device)
@@ -433,8 +401,12 @@ class DiT(nn.Module):
                                  or before + keep > cache.limit):
             raise ValueError("a KVCache holds whole blocks of block-causal attention (causal_block_size > 1), up to "
                              "its limit")
-        cos, sin = self.rope(before + f, h, w, x.device)
-        rope = cos[before * h * w:], sin[before * h * w:]
+        if max(before + f, h, w) > cfg.rope_max_seq_len:
+            raise ValueError(f"a {before + f}x{h}x{w} token grid exceeds rope_max_seq_len {cfg.rope_max_seq_len}")
+        grid = (before + f, h, w, x.device)
+        if grid not in self.rope_cache:  # the same grid recurs at every step
+            self.rope_cache[grid] = rope_tables(cfg.attention_head_dim, *grid)
+        rope = [table[before * h * w:] for table in self.rope_cache[grid]]
         block_tokens = causal_block_size * h * w if causal_block_size > 1 else 0
         if parallel is not None:  # from here to proj_out this rank holds its rows of every frame
             parallel, rank = dataclasses.replace(parallel, grid=(f, h, w)), dist.get_rank(parallel.group)
@@ -457,10 +429,10 @@ class DiT(nn.Module):
 # The CLIP vision tower (image-to-video checkpoints)
 
 
-CLIP_ACTS = {"gelu": F.gelu, "quick_gelu": quick_gelu}
+CLIP_ACTS = {"gelu": F.gelu, "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class CLIPVisionConfig:
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -472,9 +444,7 @@ class CLIPVisionConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
 
-    @classmethod
-    def from_config(cls, config):
-        return fields_from(cls, config)
+    from_config = classmethod(fields_from)
 
     def __post_init__(self):
         if self.hidden_act not in CLIP_ACTS:
@@ -495,9 +465,8 @@ class CLIPLayer(nn.Module):
         d = cfg.hidden_size
         self.heads, self.act = cfg.num_attention_heads, CLIP_ACTS[cfg.hidden_act]
         self.layer_norm1 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
-        self.self_attn = nn.Module()
-        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            setattr(self.self_attn, name, nn.Linear(d, d))
+        a = self.self_attn = nn.Module()
+        a.q_proj, a.k_proj, a.v_proj, a.out_proj = (nn.Linear(d, d) for _ in range(4))
         self.layer_norm2 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.mlp = nn.Module()
         self.mlp.fc1, self.mlp.fc2 = nn.Linear(d, cfg.intermediate_size), nn.Linear(cfg.intermediate_size, d)

@@ -121,21 +121,20 @@ def _uni_bh2(x, m0, m1, sigma_t, sigma_s0, sigma_s1, order, model_t=None):
     h = _log_snr(sigma_t) - lam_s0
     rk = torch.where(second, (_log_snr(sigma_s1) - lam_s0) / h, -1.0)  # -1: any harmless value for order 1
     hh = -h  # the x0 parameterisation integrates in -lambda
-    h_phi_1 = torch.expm1(hh)
-    b_h = h_phi_1  # bh2: B(h) = e^h - 1
+    h_phi_1 = torch.expm1(hh)  # e^hh - 1, which bh2 also takes as B(h)
     d1 = (m1 - m0) / _per_frame(rk)
     x_t = _per_frame(sigma_t / sigma_s0) * x - _per_frame((1 - sigma_t) * h_phi_1) * m0
     if model_t is None:  # UniP-2 uses the fixed weight 1/2 on the first difference
         res = _per_frame(torch.where(second, 0.5, 0.0)) * d1
     else:  # UniC-2 weights solve R rho = b, R = [[1, 1], [rk, 1]], as diffusers does (bit-identical); UniC-1: 1/2
         phi_2 = h_phi_1 / hh - 1
-        b = torch.stack([phi_2 / b_h, (phi_2 / hh - 0.5) * 2 / b_h], dim=-1)  # (f, 2)
+        b = torch.stack([phi_2 / h_phi_1, (phi_2 / hh - 0.5) * 2 / h_phi_1], dim=-1)  # (f, 2)
         R = torch.ones(len(rk), 2, 2, dtype=rk.dtype, device=rk.device)
         R[:, 1, 0] = rk
         rho = torch.linalg.solve(R, b)  # (f, 2)
         rho_1, rho_t = torch.where(second, rho[:, 0], 0.0), torch.where(second, rho[:, 1], 0.5)
         res = _per_frame(rho_1) * d1 + _per_frame(rho_t) * (model_t - m0)
-    return x_t - _per_frame((1 - sigma_t) * b_h) * res
+    return x_t - _per_frame((1 - sigma_t) * h_phi_1) * res
 
 
 def unipc_step(state, model_output, latents, update):
@@ -165,6 +164,4 @@ def unipc_step(state, model_output, latents, update):
         x = torch.where(_per_frame(k == 0), x_next, x)
     state.x0_prev[:, :, f], state.x0[:, :, f], state.last_sample[:, :, f] = m0, x0, x
     state.step[f] += 1
-    out = latents.clone()
-    out[:, :, f] = x_next.to(latents.dtype)
-    return out
+    return latents.index_copy(2, f.to(latents.device), x_next.to(latents.dtype))  # the other frames as they were

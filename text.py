@@ -147,9 +147,7 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         inner = cfg.num_heads * cfg.d_kv
-        self.q = nn.Linear(cfg.d_model, inner, bias=False)
-        self.k = nn.Linear(cfg.d_model, inner, bias=False)
-        self.v = nn.Linear(cfg.d_model, inner, bias=False)
+        self.q, self.k, self.v = (nn.Linear(cfg.d_model, inner, bias=False) for _ in range(3))
         self.o = nn.Linear(inner, cfg.d_model, bias=False)
         # UMT5 learns a position bias in every layer (T5 shares the first layer's).
         self.relative_attention_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
@@ -176,41 +174,28 @@ def gelu_tanh(x):
 class GatedFeedForward(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.wi_0 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wi_0, self.wi_1 = (nn.Linear(cfg.d_model, cfg.d_ff, bias=False) for _ in range(2))
         self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x):
         return self.wo(gelu_tanh(self.wi_0(x)) * self.wi_1(x))
 
 
-class AttentionLayer(nn.Module):  # layer.0
-    def __init__(self, cfg):
-        super().__init__()
-        self.SelfAttention = Attention(cfg)
-        self.layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-
-    def forward(self, x, buckets, keep):
-        return x + self.SelfAttention(self.layer_norm(x), buckets, keep)
-
-
-class FeedForwardLayer(nn.Module):  # layer.1
-    def __init__(self, cfg):
-        super().__init__()
-        self.DenseReluDense = GatedFeedForward(cfg)
-        self.layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-
-    def forward(self, x):
-        return x + self.DenseReluDense(self.layer_norm(x))
-
-
 class Block(nn.Module):
+    """Pre-norm residual self-attention, then feed-forward, in plain containers named as the checkpoint's layers."""
+
     def __init__(self, cfg):
         super().__init__()
-        self.layer = nn.ModuleList([AttentionLayer(cfg), FeedForwardLayer(cfg)])
+        self.layer = nn.ModuleList([nn.Module(), nn.Module()])
+        self.layer[0].SelfAttention = Attention(cfg)
+        self.layer[0].layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.layer[1].DenseReluDense = GatedFeedForward(cfg)
+        self.layer[1].layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
 
     def forward(self, x, buckets, keep):
-        return self.layer[1](self.layer[0](x, buckets, keep))
+        attn, ff = self.layer
+        x = x + attn.SelfAttention(attn.layer_norm(x), buckets, keep)
+        return x + ff.DenseReluDense(ff.layer_norm(x))
 
 
 class UMT5Encoder(nn.Module):
@@ -238,12 +223,11 @@ class UMT5Encoder(nn.Module):
         keep = mask.to(device).bool()
         x = self.shared(ids.to(home)).to(device)
         for layer in list(self.encoder["block"]) + [self.encoder["final_layer_norm"]]:
-            saved = [p.data for p in layer.parameters()] if stream is not None else None
-            layer.to(device)
+            saved = [p.data for p in layer.parameters()]
+            layer.to(device)  # without stream, already there
             x = layer(x, buckets, keep) if isinstance(layer, Block) else layer(x)
-            if saved:  # back to the copy that never left: nothing to copy back
-                for p, data in zip(layer.parameters(), saved):
-                    p.data = data
+            for p, data in zip(layer.parameters(), saved):  # back to the copy that never left: nothing to copy back
+                p.data = data
         return x
 
 

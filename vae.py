@@ -115,12 +115,10 @@ def upsample_conv(x, conv):
 
 
 class Resample(nn.Module):
-    """2x up- or downsampling in space, and for the '3d' modes also in time.
-
-    In space, a frame at a time. In time, the upsampler turns each frame into two with a causal
-    convolution (except a video's first frame, which stays one); the downsampler convolves with stride 2 over the
-    previous chunk's last frame and this chunk (except a video's first chunk, which passes through).
-    """
+    """2x up- or downsampling in space, a frame at a time, and for the '3d' modes also in time: the upsampler turns
+    each frame into two with a causal convolution (except a video's first frame, which stays one); the downsampler
+    convolves with stride 2 over the previous chunk's last frame and this chunk (except a video's first chunk, which
+    passes through)."""
 
     def __init__(self, dim, mode):
         super().__init__()
@@ -149,13 +147,12 @@ class Resample(nn.Module):
         if self.mode == "upsample3d" and self.time_conv in cache:
             x = self.time_conv(x, cache)  # (B, 2C, T, H, W): each frame's two output frames, stacked in channels
             frames = [pair for frame in x.unbind(2) for pair in frame.chunk(2, dim=1)]  # (B, C, H, W), in time order
-        else:
-            if self.mode == "upsample3d":
-                # A video's first frame stays one frame, and (as in the official VAE) is not the past of the next
-                # one either: the time conv starts on zeros.
-                cache[self.time_conv] = []
-            frames = x.unbind(2)
-        return [upsample_conv(frame, self.resample[1]) for frame in frames]
+            return [upsample_conv(frame, self.resample[1]) for frame in frames]
+        if self.mode == "upsample3d":
+            # A video's first frame stays one frame, and (as in the official VAE) is not the past of the next one
+            # either: the time conv starts on zeros.
+            cache[self.time_conv] = []
+        return [upsample_conv(frame, self.resample[1]) for frame in x.unbind(2)]
 
 
 class ResidualBlock(nn.Module):
@@ -321,14 +318,12 @@ class VAE(nn.Module):
         if latents.ndim != 5 or latents.shape[1] != self.cfg.z_dim:
             raise ValueError(f"decode expects latents of shape (B, {self.cfg.z_dim}, T, h, w), "
                              f"got {tuple(latents.shape)}")
+        frames = self.temporal * latents.shape[2] - (self.temporal - 1) * (not cache)  # a video's first: one frame
         cache = {} if cache is None else cache
-        scale, first = 2 ** sum(self.cfg.temperal_downsample), not cache
         x = self.post_quant_conv(latents)
-        out, at = None, 0
+        out, at = x.new_empty(x.shape[0], 3, frames, self.spatial * x.shape[3], self.spatial * x.shape[4]), 0
         for t in range(x.shape[2]):  # written into one preallocated video: a list then torch.cat would hold it twice
             y = self.decoder(x[:, :, t:t + 1], cache).clamp_(-1, 1)
-            if out is None:
-                out = y.new_empty(y.shape[:2] + (scale * x.shape[2] - (scale - 1) * first,) + y.shape[3:])
             out[:, :, at:at + y.shape[2]] = y
             at += y.shape[2]
         return out
@@ -342,10 +337,9 @@ class VAE(nn.Module):
     # cast to z's dtype, then the reciprocal of std; multiply to normalise, divide to undo): rounding shows at 1e-5.
 
     def latent_stats(self, z):
-        shape = (1, self.cfg.z_dim, 1, 1, 1)
-        mean = torch.tensor(self.cfg.latents_mean, dtype=torch.float32).view(shape).to(z.device, z.dtype)
-        inv_std = 1.0 / torch.tensor(self.cfg.latents_std, dtype=torch.float32).view(shape).to(z.device, z.dtype)
-        return mean, inv_std
+        mean, std = (torch.tensor(s, dtype=torch.float32).view(1, self.cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
+                     for s in (self.cfg.latents_mean, self.cfg.latents_std))
+        return mean, 1.0 / std
 
     def normalize(self, z):
         """Encoder latents -> what the DiT sees."""
