@@ -51,7 +51,7 @@ def parse_args(argv=None):
             "(owner/name), or tiny-t2v / tiny-i2v / tiny-df")
         add("--prompt", required=True, help="what the video shows")
         add("--negative-prompt", "--negative_prompt", help="what it should not show")
-        if mode in ("i2v", "df-i2v"):
+        if "i2v" in mode:
             add("--image", required=True, help="the first frame")
             add("--last-image", "--end_image", "--last_image", help="the last frame")
         if mode == "v2v":
@@ -113,7 +113,8 @@ def output_paths(out, inputs):
     if not out.lower().endswith(".mp4"):
         raise ValueError(f"--out must name an .mp4 file: {out}")
     sidecar, folder = out[:-4] + ".json", os.path.dirname(os.path.abspath(out))
-    tmp, tmp_json = (os.path.join(folder, f".sample-{os.getpid()}{ext}") for ext in (".mp4", ".json"))
+    tmp = os.path.join(folder, f".sample-{os.getpid()}.mp4")  # short: out's own name may be at the length limit
+    tmp_json = tmp[:-4] + ".json"
     if not os.path.isdir(folder):
         raise ValueError(f"cannot write {out}: {folder} {'is a file' if os.path.exists(folder) else 'does not exist'}")
     if os.path.isdir(sidecar) or len(os.path.basename(sidecar).encode()) > 255:
@@ -230,8 +231,8 @@ def run(args, rank=0):
         raise ValueError(f"--cache-budget must be a finite number of GiB >= 0, got {budget}")
     record = dict(mode=args.mode, model=args.model, dtype=str(dtype).replace("torch.", ""), loras=a.get("lora", []),
                   transformer=a.get("transformer"), world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    record.update({k: a.get(k) if k in ("image", "last_image", "video") else v for k, v in checked.items()
-                   if k not in ("generator", "progress")})  # the numbers as made; the files as named
+    record.update(checked, image=a.get("image"), last_image=a.get("last_image"), video=a.get("video"))  # as named
+    del record["generator"], record["progress"]
     pipe = skyreels.load(model, device=device, dtype=dtype, offload="offload" in a, compile="compile" in a,
                          loras=a.get("lora", []), transformer=a.get("transformer"))
     pipe.cache_budget = None if budget is None else int(budget * 2**30)
@@ -295,10 +296,10 @@ def ffmpeg():  # the mp4s are read and written by imageio-ffmpeg's binary: witho
 
 
 def frames_in(path):  # the frames an mp4 holds as ffmpeg decodes it (out of Ctrl-C's reach); 0 if it cannot
-    run = subprocess.run([ffmpeg(), "-i", path, "-map", "0:v:0", "-f", "null", "-"],
-                         capture_output=True, text=True, start_new_session=True)
-    counts = re.findall(r"frame=\s*(\d+)", run.stderr)
-    return int(counts[-1]) if run.returncode == 0 and counts else 0
+    decoded = subprocess.run([ffmpeg(), "-i", path, "-map", "0:v:0", "-f", "null", "-"],
+                             capture_output=True, text=True, start_new_session=True)
+    counts = re.findall(r"frame=\s*(\d+)", decoded.stderr)
+    return int(counts[-1]) if decoded.returncode == 0 and counts else 0
 
 
 if __name__ == "__main__":

@@ -82,15 +82,14 @@ class Tokenizer:
 
     def __init__(self, path):
         self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
-        self.pad_id, self.eos_id = self.sp.pad_id(), self.sp.eos_id()
-        self.specials = {self.sp.id_to_piece(i): i for i in (self.pad_id, self.eos_id, self.sp.unk_id())}
+        self.specials = {self.sp.id_to_piece(i): i for i in (self.sp.pad_id(), self.sp.eos_id(), self.sp.unk_id())}
         self.special_text = re.compile("(" + "|".join(map(re.escape, self.specials)) + ")")
 
     def encode(self, text):
         """Token ids of one cleaned prompt, without </s>."""
         ids = []
-        for i, part in enumerate(self.special_text.split(text)):  # odd parts are the special tokens matched
-            ids += [self.specials[part]] if i % 2 else self.sp.encode(part)
+        for part in self.special_text.split(text):  # the special tokens' text, and the text between them
+            ids += [self.specials[part]] if part in self.specials else self.sp.encode(part)
         return ids
 
     def __call__(self, prompts, max_length=512):
@@ -100,10 +99,10 @@ class Tokenizer:
             raise ValueError("prompts must be a string or a non-empty list of strings")
         if not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
-        ids = torch.full((len(prompts), max_length), self.pad_id, dtype=torch.long)
+        ids = torch.full((len(prompts), max_length), self.sp.pad_id(), dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, prompt in enumerate(prompts):
-            tokens = self.encode(clean_prompt(prompt))[: max_length - 1] + [self.eos_id]
+            tokens = self.encode(clean_prompt(prompt))[: max_length - 1] + [self.sp.eos_id()]
             ids[row, : len(tokens)] = torch.tensor(tokens)
             mask[row, : len(tokens)] = 1
         return ids, mask

@@ -79,8 +79,9 @@ class CausalConv3d(nn.Conv3d):
                 cache[self] = past[-self.past:]
             else:
                 sums = cache.setdefault(self, [])  # sums[k]: the terms so far of the output frame k frames ahead
-                for k in range(self.past + 1):
-                    sums[k:k + 1] = [sums[k].add_(self.tap(frame, k)) if k < len(sums) else self.tap(frame, k)]
+                for k in range(len(sums)):  # this frame's term of the outputs already begun...
+                    sums[k].add_(self.tap(frame, k))
+                sums += [self.tap(frame, k) for k in range(len(sums), self.past + 1)]  # ...and of the ones it begins
                 out.append(sums.pop(0))
         return out[0].unsqueeze(2) if len(out) == 1 else torch.stack(out, dim=2)  # no copy for one frame
 
@@ -144,15 +145,15 @@ class Resample(nn.Module):
 
     def frames(self, x, cache):
         """Upsampling: (B, C, T, H, W) -> a list of (B, C/2, 2H, 2W) frames, each made alone (to be freed alone)."""
+        frames = x.unbind(2)  # (B, C, H, W)
         if self.mode == "upsample3d" and self.time_conv in cache:
             x = self.time_conv(x, cache)  # (B, 2C, T, H, W): each frame's two output frames, stacked in channels
             frames = [pair for frame in x.unbind(2) for pair in frame.chunk(2, dim=1)]  # (B, C, H, W), in time order
-            return [upsample_conv(frame, self.resample[1]) for frame in frames]
-        if self.mode == "upsample3d":
+        elif self.mode == "upsample3d":
             # A video's first frame stays one frame, and (as in the official VAE) is not the past of the next one
             # either: the time conv starts on zeros.
             cache[self.time_conv] = []
-        return [upsample_conv(frame, self.resample[1]) for frame in x.unbind(2)]
+        return [upsample_conv(frame, self.resample[1]) for frame in frames]
 
 
 class ResidualBlock(nn.Module):
@@ -266,12 +267,12 @@ class Decoder(nn.Module):
     def upsample(self, x, i, cache):
         """Up blocks i, i+1, ... and the head, depth first: each frame block i makes goes all the way to pixels
         before the next starts (exact: every layer is causal and cached), so one full-size frame is alive at a time."""
-        if i == len(self.up_blocks):
-            return self.conv_out(F.silu(self.norm_out(x), inplace=True), cache)
         block = self.up_blocks[i]
         for layer in block.resnets:  # not block(x): a module call holds x until it returns
             x = layer(x, cache)
-        frames, out = block.upsamplers[0].frames(x, cache) if block.upsamplers else [x[:, :, 0]], []
+        if not block.upsamplers:  # the last block
+            return self.conv_out(F.silu(self.norm_out(x), inplace=True), cache)
+        frames, out = block.upsamplers[0].frames(x, cache), []
         del x
         while frames:  # popped, so that each frame is freed as soon as the next block is done with it
             out.append(self.upsample(frames.pop(0).unsqueeze(2), i + 1, cache))
@@ -337,16 +338,15 @@ class VAE(nn.Module):
     # cast to z's dtype, then the reciprocal of std; multiply to normalise, divide to undo): rounding shows at 1e-5.
 
     def latent_stats(self, z):
-        mean, std = (torch.tensor(s, dtype=torch.float32).view(1, self.cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
-                     for s in (self.cfg.latents_mean, self.cfg.latents_std))
+        shape = (1, self.cfg.z_dim, 1, 1, 1)
+        mean = torch.tensor(self.cfg.latents_mean, dtype=torch.float32).view(shape).to(z.device, z.dtype)
+        std = torch.tensor(self.cfg.latents_std, dtype=torch.float32).view(shape).to(z.device, z.dtype)
         return mean, 1.0 / std
 
-    def normalize(self, z):
-        """Encoder latents -> what the DiT sees."""
+    def normalize(self, z):  # encoder latents -> what the DiT sees
         mean, inv_std = self.latent_stats(z)
         return (z - mean) * inv_std
 
-    def denormalize(self, z):
-        """What the DiT makes -> latents for decode."""
+    def denormalize(self, z):  # what the DiT makes -> latents for decode
         mean, inv_std = self.latent_stats(z)
         return z / inv_std + mean
