@@ -695,11 +695,11 @@ class Pipeline:
     # -- the pieces every mode shares -----------------------------------------------------------------------------
 
     def encode_text(self, prompt, negative_prompt, guidance, max_sequence_length):
+        prompts = [prompt, negative_prompt] if guidance > 1 else [prompt]
         # With offload the encoder's layers stream through the GPU one at a time (UMT5-XXL is 11 GB in bf16).
-        encoder = self.on_device(None if self.offload else self.text_encoder)
-        prompts = [prompt] + ([negative_prompt or ""] if guidance > 1 else [])
+        self.on_device(None if self.offload else self.text_encoder)
         embeds = text.encode_prompts(self.tokenizer, self.text_encoder, prompts, max_sequence_length, self.device,
-                                     self.device if encoder is None else None).to(self.transformer_dtype)
+                                     self.device if self.offload else None).to(self.transformer_dtype)
         return embeds[:1], embeds[1:] if guidance > 1 else None
 
     @property
