@@ -827,8 +827,7 @@ class Pipeline:
             known = x[:, :, x.shape[2] - w["overlap"]:]  # the next window's prefix
             yield decode(x[:, :, w["new_from"]:])
 
-    def denoise_window(self, x, w, context, negative, guidance, sigmas, causal_block_size, addnoise_condition, fps,
-                       progress=None):
+    def denoise_window(self, x, w, context, negative, guidance, sigmas, block, addnoise_condition, fps, progress=None):
         """Diffusion forcing over one window: x (1, 16, F, h, w) float32 latents, its first w["prefix"] frames
         known, the rest noise; w's step matrix gives each frame its timestep at each iteration and its update mask
         the frames the per-frame solver moves; progress(i) after step i. Returns the denoised window."""
@@ -837,20 +836,20 @@ class Pipeline:
         # frame's second corrector starts from its new sample; reproduce that (schedule.py explains).
         state = schedule.unipc_init(sigmas, x.shape[2], alias_first_step=True)
         noised = addnoise_condition > 0 and p > 0
-        # Exact shortcuts, with block-causal attention (causal_block_size > 1): blocks not started yet cannot
-        # change the blocks before them and their prediction is unused, so they are left out; finished blocks
+        # Exact shortcuts, with block-causal attention (causal blocks of block > 1 frames): blocks not started yet
+        # cannot change the blocks before them and their prediction is unused, so they are left out; finished blocks
         # keep their keys and values in a cache. Re-noised known frames change every iteration: no cache then.
-        shortcut = self.shortcuts and causal_block_size > 1
-        limit = self.cache_frames(x, causal_block_size, negative is not None) if shortcut and not noised else 0
+        shortcut = self.shortcuts and block > 1
+        limit = self.cache_frames(x, block, negative is not None) if shortcut and not noised else 0
         layers = len(self.transformer.blocks)
         caches = (model.KVCache(layers, limit), model.KVCache(layers, limit)) if limit else (None, None)
         for i, (t, upd) in enumerate(zip(w["matrix"], w["update"])):
             lo, hi, keep = 0, x.shape[2], 0
             if shortcut:
-                hi = -(-(int(upd.nonzero().max()) + 1) // causal_block_size) * causal_block_size
+                hi = -(-(int(upd.nonzero().max()) + 1) // block) * block
             if caches[0] is not None:  # leading frames that are final now join the cache in this pass
                 lo = caches[0].frames
-                keep = int(torch.cumprod(~upd[lo:hi], 0).sum()) // causal_block_size * causal_block_size
+                keep = int(torch.cumprod(~upd[lo:hi], 0).sum()) // block * block
                 keep = min(keep, limit - lo)  # past the budget, finished blocks are recomputed
             inp = x[:, :, lo:hi].to(dtype, copy=True)
             t = t[None, lo:hi].clone().to(self.device)
@@ -860,8 +859,7 @@ class Pipeline:
                 a = 0.001 * addnoise_condition
                 inp[:, :, :p] = inp[:, :, :p] * (1.0 - a) + torch.randn_like(inp[:, :, :p]) * a
                 t[:, :p] = addnoise_condition
-            v = self.predict(inp, t, context, negative, guidance, caches, fps=fps,
-                             causal_block_size=causal_block_size, keep=keep)
+            v = self.predict(inp, t, context, negative, guidance, caches, fps=fps, causal_block_size=block, keep=keep)
             v = torch.nn.functional.pad(v, (0, 0, 0, 0, lo, x.shape[2] - hi))  # frames left out: not updated now
             x = schedule.unipc_step(state, v, x, upd)
             if progress:
