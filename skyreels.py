@@ -686,11 +686,8 @@ class Pipeline:
             check_ranks_agree(dict(s, progress=None), self.device)
         ts, sigmas = schedule.timesteps(s["num_inference_steps"], s["shift"])
         images = [im for im in (s["image"], s["last_image"]) if im is not None]  # the first, and the last
-        if self.kind != "df":
-            return self.run_lockstep(s, images, ts, sigmas)
-        windows = plan_windows(s["mode"], s["num_frames"], s["base_num_frames"], s["overlap_history"],
-                               s["causal_block_size"], s["ar_step"], ts, len(images) > 1)
-        return self.run_diffusion_forcing(s, images, windows, sigmas)
+        run = self.run_diffusion_forcing if self.kind == "df" else self.run_lockstep
+        return run(s, images, ts, sigmas)
 
     # -- the pieces every mode shares -----------------------------------------------------------------------------
 
@@ -715,18 +712,18 @@ class Pipeline:
         """The flow prediction, with classifier-free guidance when guidance > 1 (in the model's dtype, as diffusers).
         caches: the KVCaches of the conditional and the unconditional pass, which see different keys and values."""
         transformer = self.on_device(self.transformer)
-        if negative is not None and self.cfg_parallel is not None:
+        if negative is None:
+            return transformer(x, t, context, cache=caches[0], parallel=self.parallel, **kw)
+        if self.cfg_parallel is not None:
             # Half the ranks make the conditional prediction, the other half the unconditional one, and each rank
             # swaps with its twin. A rank makes one pass, so caches[0] serves it, whichever pass it is.
             half, pair, index = self.cfg_parallel
             mine = transformer(x, t, (context, negative)[index], cache=caches[0], parallel=half, **kw)
             v, u = torch.empty_like(mine), torch.empty_like(mine)
             dist.all_gather([v, u], mine, group=pair)
-            return u + guidance * (v - u)
-        v = transformer(x, t, context, cache=caches[0], parallel=self.parallel, **kw)
-        if negative is None:
-            return v
-        u = transformer(x, t, negative, cache=caches[1], parallel=self.parallel, **kw)
+        else:
+            v = transformer(x, t, context, cache=caches[0], parallel=self.parallel, **kw)
+            u = transformer(x, t, negative, cache=caches[1], parallel=self.parallel, **kw)
         return u + guidance * (v - u)
 
     def encode_video(self, video):
@@ -792,7 +789,7 @@ class Pipeline:
 
     # -- diffusion forcing: one loop for text-, image- and video-conditioned generation -------------------------------
 
-    def run_diffusion_forcing(self, s, images, windows, sigmas):
+    def run_diffusion_forcing(self, s, images, ts, sigmas):
         """Window by window (denoise_window): each window's first `prefix` latent frames are known (the image, the end
         of the input video, or the end of the previous window), the rest start as noise. Each window's new latents are
         final when it ends, so they are decoded and handed on at once."""
@@ -811,6 +808,8 @@ class Pipeline:
             # The last overlap_history input frames, of which the VAE takes the first 1 + 4k.
             history = video[:, :, video.shape[2] - s["overlap_history"]:]
             known = self.encode_video(history[:, :, :(s["overlap_history"] - 1) // TEMPORAL * TEMPORAL + 1])
+        windows = plan_windows(s["mode"], s["num_frames"], s["base_num_frames"], s["overlap_history"],
+                               s["causal_block_size"], s["ar_step"], ts, len(images) > 1)
         done, total = 0, sum(len(w["matrix"]) for w in windows)  # steps, over all windows
         for w in windows:
             x = self.noise((1, 16, w["size"], s["height"] // SPATIAL, s["width"] // SPATIAL), s["generator"])
