@@ -95,7 +95,6 @@ def _open(path):
 
 
 def param_dtype(module, name, dtype):
-    """The dtype parameter `name` of `module` is kept in: float32 for the module's `keep_fp32` names, else `dtype`."""
     return torch.float32 if any(s in name for s in getattr(module, "keep_fp32", ())) else dtype
 
 
