@@ -901,7 +901,7 @@ def plan_windows(mode, num_frames, base_num_frames, overlap_history, block, ar_s
         sizes = [min(total - k * (base - overlap), base) for k in range(n)]
     else:
         overlap, sizes = 0, [total]
-    windows = []
+    windows, matrices = [], {}  # a long video's windows are nearly all alike: one step matrix serves them
     for k, size in enumerate(sizes):
         # Known frames: the overlap, in whole blocks (v2v's first window too), or df-i2v's image latent.
         prefix = overlap - overlap % block if k > 0 or mode == "v2v" else int(mode == "df-i2v")
@@ -910,9 +910,12 @@ def plan_windows(mode, num_frames, base_num_frames, overlap_history, block, ar_s
         if frames % block:
             raise ValueError(f"a window of {frames} latent frames is not a whole number of causal blocks of "
                              f"{block}; choose num_frames / base_num_frames / causal_block_size to fit")
-        matrix, _, update, _ = schedule.step_matrix(frames, ts, frames, ar_step, prefix, block)
-        if end:  # the last image's latent is known from the start and never moves (as the original code)
-            matrix[:, -1], update[:, -1] = 0, False
+        if (frames, prefix, end) not in matrices:
+            matrix, _, update, _ = schedule.step_matrix(frames, ts, frames, ar_step, prefix, block)
+            if end:  # the last image's latent is known from the start and never moves (as the original code)
+                matrix[:, -1], update[:, -1] = 0, False
+            matrices[frames, prefix, end] = matrix, update
+        matrix, update = matrices[frames, prefix, end]
         windows.append(dict(size=size, prefix=prefix, end=end, matrix=matrix, update=update, overlap=overlap,
                             new_from=0 if k == 0 else overlap))
     return windows
