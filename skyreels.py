@@ -95,7 +95,6 @@ def _open(path):
 
 
 def param_dtype(module, name, dtype):
-    """The dtype parameter `name` of `module` is kept in: float32 for the module's `keep_fp32` names, else `dtype`."""
     return torch.float32 if any(s in name for s in getattr(module, "keep_fp32", ())) else dtype
 
 
@@ -280,6 +279,10 @@ KINDS = {"SkyReelsV2Pipeline": "t2v", "SkyReelsV2ImageToVideoPipeline": "i2v",
 DEFAULTS = {"t2v": (50, 6.0, 8.0), "i2v": (50, 5.0, 5.0), "df": (30, 6.0, 8.0), "df-i2v": (30, 5.0, 5.0),
             "v2v": (30, 5.0, 5.0)}
 TEMPORAL, SPATIAL = 4, 8  # the Wan VAE's compression
+
+
+def latent_frames(num_frames):  # the VAE keeps the first frame alone and packs each next 4 into one latent frame
+    return (num_frames - 1) // TEMPORAL + 1
 
 
 def kind_of(path):
@@ -484,7 +487,7 @@ class StreamedBlocks(torch.nn.ModuleList):
                 p.data = data
 
     def fetch(self, i):
-        """Start copying block i into its slot, once the block that used the slot before has finished."""
+        """Start copying block i into its slot, once the block that used the slot before (i - 2) has finished."""
         if self.cuda:
             self.copier.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.copier):  # no side stream on the CPU (None): a plain copy
@@ -495,9 +498,10 @@ class StreamedBlocks(torch.nn.ModuleList):
 
     def __iter__(self):
         blocks = list(self.children())
-        for i in range(min(2, len(blocks))):
-            self.fetch(i)
+        self.fetch(0)
         for i, block in enumerate(blocks):
+            if i + 1 < len(blocks):  # the next block's copy overlaps this block's compute
+                self.fetch(i + 1)
             if self.cuda:
                 torch.cuda.current_stream().wait_event(self.ready[i % 2])
             for p, slot in zip(block.parameters(), self.slots[i % 2]):
@@ -505,8 +509,6 @@ class StreamedBlocks(torch.nn.ModuleList):
             yield block  # the caller runs it: its kernels are queued before we go on
             for p, data in zip(block.parameters(), self.host[i]):
                 p.data = data
-            if i + 2 < len(blocks):
-                self.fetch(i + 2)
 
 
 def resident(module):
@@ -597,7 +599,6 @@ def check_settings(kind, rope_max_seq_len, settings):
     s.update({name: to_pil(s[name], name) for name in ("image", "last_image") if s[name] is not None})
     s["video"] = None if video is None else read_video(video)
     # Enough frames for the mode, windows that overlap less than they hold, a token grid the model can take.
-    lat = lambda n: (n - 1) // TEMPORAL + 1  # noqa: E731  frames -> latent frames
     asked, base, overlap = s["num_frames"], s["base_num_frames"], s["overlap_history"]
     n = s["num_frames"] = (asked - 1) // TEMPORAL * TEMPORAL + 1  # rounded down to 1 + 4k, as diffusers does
     if (mode == "df-i2v" or last_image is not None) and n <= TEMPORAL:
@@ -607,13 +608,13 @@ def check_settings(kind, rope_max_seq_len, settings):
     if kind == "df" and n > base and overlap is None:
         raise ValueError(f"num_frames ({n}) is above base_num_frames ({base}): set overlap_history (17 or 37) to "
                          f"make the video window by window")
-    if kind == "df" and overlap is not None and lat(overlap) >= lat(base):
-        raise ValueError(f"overlap_history must be at most {(lat(base) - 1) * TEMPORAL} with base_num_frames {base} "
-                         f"(each window adds a latent frame of 4 or more), got {overlap}")
+    if kind == "df" and overlap is not None and latent_frames(overlap) >= latent_frames(base):
+        raise ValueError(f"overlap_history must be at most {(latent_frames(base) - 1) * TEMPORAL} with "
+                         f"base_num_frames {base} (each window adds a latent frame of 4 or more), got {overlap}")
     if mode == "v2v" and not (overlap <= len(s["video"]) and overlap < n):
         raise ValueError(f"overlap_history ({overlap}) must be at most the video's {len(s['video'])} frames and below "
                          f"num_frames ({n}), which counts the overlap_history input frames the new ones continue")
-    f = lat(min(n, base)) + (last_image is not None) if kind == "df" else lat(n)
+    f = latent_frames(min(n, base)) + (last_image is not None) if kind == "df" else latent_frames(n)
     grid = (f, s["height"] // SPATIAL // 2, s["width"] // SPATIAL // 2)  # the DiT's tokens: 1x2x2 latent patches
     if max(grid) > rope_max_seq_len or math.prod(grid) > MAX_TOKENS:
         raise ValueError(f"height {s['height']} and width {s['width']} make a {'x'.join(map(str, grid))} token grid a "
@@ -684,24 +685,17 @@ class Pipeline:
             check_ranks_agree(dict(s, progress=None), self.device)
         ts, sigmas = schedule.timesteps(s["num_inference_steps"], s["shift"])
         images = [im for im in (s["image"], s["last_image"]) if im is not None]  # the first, and the last
-        job = {k: s[k] for k in ("mode", "prompt", "negative_prompt", "height", "width", "generator",
-                                 "max_sequence_length", "progress")}
-        job.update(images=images, sigmas=sigmas, guidance=s["guidance_scale"], latent=s["output_type"] == "latent")
-        if self.kind != "df":
-            return self.run_lockstep(num_frames=s["num_frames"], ts=ts, **job)
-        windows = plan_windows(s["mode"], s["num_frames"], s["base_num_frames"], s["overlap_history"],
-                               s["causal_block_size"], s["ar_step"], ts, len(images) > 1)
-        return self.run_diffusion_forcing(windows, s["causal_block_size"], s["addnoise_condition"], s["video"],
-                                          s["fps"], **job)
+        run = self.run_diffusion_forcing if self.kind == "df" else self.run_lockstep
+        return run(s, images, ts, sigmas)
 
     # -- the pieces every mode shares -----------------------------------------------------------------------------
 
     def encode_text(self, prompt, negative_prompt, guidance, max_sequence_length):
+        prompts = [prompt, negative_prompt] if guidance > 1 else [prompt]
         # With offload the encoder's layers stream through the GPU one at a time (UMT5-XXL is 11 GB in bf16).
-        encoder = self.on_device(None if self.offload else self.text_encoder)
-        prompts = [prompt] + ([negative_prompt or ""] if guidance > 1 else [])
+        self.on_device(None if self.offload else self.text_encoder)
         embeds = text.encode_prompts(self.tokenizer, self.text_encoder, prompts, max_sequence_length, self.device,
-                                     self.device if encoder is None else None).to(self.transformer_dtype)
+                                     self.device if self.offload else None).to(self.transformer_dtype)
         return embeds[:1], embeds[1:] if guidance > 1 else None
 
     @property
@@ -717,18 +711,18 @@ class Pipeline:
         """The flow prediction, with classifier-free guidance when guidance > 1 (in the model's dtype, as diffusers).
         caches: the KVCaches of the conditional and the unconditional pass, which see different keys and values."""
         transformer = self.on_device(self.transformer)
-        if negative is not None and self.cfg_parallel is not None:
+        if negative is None:
+            return transformer(x, t, context, cache=caches[0], parallel=self.parallel, **kw)
+        if self.cfg_parallel is not None:
             # Half the ranks make the conditional prediction, the other half the unconditional one, and each rank
             # swaps with its twin. A rank makes one pass, so caches[0] serves it, whichever pass it is.
             half, pair, index = self.cfg_parallel
             mine = transformer(x, t, (context, negative)[index], cache=caches[0], parallel=half, **kw)
             v, u = torch.empty_like(mine), torch.empty_like(mine)
             dist.all_gather([v, u], mine, group=pair)
-            return u + guidance * (v - u)
-        v = transformer(x, t, context, cache=caches[0], parallel=self.parallel, **kw)
-        if negative is None:
-            return v
-        u = transformer(x, t, negative, cache=caches[1], parallel=self.parallel, **kw)
+        else:
+            v = transformer(x, t, context, cache=caches[0], parallel=self.parallel, **kw)
+            u = transformer(x, t, negative, cache=caches[1], parallel=self.parallel, **kw)
         return u + guidance * (v - u)
 
     def encode_video(self, video):
@@ -747,31 +741,31 @@ class Pipeline:
         def decode(z):  # a latent frame at a time: the GPU holds four frames of video, not a window's
             vae = self.on_device(self.vae)
             dtype = next(vae.parameters()).dtype
-            return np.concatenate([to_frames(stream(vae.denormalize(z[:, :, i:i + 1].to(self.device, dtype))))
-                                   for i in range(z.shape[2])])
+            return np.concatenate([to_frames(stream(vae.denormalize(frame.to(self.device, dtype))))
+                                   for frame in z.split(1, dim=2)])
         return decode
 
     # -- text- and image-to-video: every latent frame at the same timestep -------------------------------------------
 
-    def run_lockstep(self, mode, prompt, negative_prompt, images, height, width, num_frames, ts, sigmas, guidance,
-                     generator, max_sequence_length, latent, progress):
-        context, negative = self.encode_text(prompt, negative_prompt, guidance, max_sequence_length)
-        extra = {}
-        if mode == "i2v":  # neither draws random numbers: the noise is the same as without them
-            extra["image_context"] = self.encode_clip(images)
-            condition = self.i2v_condition(images, num_frames, height, width)
-        num_latent = (num_frames - 1) // TEMPORAL + 1
-        x = self.noise((1, 16, num_latent, height // SPATIAL, width // SPATIAL), generator)
+    def run_lockstep(self, s, images, ts, sigmas):
+        context, negative = self.encode_text(s["prompt"], s["negative_prompt"], s["guidance_scale"],
+                                             s["max_sequence_length"])
+        image_context = None
+        if self.kind == "i2v":  # neither draws random numbers: the noise is the same as without them
+            image_context = self.encode_clip(images)
+            condition = self.i2v_condition(images, s["num_frames"], s["height"], s["width"])
+        num_latent = latent_frames(s["num_frames"])
+        x = self.noise((1, 16, num_latent, s["height"] // SPATIAL, s["width"] // SPATIAL), s["generator"])
         state = schedule.unipc_init(sigmas, num_latent)
         every = torch.ones(num_latent, dtype=torch.bool)
         for i, t in enumerate(ts):
-            inp = x if mode == "t2v" else torch.cat([x, condition], dim=1)
+            inp = x if self.kind == "t2v" else torch.cat([x, condition], dim=1)
             v = self.predict(inp.to(self.transformer_dtype), t.expand(1).to(self.device), context, negative,
-                             guidance, **extra)
+                             s["guidance_scale"], image_context=image_context)
             x = schedule.unipc_step(state, v, x, every)
-            if progress:
-                progress(i, len(ts))
-        yield self.decoder(latent)(x)
+            if s["progress"]:
+                s["progress"](i, len(ts))
+        yield self.decoder(s["output_type"] == "latent")(x)
 
     def encode_clip(self, images):
         clip = self.on_device(self.clip)
@@ -794,43 +788,44 @@ class Pipeline:
 
     # -- diffusion forcing: one loop for text-, image- and video-conditioned generation -------------------------------
 
-    def run_diffusion_forcing(self, windows, causal_block_size, addnoise_condition, video, fps, mode, prompt,
-                              negative_prompt, images, height, width, sigmas, guidance, generator,
-                              max_sequence_length, latent, progress):
+    def run_diffusion_forcing(self, s, images, ts, sigmas):
         """Window by window (denoise_window): each window's first `prefix` latent frames are known (the image, the end
         of the input video, or the end of the previous window), the rest start as noise. Each window's new latents are
         final when it ends, so they are decoded and handed on at once."""
-        context, negative = self.encode_text(prompt, negative_prompt, guidance, max_sequence_length)
-        decode = self.decoder(latent)
-        dtype = self.transformer_dtype
+        context, negative = self.encode_text(s["prompt"], s["negative_prompt"], s["guidance_scale"],
+                                             s["max_sequence_length"])
+        decode = self.decoder(s["output_type"] == "latent")
+        dtype, progress = self.transformer_dtype, s["progress"]
         known = end = None
-        if mode == "df-i2v":  # the first (and last) image, encoded as one-frame videos
-            cond = self.encode_video(torch.cat([pixels([im], height, width) for im in images]))
+        if s["mode"] == "df-i2v":  # the first (and last) image, encoded as one-frame videos
+            cond = self.encode_video(torch.cat([pixels([im], s["height"], s["width"]) for im in images]))
             known, end = cond[:1], cond[1:]
-        if mode == "v2v":
-            video = pixels(video, height, width)
-            if not latent:  # the input comes first, as in diffusers (whose latent output is the new latents only)
+        if s["mode"] == "v2v":
+            video = pixels(s["video"], s["height"], s["width"])
+            if s["output_type"] != "latent":  # the input first, as in diffusers (whose latents are the new ones only)
                 yield to_frames(video)
             # The last overlap_history input frames, of which the VAE takes the first 1 + 4k.
-            start = video.shape[2] - windows[0]["history"]
-            known = self.encode_video(video[:, :, start:start + (windows[0]["history"] - 1) // 4 * 4 + 1])
+            history = video[:, :, video.shape[2] - s["overlap_history"]:]
+            known = self.encode_video(history[:, :, :(s["overlap_history"] - 1) // TEMPORAL * TEMPORAL + 1])
+        windows = plan_windows(s["mode"], s["num_frames"], s["base_num_frames"], s["overlap_history"],
+                               s["causal_block_size"], s["ar_step"], ts, len(images) > 1)
         done, total = 0, sum(len(w["matrix"]) for w in windows)  # steps, over all windows
         for w in windows:
-            x = self.noise((1, 16, w["size"], height // SPATIAL, width // SPATIAL), generator)
+            x = self.noise((1, 16, w["size"], s["height"] // SPATIAL, s["width"] // SPATIAL), s["generator"])
             p = w["prefix"]
             if p:
                 x[:, :, :p] = known[:, :, :p].to(dtype)
             if w["end"]:
                 x = torch.cat([x, end.to(dtype)], dim=2)
-            x = self.denoise_window(x, w, context, negative, guidance, sigmas, causal_block_size,
-                                    addnoise_condition, fps, progress and (lambda i, d=done: progress(d + i, total)))
+            x = self.denoise_window(x, w, context, negative, s["guidance_scale"], sigmas, s["causal_block_size"],
+                                    s["addnoise_condition"], s["fps"],
+                                    progress and (lambda i, d=done: progress(d + i, total)))
             done += len(w["matrix"])
             x = x[:, :, :w["size"]]  # without the last image's latent
             known = x[:, :, x.shape[2] - w["overlap"]:]  # the next window's prefix
             yield decode(x[:, :, w["new_from"]:])
 
-    def denoise_window(self, x, w, context, negative, guidance, sigmas, causal_block_size, addnoise_condition, fps,
-                       progress=None):
+    def denoise_window(self, x, w, context, negative, guidance, sigmas, block, addnoise_condition, fps, progress=None):
         """Diffusion forcing over one window: x (1, 16, F, h, w) float32 latents, its first w["prefix"] frames
         known, the rest noise; w's step matrix gives each frame its timestep at each iteration and its update mask
         the frames the per-frame solver moves; progress(i) after step i. Returns the denoised window."""
@@ -839,20 +834,20 @@ class Pipeline:
         # frame's second corrector starts from its new sample; reproduce that (schedule.py explains).
         state = schedule.unipc_init(sigmas, x.shape[2], alias_first_step=True)
         noised = addnoise_condition > 0 and p > 0
-        # Exact shortcuts, with block-causal attention (causal_block_size > 1): blocks not started yet cannot
-        # change the blocks before them and their prediction is unused, so they are left out; finished blocks
+        # Exact shortcuts, with block-causal attention (causal blocks of block > 1 frames): blocks not started yet
+        # cannot change the blocks before them and their prediction is unused, so they are left out; finished blocks
         # keep their keys and values in a cache. Re-noised known frames change every iteration: no cache then.
-        shortcut = self.shortcuts and causal_block_size > 1
-        limit = self.cache_frames(x, causal_block_size, negative is not None) if shortcut and not noised else 0
+        shortcut = self.shortcuts and block > 1
+        limit = self.cache_frames(x, block, negative is not None) if shortcut and not noised else 0
         layers = len(self.transformer.blocks)
         caches = (model.KVCache(layers, limit), model.KVCache(layers, limit)) if limit else (None, None)
         for i, (t, upd) in enumerate(zip(w["matrix"], w["update"])):
             lo, hi, keep = 0, x.shape[2], 0
             if shortcut:
-                hi = -(-(int(upd.nonzero().max()) + 1) // causal_block_size) * causal_block_size
+                hi = -(-(int(upd.nonzero().max()) + 1) // block) * block
             if caches[0] is not None:  # leading frames that are final now join the cache in this pass
                 lo = caches[0].frames
-                keep = int(torch.cumprod(~upd[lo:hi], 0).sum()) // causal_block_size * causal_block_size
+                keep = int(torch.cumprod(~upd[lo:hi], 0).sum()) // block * block
                 keep = min(keep, limit - lo)  # past the budget, finished blocks are recomputed
             inp = x[:, :, lo:hi].to(dtype, copy=True)
             t = t[None, lo:hi].clone().to(self.device)
@@ -862,10 +857,8 @@ class Pipeline:
                 a = 0.001 * addnoise_condition
                 inp[:, :, :p] = inp[:, :, :p] * (1.0 - a) + torch.randn_like(inp[:, :, :p]) * a
                 t[:, :p] = addnoise_condition
-            v = self.predict(inp, t, context, negative, guidance, caches, fps=fps,
-                             causal_block_size=causal_block_size, keep=keep)
-            if (lo, hi) != (0, x.shape[2]):  # frames left out are not updated this iteration
-                v = torch.zeros_like(x, dtype=v.dtype).index_copy_(2, torch.arange(lo, hi, device=x.device), v)
+            v = self.predict(inp, t, context, negative, guidance, caches, fps=fps, causal_block_size=block, keep=keep)
+            v = torch.nn.functional.pad(v, (0, 0, 0, 0, lo, x.shape[2] - hi))  # frames left out: not updated now
             x = schedule.unipc_step(state, v, x, upd)
             if progress:
                 progress(i)
@@ -901,10 +894,9 @@ def plan_windows(mode, num_frames, base_num_frames, overlap_history, block, ar_s
     so far (in latent frames, trimmed down to whole causal blocks): known frames the rest continues from. Video
     extension is the same with the input video as 'made so far'. Each window is its own base, so the step matrix's
     valid interval is always the whole window."""
-    lat = lambda n: (n - 1) // TEMPORAL + 1  # noqa: E731  frames -> latent frames
-    total, base = lat(num_frames), lat(base_num_frames)
+    total, base = latent_frames(num_frames), latent_frames(base_num_frames)
     if overlap_history is not None and (num_frames > base_num_frames or mode == "v2v"):
-        overlap = lat(overlap_history)
+        overlap = latent_frames(overlap_history)
         n = 2 + (total - base - 1) // (base - overlap)
         sizes = [min(total - k * (base - overlap), base) for k in range(n)]
     else:
@@ -925,5 +917,5 @@ def plan_windows(mode, num_frames, base_num_frames, overlap_history, block, ar_s
             matrices[frames, prefix, end] = matrix, update
         matrix, update = matrices[frames, prefix, end]
         windows.append(dict(size=size, prefix=prefix, end=end, matrix=matrix, update=update, overlap=overlap,
-                            new_from=0 if k == 0 else overlap, history=overlap_history))
+                            new_from=0 if k == 0 else overlap))
     return windows
