@@ -9,9 +9,8 @@ The mp4 is written as frames are finished, under a temporary name; it is read ba
 settings beside it. Ctrl-C or SIGTERM keeps the frames finished, with "partial": true in the JSON.
 """
 import argparse
-import contextlib
+import dataclasses
 import json
-import math
 import os
 import random
 import re
@@ -19,19 +18,16 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
-
-import torch
-
-import skyreels
 
 MODES = {"t2v": ("t2v", "text to video"), "i2v": ("i2v", "image to video (a first, and optionally a last, frame)"),
          "df": ("df", "text to video of any length, by diffusion forcing"), "df-i2v": ("df", "image to video, by "
          "diffusion forcing"), "v2v": ("df", "video extension, by diffusion forcing")}  # mode -> checkpoint kind
-RESOLUTIONS = {"540P": (544, 960), "720P": (720, 1280), "tiny": (64, 96)}
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
-SIGNALS = {"defer": False, "pending": False}  # Ctrl-C / SIGTERM wait while ffmpeg is fed (see on_signal)
+# skyreels.DEFAULTS (steps, guidance, shift), repeated here so that --help need not import torch (a test compares).
+DEFAULTS = {"t2v": (50, 6.0, 8.0), "i2v": (50, 5.0, 5.0), "df": (30, 6.0, 8.0), "df-i2v": (30, 5.0, 5.0),
+            "v2v": (30, 5.0, 5.0)}
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bfloat16": "bfloat16", "float16": "float16",
+          "float32": "float32"}
+STOP = {"defer": False, "pending": False}  # Ctrl-C / SIGTERM wait while ffmpeg is fed (see write)
 
 
 class Parser(argparse.ArgumentParser):
@@ -40,53 +36,64 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
+    """Flags named as skyreels.Settings' fields set those fields; the others say how to load and where to write."""
     p = Parser(description=__doc__.split("\n\n")[2].replace("\n", " "))
     modes = p.add_subparsers(dest="mode", required=True, metavar="MODE")
     for mode, (kind, about) in MODES.items():
-        steps, guidance, shift = skyreels.DEFAULTS[mode]
         m = modes.add_parser(mode, help=about, description=f"{about}, with a {kind.upper()} checkpoint",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
+        add_inputs(m.add_argument, mode)
+        add_sampling(m.add_argument, mode, kind)
         add = m.add_argument
-        add("--model", "--model_id", required=True, help="an official -Diffusers folder, a Hugging Face id "
-            "(owner/name), or tiny-t2v / tiny-i2v / tiny-df")
-        add("--prompt", required=True, help="what the video shows")
-        add("--negative-prompt", "--negative_prompt", help="what it should not show")
-        if "i2v" in mode:
-            add("--image", required=True, help="the first frame")
-            add("--last-image", "--end_image", "--last_image", help="the last frame")
-        if mode == "v2v":
-            add("--video", "--video_path", required=True, help="the video to extend")
-        add("--resolution", choices=list(RESOLUTIONS), help="without --height/--width: 540P is 544x960, 720P "
-            "720x1280, tiny 64x96" + (" at the image's aspect" * ("i2v" in mode)) + " (default: 540P; tiny for tiny-*)")
-        add("--height", type=int, help="a multiple of 16, with --width")
-        add("--width", type=int, help="a multiple of 16, with --height")
-        add("--num-frames", "--num_frames", type=int, default=97, help="rounded down to 1 + 4k" + (
-            "; the frames after the input video, which begin with its last overlap_history frames again: num_frames "
-            "- overlap_history frames are new" if mode == "v2v" else ""))
-        add("--steps", "--inference_steps", "--num_inference_steps", dest="num_inference_steps", type=int,
-            default=steps, help="denoising steps")
-        add("--guidance-scale", "--guidance_scale", type=float, default=guidance, help="1 or less: none")
-        add("--shift", type=float, default=shift, help="flow shift")
-        add("--seed", type=int, help="default: random, recorded in the JSON beside the video")
-        if kind == "df":
-            add("--ar-step", "--ar_step", type=int, default=0, help="0: synchronous; 5: asynchronous")
-            add("--causal-block-size", "--causal_block_size", type=int, default=1, help="5 with --ar-step 5")
-            add("--base-num-frames", "--base_num_frames", type=int, help="frames a window holds: 97 (121 at 720P)")
-            add("--overlap-history", "--overlap_history", type=int, required=mode == "v2v",
-                help="frames each window continues (17 or 37); needed above --base-num-frames")
-            add("--addnoise-condition", "--addnoise_condition", type=float, default=0, help="20: smoother joins")
-            add("--cache-budget", type=float, help="GiB for the asynchronous shortcuts' key/value cache (0: none; "
-                "default: what the GPU has free)")
-        add("--fps", type=int, default=24, help="the mp4's" + (" and the model's (16 or 24)" * (kind == "df")))
         add("--dtype", choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
-        add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1")
+        add("--device", help="cpu, cuda, cuda:1 (default: cuda if there is one)")
         add("--offload", action="store_true", help="keep only the component in use on the GPU")
         add("--compile", action="store_true", help="torch.compile the DiT blocks (faster, slower start)")
         add("--lora", action="append", type=lora_arg, metavar="PATH[:SCALE]", help="fold a LoRA into the DiT "
             "(repeatable; scale 1 by default)")
         add("--transformer", help="a one-file DiT (original Wan / ComfyUI or diffusers names) for the folder's")
         add("--out", "--outdir", default="video.mp4", help="the mp4 (in a folder: video.mp4 there)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.flags = {a.dest: a.option_strings[0] for a in modes.choices[args.mode]._actions if a.option_strings}
+    return args
+
+
+def add_inputs(add, mode):
+    add("--model", "--model_id", required=True, help="an official -Diffusers folder, a Hugging Face id (owner/name), "
+        "or tiny-t2v / tiny-i2v / tiny-df")
+    add("--prompt", required=True, help="what the video shows")
+    add("--negative-prompt", "--negative_prompt", help="what it should not show")
+    if "i2v" in mode:
+        add("--image", required=True, help="the first frame")
+        add("--last-image", "--end_image", "--last_image", help="the last frame")
+    if mode == "v2v":
+        add("--video", "--video_path", required=True, help="the video to extend")
+    add("--resolution", help="without --height/--width: 540P is 544x960, 720P 720x1280, tiny 64x96" +
+        " at the image's aspect" * ("i2v" in mode) + " (default: 540P; tiny for tiny-*)")
+    add("--height", type=int, help="a multiple of 16, with --width")
+    add("--width", type=int, help="a multiple of 16, with --height")
+
+
+def add_sampling(add, mode, kind):
+    steps, guidance, shift = DEFAULTS[mode]
+    add("--num-frames", "--num_frames", type=int, default=97, help="rounded down to 1 + 4k" + (
+        "; the frames after the input video, which begin with its last overlap_history frames again: num_frames "
+        "- overlap_history frames are new" if mode == "v2v" else ""))
+    add("--steps", "--inference_steps", "--num_inference_steps", dest="num_inference_steps", type=int,
+        default=steps, help="denoising steps")
+    add("--guidance-scale", "--guidance_scale", type=float, default=guidance, help="1 or less: none")
+    add("--shift", type=float, default=shift, help="flow shift")
+    add("--seed", type=int, help="default: random, recorded in the JSON beside the video")
+    if kind == "df":
+        add("--ar-step", "--ar_step", type=int, default=0, help="0: synchronous; 5: asynchronous")
+        add("--causal-block-size", "--causal_block_size", type=int, default=1, help="5 with --ar-step 5")
+        add("--base-num-frames", "--base_num_frames", type=int, help="frames a window holds: 97 (121 at 720P)")
+        add("--overlap-history", "--overlap_history", type=int, required=mode == "v2v",
+            help="frames each window continues (17 or 37); needed above --base-num-frames")
+        add("--addnoise-condition", "--addnoise_condition", type=float, default=0, help="20: smoother joins")
+        add("--cache-budget", type=float, help="GiB for the asynchronous shortcuts' key/value cache (0: none; "
+            "default: what the GPU has free)")
+    add("--fps", type=int, default=24, help="the mp4's" + (" and the model's (16 or 24)" * (kind == "df")))
 
 
 def lora_arg(text):  # PATH[:SCALE]; a ':' not followed by a number is part of the path
@@ -94,16 +101,104 @@ def lora_arg(text):  # PATH[:SCALE]; a ':' not followed by a number is part of t
     return (path, float(scale)) if path and scale.lstrip("-").replace(".", "", 1).isdigit() else (text, 1.0)
 
 
-def image_size(image_path, resolution):
-    """The image's aspect ratio at the resolution's area, in multiples of 16 (the seed's `aspect_ratio_resize`)."""
-    image = skyreels.to_pil(image_path, "--image")
-    h, w = RESOLUTIONS[resolution]
-    size = (round(math.sqrt(h * w * image.height / image.width)) // 16 * 16,
-            round(math.sqrt(h * w * image.width / image.height)) // 16 * 16)
-    if min(size) < 16:
-        raise ValueError(f"--image is {image.width}x{image.height}: its aspect ratio is too extreme for a video of "
-                         f"{resolution}'s area (it would be {size[1]}x{size[0]}); pass --height and --width")
-    return size
+def main(argv=None):
+    rank = int(os.environ.get("RANK", "0"))  # torchrun's ranks all get the same input: rank 0 alone reports it
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    STOP.update(defer=False, pending=False)
+    dist, args = None, argparse.Namespace(flags={})
+    try:
+        args = parse_args(argv) if rank == 0 else quietly(parse_args, argv)
+        import torch.distributed as dist  # noqa: F811  (torch only now: --help and bad flags are instant)
+
+        dist = join_ranks(args) and dist
+        run(args, rank)
+    except KeyboardInterrupt:
+        say("stopped before any frame was finished; nothing written")
+        sys.exit(130)
+    except (ValueError, OSError) as e:  # skyreels.CheckpointError is a ValueError
+        if rank == 0:
+            print(f"error: {as_flags((str(e) or type(e).__name__).splitlines()[0], args.flags)}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:
+        if type(e).__name__ == "OutOfMemoryError":  # finished windows are already kept (write)
+            print(f"error: {f'rank {rank}: ' * bool(dist)}out of GPU memory ({str(e).splitlines()[0]}): try "
+                  f"--offload, a smaller --base-num-frames, or --cache-budget 0", file=sys.stderr)
+        elif dist:  # each failing rank says why in one line; torchrun then stops the others
+            print(f"error: rank {rank}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}", file=sys.stderr)
+        else:
+            raise
+        sys.exit(1)
+    finally:
+        if dist:
+            dist.destroy_process_group()
+
+
+def as_flags(message, flags):  # skyreels names settings as the API does (num_inference_steps): name the flags
+    return re.sub(r"\b[a-z]+(_[a-z]+)+\b", lambda m: flags.get(m[0], m[0]), message)
+
+
+def quietly(function, *args):  # the other ranks' argparse errors: rank 0 says them once
+    stderr, sys.stderr = sys.stderr, open(os.devnull, "w")
+    try:
+        return function(*args)
+    finally:
+        sys.stderr = stderr
+
+
+def join_ranks(args):
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL, each rank on GPU LOCAL_RANK; gloo on the
+    CPU) and agree on rank 0's random seed. skyreels.load then shares the work. True if it joined."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if torch.cuda.is_available() and getattr(args, "device", "cuda").startswith("cuda"):
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if getattr(args, "device", "cpu").startswith("cuda") else "gloo")
+    seed = [getattr(args, "seed", random.randrange(2**31))]  # --seed 0 is a seed
+    dist.broadcast_object_list(seed, src=0)
+    args.seed = seed[0]
+    return True
+
+
+def run(args, rank=0):
+    """Check everything, then load, generate and write (rank 0; the other ranks share the work)."""
+    import torch
+
+    import skyreels
+
+    a = vars(args)  # the flags given, and those with a default
+    device = skyreels.check_device(a.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, DTYPES[a.get("dtype", "fp32" if device.type == "cpu" else "bf16")])
+    paths = output_paths(args.out, [a.get("image"), a.get("last_image"), a.get("video")]) if rank == 0 else None
+    ffmpeg()
+    model = args.model if args.model.startswith("tiny-") or os.path.isdir(args.model) else skyreels.download(args.model)
+    kind = skyreels.kind_of(model)  # all is checked before the weights are read
+    if kind != MODES[args.mode][0]:
+        raise ValueError(f"{args.mode} needs a {MODES[args.mode][0].upper()} checkpoint; {model} is {kind.upper()}")
+    settings = {f: a[f] for f in skyreels.Settings.__dataclass_fields__ if f in a}
+    settings.update(seed=a.get("seed", -1), resolution=a.get("resolution", "tiny" * args.model.startswith("tiny-")
+                                                               or None),
+                    base_num_frames=a.get("base_num_frames", 121 if a.get("resolution") == "720P" else 97))
+    s = skyreels.check_settings(kind, skyreels.rope_limit(model), skyreels.Settings(**settings))
+    if s.num_frames != args.num_frames:
+        say(f"num_frames {args.num_frames} is rounded down to {s.num_frames} (the VAE makes 1 + 4k frames)")
+    pipe = skyreels.load(model, device=device, dtype=dtype, offload="offload" in a, compile="compile" in a,
+                         loras=a.get("lora", []), transformer=a.get("transformer"))
+    chunks = pipe.run(dataclasses.replace(s, progress=Progress() if rank == 0 else None))
+    if rank > 0:  # the other ranks share the work; rank 0 alone writes
+        for _ in chunks:
+            pass
+        return
+    record = dict(mode=args.mode, model=args.model, dtype=str(dtype)[6:], loras=a.get("lora", []),
+                  transformer=a.get("transformer"), world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    record.update({k: v for k, v in vars(s).items() if k not in ("generator", "progress", "mode")},
+                  image=a.get("image"), last_image=a.get("last_image"), video=a.get("video"))  # media as named
+    write(chunks, *paths, s.fps, record, len(s.video or []))
+    print(paths[0])
 
 
 def output_paths(out, inputs):
@@ -133,117 +228,27 @@ def say(message):  # a line on stderr, of its own even after a progress line
     print(("\n" if sys.stderr.isatty() else "") + message, file=sys.stderr)
 
 
-def progress(step, total, start=[None]):
-    now = time.time()
-    if step == 0 or start[0] is None:
-        start[0] = now
-    done = step + 1
-    eta = f"{(now - start[0]) / step * (total - done):.0f}s" if step else "?"
-    line = f"step {done}/{total}  {now - start[0]:.0f}s elapsed  ETA {eta}"
-    tty = sys.stderr.isatty()  # a terminal gets one line, redrawn; a log file a line a step
-    sys.stderr.write(f"\r{line}   " + ("\n" if done == total else "") if tty else line + "\n")
-    sys.stderr.flush()
+class Progress:
+    """progress(step, total): one line redrawn on a terminal, a line a step in a log file."""
+
+    def __init__(self):
+        self.start = time.time()
+
+    def __call__(self, step, total):
+        now, done = time.time(), step + 1
+        eta = f"{(now - self.start) / step * (total - done):.0f}s" if step else "?"
+        line = f"step {done}/{total}  {now - self.start:.0f}s elapsed  ETA {eta}"
+        if sys.stderr.isatty():
+            sys.stderr.write(f"\r{line}   " + ("\n" if done == total else ""))
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
 
 
 def on_signal(signum, frame):  # Ctrl-C and SIGTERM stop the run, but not while ffmpeg is fed (see write)
-    SIGNALS["pending"] = True
-    if not SIGNALS["defer"]:
+    STOP["pending"] = True
+    if not STOP["defer"]:
         raise KeyboardInterrupt
-
-
-def main(argv=None):
-    rank = int(os.environ.get("RANK", "0"))  # torchrun's ranks all get the same input: rank 0 alone reports it
-    with contextlib.redirect_stderr(sys.stderr if rank == 0 else open(os.devnull, "w")):
-        args = parse_args(argv)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
-    SIGNALS.update(defer=False, pending=False)
-    dist = None
-    try:
-        dist = join_ranks(args)
-        run(args, rank)
-    except KeyboardInterrupt:
-        say("stopped before any frame was finished; nothing written")
-        sys.exit(130)
-    except (ValueError, OSError, skyreels.CheckpointError) as e:
-        if rank == 0:
-            print(f"error: {(str(e) or type(e).__name__).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
-    except torch.OutOfMemoryError as e:  # finished windows are already kept (write)
-        print(f"error: {f'rank {rank}: ' * (dist is not None)}out of GPU memory ({str(e).splitlines()[0]}): try "
-              f"--offload, a smaller --base-num-frames, or --cache-budget 0", file=sys.stderr)
-        sys.exit(1)
-    except Exception as e:
-        if dist is None:
-            raise
-        # One line for the run: torchrun stops every rank once one has ended, so only the rank that fails first and
-        # speaks at once is heard. Rank 0 speaks at once, unless the failure surfaced in a collective (a peer gone).
-        if rank > 0 or os.path.join("torch", "distributed") in traceback.extract_tb(e.__traceback__)[-1].filename:
-            time.sleep(3)
-        print(f"error: rank {rank}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        if dist is not None:
-            dist.destroy_process_group()
-
-
-def join_ranks(args):
-    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL, each rank on GPU LOCAL_RANK; gloo on the
-    CPU) and agree on rank 0's random seed. skyreels.load then shares the work. Returns torch.distributed, or None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        return None
-    import torch.distributed as dist
-
-    if args.device.startswith("cuda"):
-        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    seed = [getattr(args, "seed", random.randrange(2**31))]  # --seed 0 is a seed
-    dist.broadcast_object_list(seed, src=0)
-    args.seed = seed[0]
-    return dist
-
-
-def run(args, rank=0):
-    a = vars(args)  # the flags given, and those with a default
-    device = skyreels.check_device(args.device)
-    height, width = a.get("height"), a.get("width")
-    if (height is None) != (width is None):
-        raise ValueError("give both --height and --width, or neither")
-    resolution = a.get("resolution", "tiny" if args.model.startswith("tiny-") else "540P")
-    if height is None:
-        height, width = image_size(a["image"], resolution) if "image" in a else RESOLUTIONS[resolution]
-    paths = output_paths(args.out, [a.get("image"), a.get("last_image"), a.get("video")]) if rank == 0 else None
-    dtype = DTYPES[a["dtype"]] if "dtype" in a else torch.float32 if device.type == "cpu" else torch.bfloat16
-    # check_settings takes the flags named as stream's arguments, and stream's defaults for the rest.
-    settings = dict(a, height=height, width=width, seed=a.get("seed", random.randrange(2**31)),
-                    base_num_frames=a.get("base_num_frames", 121 if resolution == "720P" else 97))
-    ffmpeg()
-    model = args.model if args.model.startswith("tiny-") or os.path.isdir(args.model) else skyreels.download(args.model)
-    kind, rope = skyreels.kind_of(model), skyreels.rope_limit(model)  # all is checked before the weights are read
-    if kind != MODES[args.mode][0]:
-        raise ValueError(f"{args.mode} needs a {MODES[args.mode][0].upper()} checkpoint; {model} is {kind.upper()}")
-    checked = skyreels.check_settings(kind, rope, settings)
-    if checked["num_frames"] != args.num_frames:
-        say(f"num_frames {args.num_frames} is rounded down to {checked['num_frames']} (the VAE makes 1 + 4k frames)")
-    budget = a.get("cache_budget")
-    if budget is not None and not 0 <= budget < math.inf:
-        raise ValueError(f"--cache-budget must be a finite number of GiB >= 0, got {budget}")
-    record = dict(mode=args.mode, model=args.model, dtype=str(dtype).replace("torch.", ""), loras=a.get("lora", []),
-                  transformer=a.get("transformer"), world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    record.update(checked, image=a.get("image"), last_image=a.get("last_image"), video=a.get("video"))  # as named
-    del record["generator"], record["progress"]
-    pipe = skyreels.load(model, device=device, dtype=dtype, offload="offload" in a, compile="compile" in a,
-                         loras=a.get("lora", []), transformer=a.get("transformer"))
-    pipe.cache_budget = None if budget is None else int(budget * 2**30)
-    checked.pop("mode")  # the rest are stream's arguments, the images and the video already read
-    chunks = pipe.stream(**dict(checked, progress=progress if rank == 0 else None))
-    if rank > 0:  # the other ranks share the work; rank 0 alone writes
-        for _ in chunks:
-            pass
-        return
-    write(chunks, *paths, args.fps, record, len(checked["video"] or []))
-    print(paths[0])
 
 
 def write(chunks, out, sidecar, tmp, tmp_json, fps, record, new_from=0):
@@ -257,16 +262,16 @@ def write(chunks, out, sidecar, tmp, tmp_json, fps, record, new_from=0):
     written, stop = 0, None
     try:
         for chunk in chunks:
-            SIGNALS["defer"] = True  # imageio kills ffmpeg when interrupted while feeding it: the mp4 gets no index
+            STOP["defer"] = True  # imageio kills ffmpeg when interrupted while feeding it: the mp4 gets no index
             for frame in chunk:
                 writer.append_data((np.clip(frame, 0, 1) * 255).round().astype(np.uint8))
             written += len(chunk)
-            SIGNALS["defer"] = False
-            if SIGNALS["pending"]:
+            STOP["defer"] = False
+            if STOP["pending"]:
                 raise KeyboardInterrupt
     except BaseException as e:
         stop = e
-    SIGNALS["defer"] = True
+    STOP["defer"] = True
     try:
         writer.close()
         if written > new_from:
@@ -277,7 +282,7 @@ def write(chunks, out, sidecar, tmp, tmp_json, fps, record, new_from=0):
             os.replace(tmp, out)
             os.replace(tmp_json, sidecar)
     finally:
-        SIGNALS["defer"] = False
+        STOP["defer"] = False
         for path in (tmp, tmp_json):
             if os.path.exists(path):
                 os.remove(path)

@@ -1,4 +1,9 @@
-"""SkyReels-V2: checkpoint loading and the generation loops.
+"""SkyReels-V2: the generation method, then checkpoint loading, then the extras a reader can skip.
+
+Reading order for the method: `Settings` (one generation's inputs) and `check_settings`, `plan_windows` (the windows
+of a diffusion-forcing run and their step matrices), then `Pipeline`: `run_lockstep` (text- and image-to-video, every
+frame at one timestep) and `run_diffusion_forcing` -> `denoise_window` -> `predict`, which read as plan -> predict
+-> step. The solver and the step matrix are in schedule.py, the networks in model.py, vae.py and text.py.
 
 Loading is name alignment: our modules use the official parameter names, so a component is built on the meta
 device (no memory), and each tensor is read from its safetensors shard, cast and placed as it is read, and
@@ -6,11 +11,11 @@ assigned in place. A 28 GB bf16 transformer therefore never exists twice in memo
 """
 import dataclasses
 import hashlib
-import inspect
 import json
 import math
 import numbers
 import os
+import random
 import re
 import sys
 import tempfile
@@ -20,6 +25,7 @@ import numpy as np
 import sentencepiece
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 
@@ -28,13 +34,585 @@ import schedule
 import text
 import vae
 
+# ================================================================================================================
+# Generation
 
-class CheckpointError(Exception):
+# The seed's recommendations per mode: (steps, guidance scale, flow shift).
+DEFAULTS = {"t2v": (50, 6.0, 8.0), "i2v": (50, 5.0, 5.0), "df": (30, 6.0, 8.0), "df-i2v": (30, 5.0, 5.0),
+            "v2v": (30, 5.0, 5.0)}
+RESOLUTIONS = {"540P": (544, 960), "720P": (720, 1280), "tiny": (64, 96)}  # (height, width)
+TEMPORAL, SPATIAL = 4, 8  # the Wan VAE's compression
+
+
+def latent_frames(num_frames):  # the VAE keeps the first frame alone and packs each next 4 into one latent frame
+    return (num_frames - 1) // TEMPORAL + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """One generation's inputs: what Pipeline.generate and stream take, by these names. check_settings returns
+    them checked and normalised (the mode and its defaults filled in, the size chosen, num_frames 1 + 4k, images
+    and video frames as PIL), and that checked copy is the one input of every loop below."""
+    prompt: str
+    negative_prompt: str = ""
+    image: object = None  # the first frame (i2v, df-i2v): a PIL image, a path, or an (H, W, 3) array
+    last_image: object = None  # the last frame (i2v, df-i2v)
+    video: object = None  # the video to extend (v2v): a path, or a list of frames
+    height: int = None  # with width; None: `resolution`'s size (at the image's aspect ratio for image-to-video)
+    width: int = None
+    resolution: str = None  # "540P", "720P" or "tiny" (RESOLUTIONS); None: the pipeline's (tiny for tiny-*)
+    num_frames: int = 97  # rounded down to 1 + 4k
+    num_inference_steps: int = None  # None: the mode's default (DEFAULTS), as are guidance_scale and shift
+    guidance_scale: float = None  # 1 or less: no classifier-free guidance
+    shift: float = None
+    seed: int = None  # -1: a random seed, drawn here and recorded; None: torch's global generator
+    generator: torch.Generator = None  # instead of seed
+    ar_step: int = 0  # diffusion forcing: 0 synchronous, 5 asynchronous
+    causal_block_size: int = 1  # latent frames per causal block (5 with ar_step 5)
+    base_num_frames: int = 97  # frames a window holds (121 at 720P)
+    overlap_history: int = None  # frames each window continues from the one before (17 or 37)
+    addnoise_condition: float = 0.0  # noise on the known frames (20: smoother joins)
+    fps: int = 24  # the frame rate diffusion-forcing models are conditioned on (16 or 24)
+    max_sequence_length: int = 512  # text tokens
+    cache_budget: float = None  # GiB for the asynchronous shortcuts' key/value cache; None: what the GPU has free
+    output_type: str = "np"  # "np": frames; "latent": the final latents
+    progress: object = None  # progress(step, total), called after each denoising step
+    mode: str = None  # t2v, i2v, df, df-i2v or v2v: from the checkpoint's kind and the inputs (check_settings)
+
+    @property
+    def images(self):  # the first, and the last
+        return [im for im in (self.image, self.last_image) if im is not None]
+
+
+# Integer settings: the least and the most each may be. Python or numpy ints, never floats or bools.
+INTEGERS = dict(height=(16, math.inf), width=(16, math.inf), num_frames=(1, 2**20), fps=(1, math.inf),
+                num_inference_steps=(1, 1000), seed=(-1, 2**64 - 1), ar_step=(0, math.inf),
+                causal_block_size=(1, math.inf), base_num_frames=(1, math.inf), overlap_history=(1, math.inf),
+                max_sequence_length=(1, math.inf))
+MAX_TOKENS = 2**20  # a window's tokens: 9x a 720P window's (31x45x80), about what one 80 GB GPU can attend over
+
+
+def check_settings(kind, rope_max_seq_len, s):
+    """Settings `s` checked before any work for a `kind` checkpoint ('t2v', 'i2v' or 'df') whose rotary table
+    covers `rope_max_seq_len` positions a side: one ValueError naming the setting, or the settings normalised."""
+    if not isinstance(s, Settings):
+        raise ValueError(f"settings must be skyreels.Settings, got {type(s).__name__}")
+    mode = check_mode(kind, s)
+    defaults = dict(zip(("num_inference_steps", "guidance_scale", "shift"), DEFAULTS[mode]))
+    s = dataclasses.replace(s, mode=mode, **{k: v for k, v in defaults.items() if getattr(s, k) is None})
+    s = check_numbers(s)
+    s = check_inputs(s)
+    check_frames(kind, rope_max_seq_len, s)
+    return s
+
+
+def check_mode(kind, s):
+    """The mode, from the checkpoint's kind and which media are given."""
+    if s.image is None and (kind == "i2v" or s.last_image is not None):
+        raise ValueError("an I2V checkpoint, and last_image, need image (the first frame)")
+    if s.image is not None and (kind == "t2v" or s.video is not None) or s.video is not None and kind != "df":
+        takes = {"t2v": "no image or video", "i2v": "an image, no video", "df": "an image or a video, not both"}
+        raise ValueError(f"a {kind.upper()} checkpoint takes {takes[kind]}")
+    return kind if kind != "df" else "df-i2v" if s.image is not None else "v2v" if s.video is not None else "df"
+
+
+def check_numbers(s):
+    """Integers in range, finite reals; the seed -1 drawn at random, a seed made a generator."""
+    ints = {}
+    for name, (low, high) in INTEGERS.items():
+        v = getattr(s, name)
+        if v is None and name in ("seed", "overlap_history", "height", "width"):
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not low <= v <= high:
+            raise ValueError(f"{name} must be an integer in [{low}, {high}], got {v!r}")
+        ints[name] = int(v)
+    if "num_frames" in ints:  # rounded down to 1 + 4k, as diffusers does
+        ints["num_frames"] = (ints["num_frames"] - 1) // TEMPORAL * TEMPORAL + 1
+    reals = {}
+    for name in ("guidance_scale", "shift", "addnoise_condition", "cache_budget"):
+        v = getattr(s, name)
+        if v is None and name == "cache_budget":
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < math.inf or not v and name == "shift":
+            raise ValueError(f"{name} must be a finite number {'> 0' if name == 'shift' else '>= 0'}, got {v!r}")
+        reals[name] = float(v)
+    s = dataclasses.replace(s, **ints, **reals)
+    if s.seed == -1:  # as the original CLI and the UIs people use: a random seed, recorded
+        s = dataclasses.replace(s, seed=random.randrange(2**31))
+    if s.generator is None and s.seed is not None:
+        s = dataclasses.replace(s, generator=torch.Generator().manual_seed(s.seed))
+    return s
+
+
+def check_inputs(s):
+    """Text, output type and callbacks; images and video read as PIL; the size chosen and checked."""
+    for name in ("prompt", "negative_prompt"):
+        v = getattr(s, name)
+        if not isinstance(v, str) or v != v.encode("utf-8", "replace").decode():
+            raise ValueError(f"{name} must be a string of valid text (no lone surrogates), got {v!r:.80}")
+    if s.output_type not in ("np", "latent"):
+        raise ValueError(f"output_type must be 'np' or 'latent', got {s.output_type!r}")
+    if not isinstance(s.generator, (torch.Generator, type(None))) or s.progress is not None and not callable(s.progress):
+        raise ValueError("generator must be a torch.Generator and progress a function progress(step, total)")
+    if s.resolution not in (None, *RESOLUTIONS):
+        raise ValueError(f"resolution must be one of {', '.join(RESOLUTIONS)}, got {s.resolution!r}")
+    if (s.height is None) != (s.width is None):
+        raise ValueError("give both height and width, or neither")
+    media = {name: to_pil(getattr(s, name), name) for name in ("image", "last_image") if getattr(s, name) is not None}
+    s = dataclasses.replace(s, **media, video=None if s.video is None else read_video(s.video))
+    if s.height is None:
+        s = dataclasses.replace(s, **dict(zip(("height", "width"), default_size(s, s.resolution or "540P"))))
+    if s.height % 16 or s.width % 16:
+        raise ValueError(f"height and width must be multiples of 16, got {s.height}x{s.width}")
+    return s
+
+
+def default_size(s, resolution):
+    """The resolution's (height, width); with an image, the image's aspect ratio at that area, in multiples of 16
+    (the seed's aspect_ratio_resize)."""
+    h, w = RESOLUTIONS[resolution]
+    if s.image is None:
+        return h, w
+    size = (round(math.sqrt(h * w * s.image.height / s.image.width)) // 16 * 16,
+            round(math.sqrt(h * w * s.image.width / s.image.height)) // 16 * 16)
+    if min(size) < 16:
+        raise ValueError(f"image is {s.image.width}x{s.image.height}: its aspect ratio is too extreme for a video of "
+                         f"{resolution}'s area (it would be {size[1]}x{size[0]}); give height and width")
+    return size
+
+
+def check_frames(kind, rope_max_seq_len, s):
+    """Enough frames for the mode, windows that overlap less than they hold, a token grid the model can take,
+    windows of whole causal blocks; num_frames is rounded down to 1 + 4k by the caller (Settings.num_frames)."""
+    n, base, overlap = s.num_frames, s.base_num_frames, s.overlap_history
+    if (s.mode == "df-i2v" or s.last_image is not None) and n <= TEMPORAL:
+        raise ValueError(f"num_frames must be at least 5 with an image (it takes a latent frame of 4), got {n}")
+    if s.mode == "v2v" and overlap is None:
+        raise ValueError("video extension needs overlap_history (e.g. 17): the input frames the new ones continue")
+    if kind == "df" and n > base and overlap is None:
+        raise ValueError(f"num_frames ({n}) is above base_num_frames ({base}): set overlap_history (17 or 37) to "
+                         f"make the video window by window")
+    if kind == "df" and overlap is not None and latent_frames(overlap) >= latent_frames(base):
+        raise ValueError(f"overlap_history must be at most {(latent_frames(base) - 1) * TEMPORAL} with "
+                         f"base_num_frames {base} (each window adds a latent frame of 4 or more), got {overlap}")
+    if s.mode == "v2v" and not (overlap <= len(s.video) and overlap < n):
+        raise ValueError(f"overlap_history ({overlap}) must be at most the video's {len(s.video)} frames and below "
+                         f"num_frames ({n}), which counts the overlap_history input frames the new ones continue")
+    f = latent_frames(min(n, base)) + (s.last_image is not None) if kind == "df" else latent_frames(n)
+    grid = (f, s.height // SPATIAL // 2, s.width // SPATIAL // 2)  # the DiT's tokens: 1x2x2 latent patches
+    if max(grid) > rope_max_seq_len or math.prod(grid) > MAX_TOKENS:
+        raise ValueError(f"height {s.height} and width {s.width} make a {'x'.join(map(str, grid))} token grid a "
+                         f"window, beyond rope_max_seq_len {rope_max_seq_len} or {MAX_TOKENS} tokens: choose less")
+    if kind == "df":  # each window a whole number of causal blocks: planning says so, before the weights are read
+        plan_windows(s)
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """One window of a diffusion-forcing run, in latent frames."""
+    size: int  # the latent frames it makes (a last image's latent not counted)
+    prefix: int  # its first frames, known from the start: the previous window's end, the image, the input video's
+    end: int  # 1 if the last image's latent follows its frames (df-i2v with a last image, last window)
+    new_from: int  # its first frame not made by the window before
+    overlap: int  # the frames the next window continues from
+    matrix: torch.Tensor  # (iterations, size + end) int64: each frame's timestep at each iteration
+    update: torch.Tensor  # (iterations, size + end) bool: the frames the solver moves at each iteration
+
+
+def plan_windows(s):
+    """The windows of a diffusion-forcing run and their step matrices, for settings check_settings passed.
+
+    A window holds at most base_num_frames frames. Later windows begin with the last `overlap_history` frames made
+    so far (in latent frames, trimmed down to whole causal blocks): known frames the rest continues from. Video
+    extension is the same with the input video as 'made so far'. Each window is its own base, so the step matrix's
+    valid interval is always the whole window."""
+    ts = schedule.timesteps(s.num_inference_steps, s.shift)[0]
+    block, total, base = s.causal_block_size, latent_frames(s.num_frames), latent_frames(s.base_num_frames)
+    if s.overlap_history is not None and (s.num_frames > s.base_num_frames or s.mode == "v2v"):
+        overlap = latent_frames(s.overlap_history)
+        n = 2 + (total - base - 1) // (base - overlap)
+        sizes = [min(total - k * (base - overlap), base) for k in range(n)]
+    else:
+        overlap, sizes = 0, [total]
+    windows, matrices = [], {}  # a long video's windows are nearly all alike: one step matrix serves them
+    for k, size in enumerate(sizes):
+        # Known frames: the overlap, in whole blocks (v2v's first window too), or df-i2v's image latent.
+        prefix = overlap - overlap % block if k > 0 or s.mode == "v2v" else int(s.mode == "df-i2v")
+        end = int(s.last_image is not None and k == len(sizes) - 1)
+        frames = size + end
+        if frames % block:
+            raise ValueError(f"a window of {frames} latent frames is not a whole number of causal blocks of "
+                             f"{block}; choose num_frames / base_num_frames / causal_block_size to fit")
+        if (frames, prefix, end) not in matrices:
+            matrix, _, update, _ = schedule.step_matrix(frames, ts, frames, s.ar_step, prefix, block)
+            if end:  # the last image's latent is known from the start and never moves (as the original code)
+                matrix[:, -1], update[:, -1] = 0, False
+            matrices[frames, prefix, end] = matrix, update
+        windows.append(Window(size, prefix, end, 0 if k == 0 else overlap, overlap, *matrices[frames, prefix, end]))
+    return windows
+
+
+def blocks_started(update, block):
+    """The frames up to the end of the last causal block that moves now: the blocks after it have not started, so
+    they cannot change the blocks before them (block-causal attention) and their prediction is unused."""
+    return -(-(int(update.nonzero().max()) + 1) // block) * block
+
+
+def blocks_finished(update, start, block):
+    """How many frames from `start` on, in whole blocks, are finished: not moved now, nor ever again (a frame that
+    rests while a frame after it moves is done, since earlier frames are always ahead)."""
+    return int(torch.cumprod(~update[start:], 0).sum()) // block * block
+
+
+class Pipeline:
+    def __init__(self, kind, tokenizer, text_encoder, transformer, vae, clip, clip_preprocess, device, offload):
+        self.shortcuts = True  # the exact async shortcuts (denoise_window); off: diffusers' full passes
+        self.resolution = "540P"  # the size without height and width (tiny_pipeline: "tiny")
+        self.on_cpu = {}  # offload: component -> its parameters' CPU tensors while it is on the GPU
+        self.parallel = self.cfg_parallel = None  # several processes: split_ranks
+        self.lora_originals = {}  # fold_loras: {DiT parameter name: its CPU original}
+        self.kind, self.tokenizer, self.text_encoder, self.transformer = kind, tokenizer, text_encoder, transformer
+        self.vae, self.clip, self.clip_preprocess, self.device, self.offload = vae, clip, clip_preprocess, device, offload
+        for m in (text_encoder, transformer, vae, clip):  # inference only: no autograd graph keeps activations
+            if m is not None:
+                m.requires_grad_(False)
+        if offload:
+            stream_blocks(self)
+
+    def generate(self, prompt, **settings):
+        """float32 frames (F, H, W, 3) in [0, 1], or with output_type="latent" the final latents. settings: the
+        fields of Settings, by name."""
+        chunks = list(self.stream(prompt, **settings))
+        return torch.cat(chunks, dim=2) if settings.get("output_type") == "latent" else np.concatenate(chunks)
+
+    def stream(self, prompt, **settings):
+        """`generate` as an iterator of finished frame chunks (F_i, H, W, 3), window by window, so a long video can be
+        written as it is made. Every setting is checked before this returns."""
+        try:
+            s = Settings(prompt, **dict(dict(resolution=self.resolution), **settings))
+        except TypeError as e:  # an argument Settings has no field for
+            raise ValueError(str(e).replace("Settings.__init__()", "generate/stream")) from None
+        return self.run(check_settings(self.kind, self.transformer.config.rope_max_seq_len, s))
+
+    def run(self, s):
+        """The video of settings `s` that check_settings passed, as `stream` hands it out."""
+        if self.parallel is not None:
+            check_ranks_agree(s, self.device)
+        return self.run_diffusion_forcing(s) if self.kind == "df" else self.run_lockstep(s)
+
+    # -- text- and image-to-video: every latent frame at the same timestep -------------------------------------------
+
+    def run_lockstep(self, s):
+        texts = self.encode_text(s)
+        image_context = condition = None
+        if self.kind == "i2v":  # neither draws random numbers: the noise is the same as without them
+            image_context, condition = self.encode_clip(s.images), self.i2v_condition(s)
+        n = latent_frames(s.num_frames)
+        x = self.noise((1, 16, n, s.height // SPATIAL, s.width // SPATIAL), s.generator)
+        ts, sigmas = schedule.timesteps(s.num_inference_steps, s.shift)
+        state, every = schedule.unipc_init(sigmas, n), torch.ones(n, dtype=torch.bool)
+        for i, t in enumerate(ts):
+            inp = x if condition is None else torch.cat([x, condition], dim=1)
+            v = self.predict(inp.to(self.transformer_dtype), t.expand(1).to(self.device), s, texts, image_context)
+            x = schedule.unipc_step(state, v, x, every)
+            if s.progress:
+                s.progress(i, len(ts))
+        yield self.decoder(s.output_type)(x)
+
+    # -- diffusion forcing: one loop for text-, image- and video-conditioned generation -------------------------------
+
+    def run_diffusion_forcing(self, s):
+        """Window by window (denoise_window): each window's first `prefix` latent frames are known (the image, the end
+        of the input video, or the end of the previous window), the rest start as noise. Each window's new latents are
+        final when it ends, so they are decoded and handed on at once."""
+        texts, decode = self.encode_text(s), self.decoder(s.output_type)
+        known, end = self.known_latents(s)
+        if s.mode == "v2v" and s.output_type != "latent":  # the input first, as diffusers (its latents: the new only)
+            yield to_frames(pixels(s.video, s.height, s.width))
+        windows = plan_windows(s)
+        done, total = 0, sum(len(w.matrix) for w in windows)  # steps, over all windows
+        for w in windows:
+            x = self.noise((1, 16, w.size, s.height // SPATIAL, s.width // SPATIAL), s.generator)
+            if w.prefix:
+                x[:, :, :w.prefix] = known[:, :, :w.prefix].to(self.transformer_dtype)
+            if w.end:
+                x = torch.cat([x, end.to(self.transformer_dtype)], dim=2)
+            x = self.denoise_window(x, w, s, texts, done, total)[:, :, :w.size]  # without the last image's latent
+            done += len(w.matrix)
+            known = x[:, :, x.shape[2] - w.overlap:]  # the next window's prefix
+            yield decode(x[:, :, w.new_from:])
+
+    def known_latents(self, s):
+        """The latents the first window starts from (df-i2v: the image; v2v: the end of the video), and the last
+        image's latent (df-i2v with a last image)."""
+        if s.mode == "df-i2v":  # the first (and last) image, encoded as one-frame videos
+            cond = self.encode_video(torch.cat([pixels([im], s.height, s.width) for im in s.images]))
+            return cond[:1], cond[1:]
+        if s.mode == "v2v":  # the last overlap_history input frames, of which the VAE takes the first 1 + 4k
+            history = pixels(s.video[len(s.video) - s.overlap_history:], s.height, s.width)
+            return self.encode_video(history[:, :, :(s.overlap_history - 1) // TEMPORAL * TEMPORAL + 1]), None
+        return None, None
+
+    def denoise_window(self, x, w, s, texts, done=0, total=None):
+        """Diffusion forcing over one window: x (1, 16, F, h, w) float32 latents, its first w.prefix frames known,
+        the rest noise. At each iteration the step matrix gives every frame its timestep and the update mask the
+        frames the per-frame solver moves. progress(done + i, total) after iteration i. Returns the denoised window."""
+        block, p = s.causal_block_size, w.prefix
+        # diffusers and the original code step each frame on a view of the latents they then overwrite, so a
+        # frame's second corrector starts from its new sample; reproduce that (schedule.py explains).
+        state = schedule.unipc_init(schedule.timesteps(s.num_inference_steps, s.shift)[1], x.shape[2],
+                                    alias_first_step=True)
+        noised = s.addnoise_condition > 0 and p > 0
+        # Exact shortcuts, with block-causal attention (causal blocks of block > 1 frames): blocks not started yet
+        # are left out, and finished blocks keep their keys and values in a cache (up to a memory budget). Re-noised
+        # known frames change every iteration: no cache then.
+        shortcut = self.shortcuts and block > 1
+        limit = self.cache_frames(x, s) if shortcut and not noised else 0
+        caches = [model.KVCache(len(self.transformer.blocks), limit) if limit else None for _ in range(2)]
+        for i, (t, update) in enumerate(zip(w.matrix, w.update)):
+            lo = caches[0].frames if limit else 0  # frames before lo are in the cache
+            hi = blocks_started(update, block) if shortcut else x.shape[2]
+            keep = min(blocks_finished(update[:hi], lo, block), limit - lo) if limit else 0  # they join it now
+            inp = x[:, :, lo:hi].to(self.transformer_dtype, copy=True)
+            t = t[None, lo:hi].clone().to(self.device)
+            if noised:
+                # Known frames get a little fresh noise each iteration (and say so through their timestep):
+                # it smooths the seam between windows. Drawn from the global RNG, as diffusers and the original.
+                a = 0.001 * s.addnoise_condition
+                inp[:, :, :p] = inp[:, :, :p] * (1.0 - a) + torch.randn_like(inp[:, :, :p]) * a
+                t[:, :p] = s.addnoise_condition
+            attention = [model.AttentionContext(block, cache, keep, self.parallel) for cache in caches]
+            v = self.predict(inp, t, s, texts, attention=attention)
+            v = F.pad(v, (0, 0, 0, 0, lo, x.shape[2] - hi))  # frames left out: not updated now
+            x = schedule.unipc_step(state, v, x, update)
+            if s.progress:
+                s.progress(done + i, total)
+        return x
+
+    # -- the pieces every mode shares -----------------------------------------------------------------------------
+
+    def predict(self, x, t, s, texts, image_context=None, attention=None):
+        """The flow prediction, with classifier-free guidance when texts holds a negative prompt's embedding (in the
+        model's dtype, as diffusers). attention: the AttentionContexts of the conditional and the unconditional
+        pass, which see different keys and values."""
+        attention = attention or [model.AttentionContext(parallel=self.parallel)] * 2
+        transformer = self.on_device(self.transformer)
+
+        def one_pass(context, attention):
+            return transformer(x, t, context, image_context, s.fps, attention)
+        if texts[1] is None:
+            return one_pass(texts[0], attention[0])
+        if self.cfg_parallel is not None:
+            v, u = guided_pair_across_ranks(one_pass, texts, attention[0], self.cfg_parallel)
+        else:
+            v, u = one_pass(texts[0], attention[0]), one_pass(texts[1], attention[1])
+        return u + s.guidance_scale * (v - u)
+
+    def encode_text(self, s):
+        """(prompt's embedding, negative prompt's embedding or None without guidance), in the DiT's dtype."""
+        guided = s.guidance_scale > 1
+        prompts = [s.prompt, s.negative_prompt] if guided else [s.prompt]
+        # With offload the encoder's layers stream through the GPU one at a time (UMT5-XXL is 11 GB in bf16).
+        encoder = self.on_device(self.text_encoder)
+        embeds = text.encode_prompts(self.tokenizer, encoder, prompts, s.max_sequence_length, self.device)
+        embeds = embeds.to(self.transformer_dtype)
+        return embeds[:1], embeds[1:] if guided else None
+
+    def encode_clip(self, images):
+        clip = self.on_device(self.clip)
+        pixels_ = torch.cat([model.clip_preprocess(im, self.clip_preprocess) for im in images])
+        hidden = clip(pixels_.to(self.device, next(clip.parameters()).dtype))  # (N, 257, 1280)
+        return hidden.reshape(1, -1, hidden.shape[-1]).to(self.transformer_dtype)  # first-last: both images' tokens
+
+    def i2v_condition(self, s):
+        """The 20 conditioning channels of an I2V DiT: a 4-channel mask of the known frames (one channel per video
+        frame a latent frame covers; the first latent covers one frame, repeated 4 times) and the latents of the
+        video that is the first image, zeros, and the last image if given."""
+        video = torch.zeros(1, 3, s.num_frames, s.height, s.width)
+        video[:, :, [0, -1][:len(s.images)]] = pixels(s.images, s.height, s.width)
+        latents = self.encode_video(video)
+        mask = torch.zeros(1, TEMPORAL, *latents.shape[2:], device=self.device)  # (1, 4, F_lat, h, w)
+        mask[:, :, 0] = 1
+        if len(s.images) > 1:
+            mask[:, -1, -1] = 1  # the last frame is the last latent frame's fourth
+        return torch.cat([mask, latents], dim=1)
+
+    def encode_video(self, video):
+        """(1, 3, F, H, W) pixels in [-1, 1] -> normalised latents (float32), as the pipelines feed the DiT."""
+        vae = self.on_device(self.vae)
+        dtype = next(vae.parameters()).dtype
+        return vae.normalize(vae.encode(video.to(self.device, dtype)).float())
+
+    def decoder(self, output_type):
+        """A function from finished latents (in order, any number at a time) to frames: the VAE carries its causal
+        cache from piece to piece, so frames come out as soon as latents are final and match one whole decode."""
+        if output_type == "latent":
+            return lambda z: z
+        stream = self.vae.decoder_stream()
+
+        def decode(z):  # a latent frame at a time: the GPU holds four frames of video, not a window's
+            vae = self.on_device(self.vae)
+            dtype = next(vae.parameters()).dtype
+            return np.concatenate([to_frames(stream(vae.denormalize(frame.to(self.device, dtype))))
+                                   for frame in z.split(1, dim=2)])
+        return decode
+
+    def noise(self, shape, generator):
+        """Gaussian latents drawn as diffusers' randn_tensor draws them: on the generator's device, then moved."""
+        where = generator.device if generator is not None else self.device
+        return torch.randn(shape, generator=generator, device=where, dtype=torch.float32).to(self.device)
+
+    @property
+    def transformer_dtype(self):  # the load dtype (its first parameter, scale_shift_table, is kept in float32)
+        return self.transformer.patch_embedding.weight.dtype
+
+    def cache_frames(self, x, s):
+        """How many latent frames of the window x the shortcuts may cache, in whole blocks: as many as fit
+        s.cache_budget GiB. The default (None) is what the GPU has free less a forward's activations over the whole
+        window and a margin, so the shortcuts fit wherever a run without them fits; 0 turns the cache off."""
+        cfg, itemsize = self.transformer.config, torch.finfo(self.transformer_dtype).bits // 8
+        guided = s.guidance_scale > 1
+        tokens = x.shape[3] // cfg.patch_size[1] * x.shape[4] // cfg.patch_size[2]  # a latent frame's
+        passes, sp = 1 + guided, self.parallel  # with several ranks, each caches its passes' heads only
+        if guided and self.cfg_parallel:
+            passes, sp = 1, self.cfg_parallel[0]
+        heads = -(-cfg.num_attention_heads // (1 if sp is None else dist.get_world_size(sp.group)))
+        per_frame = passes * cfg.num_layers * 2 * tokens * heads * cfg.attention_head_dim * itemsize  # K, V, layers
+        if s.cache_budget is not None:
+            budget = s.cache_budget * 2**30
+        elif self.device.type != "cuda":
+            budget = per_frame * x.shape[2]
+        else:
+            free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device) \
+                - torch.cuda.memory_allocated(self.device)
+            # A forward's peak over its activations is below this (measured 0.6-0.7x at 1.3B and 14B, 540P).
+            activations = x.shape[2] * tokens * (2 * cfg.ffn_dim + 10 * cfg.dim) * itemsize
+            budget = free - activations - 2 * 2**30
+        return min(x.shape[2], max(int(budget), 0) // per_frame) // s.causal_block_size * s.causal_block_size
+
+    # -- weights: offload and LoRAs ------------------------------------------------------------------------------
+
+    def on_device(self, module):
+        """With offload, only the component computing (None: none) is on the GPU. Its parameters go there for its
+        turn; the others return to the CPU copies they left behind, so nothing is copied back."""
+        if self.offload:
+            for m in [m for m in self.on_cpu if m is not module]:
+                for p, data in zip(resident(m), self.on_cpu.pop(m)):
+                    p.data = data
+            if module is not None and module not in self.on_cpu:
+                self.on_cpu[module] = [p.data for p in resident(module)]
+                for p in resident(module):
+                    p.data = p.data.to(self.device)
+        return module
+
+    def load_lora(self, path, scale=1.0):
+        """Fold a LoRA (diffusers/PEFT, original Wan / ComfyUI or kohya keys) into the DiT at `scale`; LoRAs add up."""
+        fold_loras(self, [(path, scale)])
+
+    def unload_loras(self):
+        """The DiT's weights exactly as before the first LoRA."""
+        for name in list(self.lora_originals):
+            self.transformer.get_parameter(name).data.copy_(self.lora_originals.pop(name))
+
+
+# ================================================================================================================
+# Loading: folders, one-file DiTs, the original naming, LoRAs, the hub, the tiny models, media
+
+class CheckpointError(ValueError):
     """A checkpoint that cannot be used. The message is one line and names the file."""
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoint loading
+KINDS = {"SkyReelsV2Pipeline": "t2v", "SkyReelsV2ImageToVideoPipeline": "i2v",
+         "SkyReelsV2DiffusionForcingPipeline": "df"}
+
+
+def kind_of(path):
+    """'t2v', 'i2v' or 'df', from model_index.json's _class_name (or a tiny-* name), without loading weights."""
+    if path in ("tiny-t2v", "tiny-i2v", "tiny-df"):
+        return path[5:]
+    name = read_json(os.path.join(path, "model_index.json")).get("_class_name")
+    if name not in KINDS:
+        raise CheckpointError(f"{path}/model_index.json names {name}, not a SkyReels-V2 pipeline ({', '.join(KINDS)})")
+    return KINDS[name]
+
+
+
+def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch.float32, compile=False, loras=(),
+         transformer=None):
+    """A ready pipeline from an official -Diffusers folder (or a Hugging Face id, or tiny-t2v/i2v/df). loras: [(path,
+    scale), ...] (fold_loras). transformer: a one-file DiT (ours or the original naming) for the folder's weights.
+    compile: torch.compile the DiT's blocks, ~20% faster on an H100 and half the activation memory (fused elementwise
+    work), after ~10-30 s per new latent shape. Under torchrun every rank calls this alike, each with its own device
+    (e.g. cuda:LOCAL_RANK), and the ranks share the DiT's work (split_ranks)."""
+    for file in ([transformer] if transformer else []) + [lora for lora, _ in loras]:  # at the door, not after loading
+        if not os.path.isfile(file):
+            raise CheckpointError(f"no such file: {file}")
+    device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe = tiny_pipeline(path, device, dtype) if path.startswith("tiny-") else \
+        load_folder(path, device, dtype, offload, vae_dtype, transformer)
+    fold_loras(pipe, loras)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        pipe.parallel, pipe.cfg_parallel = split_ranks()
+    if device.type == "cuda":
+        use_flash_attention_4(device)
+    if compile:
+        for block in pipe.transformer.blocks.children():
+            block.compile()
+    return pipe
+
+
+
+def check_device(device):
+    """A torch.device this machine has, or one ValueError."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not (device.index or 0) < torch.cuda.device_count():
+        raise ValueError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA devices; use cpu")
+    return device
+
+
+
+def rope_limit(path):  # the DiT's rotary table length per axis, without its weights
+    config = os.path.join(path, "transformer", "config.json")
+    dit = model.DIT_CONFIGS["tiny"] if path.startswith("tiny-") else read_config(model.DiTConfig, config)
+    return dit.rope_max_seq_len
+
+
+
+def load_folder(path, device, dtype, offload, vae_dtype, transformer_file=None):
+    if not os.path.isdir(path):
+        path = download(path)
+    kind = kind_of(path)
+    home = torch.device("cpu") if offload else device  # offloaded components wait on the CPU
+    sub = lambda name: os.path.join(path, name)  # noqa: E731
+    if device.type == "cuda" and not offload:  # say so now, not as an out-of-memory error after minutes of loading
+        need = sum(weights_bytes(sub(c), dtype) for c in ("text_encoder", "transformer", "image_encoder")
+                   if os.path.isdir(sub(c)))
+        have = torch.cuda.get_device_properties(device).total_memory
+        if need > 0.9 * have:
+            raise ValueError(f"{path} takes {need / 2**30:.1f} GiB in {str(dtype)[6:]} and {device} has "
+                             f"{have / 2**30:.1f} GiB: pass --offload (load(..., offload=True))")
+    spiece = sub("tokenizer/spiece.model")
+    if not os.path.isfile(spiece):
+        raise CheckpointError(f"missing file: {spiece}")
+    try:
+        tokenizer = text.Tokenizer(spiece)
+    except (RuntimeError, OSError) as e:
+        raise CheckpointError(f"{spiece} is not a sentencepiece model ({str(e).splitlines()[0]})") from None
+    clip = preprocess = None
+    if kind == "i2v":
+        clip = load_component(model.CLIPVision, model.CLIPVisionConfig, sub("image_encoder"), dtype, home)
+        preprocess = read_json(sub("image_processor/preprocessor_config.json"))
+        if not isinstance(preprocess.get("size"), dict) or not isinstance(preprocess.get("crop_size"), dict):
+            raise CheckpointError(f"{sub('image_processor/preprocessor_config.json')} lacks size or crop_size")
+    return Pipeline(kind, tokenizer,
+                    load_component(text.UMT5Encoder, text.UMT5Config, sub("text_encoder"), dtype, home),
+                    load_component(model.DiT, model.DiTConfig, sub("transformer"), dtype, home, transformer_file),
+                    load_component(vae.VAE, vae.VAEConfig, sub("vae"), vae_dtype, home), clip, preprocess, device,
+                    offload)
+
 
 
 def read_json(path):
@@ -270,118 +848,10 @@ def fold_loras(pipe, loras):
         p.data.copy_(p.data.float() + delta)
 
 
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# The pipeline: components, defaults, inputs
-
-KINDS = {"SkyReelsV2Pipeline": "t2v", "SkyReelsV2ImageToVideoPipeline": "i2v",
-         "SkyReelsV2DiffusionForcingPipeline": "df"}
-# The seed's recommendations per mode: (steps, guidance scale, flow shift).
-DEFAULTS = {"t2v": (50, 6.0, 8.0), "i2v": (50, 5.0, 5.0), "df": (30, 6.0, 8.0), "df-i2v": (30, 5.0, 5.0),
-            "v2v": (30, 5.0, 5.0)}
-TEMPORAL, SPATIAL = 4, 8  # the Wan VAE's compression
-
-
-def latent_frames(num_frames):  # the VAE keeps the first frame alone and packs each next 4 into one latent frame
-    return (num_frames - 1) // TEMPORAL + 1
-
-
-def kind_of(path):
-    """'t2v', 'i2v' or 'df', from model_index.json's _class_name (or a tiny-* name), without loading weights."""
-    if path in ("tiny-t2v", "tiny-i2v", "tiny-df"):
-        return path[5:]
-    name = read_json(os.path.join(path, "model_index.json")).get("_class_name")
-    if name not in KINDS:
-        raise CheckpointError(f"{path}/model_index.json names {name}, not a SkyReels-V2 pipeline ({', '.join(KINDS)})")
-    return KINDS[name]
-
-
-def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch.float32, compile=False, loras=(),
-         transformer=None):
-    """A ready pipeline from an official -Diffusers folder (or a Hugging Face id, or tiny-t2v/i2v/df). loras: [(path,
-    scale), ...] (fold_loras). transformer: a one-file DiT (ours or the original naming) for the folder's weights.
-    compile: torch.compile the DiT's blocks, ~20% faster on an H100 and half the activation memory (fused elementwise
-    work), after ~10-30 s per new latent shape. Under torchrun every rank calls this alike, each with its own device
-    (e.g. cuda:LOCAL_RANK), and the ranks share the DiT's work (split_ranks)."""
-    for file in ([transformer] if transformer else []) + [lora for lora, _ in loras]:  # at the door, not after loading
-        if not os.path.isfile(file):
-            raise CheckpointError(f"no such file: {file}")
-    device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe = tiny_pipeline(path, device, dtype) if path.startswith("tiny-") else \
-        load_folder(path, device, dtype, offload, vae_dtype, transformer)
-    fold_loras(pipe, loras)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        pipe.parallel, pipe.cfg_parallel = split_ranks()
-    if device.type == "cuda":
-        use_flash_attention_4(device)
-    if compile:
-        for block in pipe.transformer.blocks.children():
-            block.compile()
-    return pipe
-
-
-def use_flash_attention_4(device):
-    """The DiT's attention through flash-attn-4 (an optional extra, `pip install flash-attn-4`) on Hopper and
-    Blackwell GPUs, where it is 1.2x faster than cuDNN's; one line says why not when it is not installed."""
-    if torch.cuda.get_device_capability(device)[0] not in (9, 10):
-        return
-    try:
-        from flash_attn.cute import flash_attn_func
-    except Exception as e:  # noqa: BLE001  not installed, or installed without its CUDA libraries
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"note: attention runs on PyTorch SDPA; flash-attn-4 would be faster ({type(e).__name__}: {e})",
-                  file=sys.stderr)
-        return
-    model.FLASH = flash_attn_func
-
-
-def check_device(device):
-    """A torch.device this machine has, or one ValueError."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not (device.index or 0) < torch.cuda.device_count():
-        raise ValueError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA devices; use cpu")
-    return device
-
-
-def rope_limit(path):  # the DiT's rotary table length per axis, without its weights
-    config = os.path.join(path, "transformer", "config.json")
-    dit = model.DIT_CONFIGS["tiny"] if path.startswith("tiny-") else read_config(model.DiTConfig, config)
-    return dit.rope_max_seq_len
-
-
-def load_folder(path, device, dtype, offload, vae_dtype, transformer_file=None):
-    if not os.path.isdir(path):
-        path = download(path)
-    kind = kind_of(path)
-    home = torch.device("cpu") if offload else device  # offloaded components wait on the CPU
-    sub = lambda name: os.path.join(path, name)  # noqa: E731
-    if device.type == "cuda" and not offload:  # say so now, not as an out-of-memory error after minutes of loading
-        need = sum(weights_bytes(sub(c), dtype) for c in ("text_encoder", "transformer", "image_encoder")
-                   if os.path.isdir(sub(c)))
-        have = torch.cuda.get_device_properties(device).total_memory
-        if need > 0.9 * have:
-            raise ValueError(f"{path} takes {need / 2**30:.1f} GiB in {str(dtype)[6:]} and {device} has "
-                             f"{have / 2**30:.1f} GiB: pass --offload (load(..., offload=True))")
-    spiece = sub("tokenizer/spiece.model")
-    if not os.path.isfile(spiece):
-        raise CheckpointError(f"missing file: {spiece}")
-    try:
-        tokenizer = text.Tokenizer(spiece)
-    except (RuntimeError, OSError) as e:
-        raise CheckpointError(f"{spiece} is not a sentencepiece model ({str(e).splitlines()[0]})") from None
-    clip = preprocess = None
-    if kind == "i2v":
-        clip = load_component(model.CLIPVision, model.CLIPVisionConfig, sub("image_encoder"), dtype, home)
-        preprocess = read_json(sub("image_processor/preprocessor_config.json"))
-        if not isinstance(preprocess.get("size"), dict) or not isinstance(preprocess.get("crop_size"), dict):
-            raise CheckpointError(f"{sub('image_processor/preprocessor_config.json')} lacks size or crop_size")
-    return Pipeline(kind, tokenizer,
-                    load_component(text.UMT5Encoder, text.UMT5Config, sub("text_encoder"), dtype, home),
-                    load_component(model.DiT, model.DiTConfig, sub("transformer"), dtype, home, transformer_file),
-                    load_component(vae.VAE, vae.VAEConfig, sub("vae"), vae_dtype, home), clip, preprocess, device,
-                    offload)
+# The hub, the tiny models, media
 
 
 def download(name):
@@ -423,10 +893,12 @@ def tiny_pipeline(name, device, dtype):
                           image_std=[0.26862954, 0.26130258, 0.27577711])
     if kind == "df":
         dit = dataclasses.replace(dit, inject_sample_info=True)
-    return Pipeline(kind, text.Tokenizer(spiece),
+    pipe = Pipeline(kind, text.Tokenizer(spiece),
                     place(text.UMT5Encoder(text.UMT5Config.from_config(text.TINY_CONFIG)), device, dtype).eval(),
                     place(model.DiT(dit), device, dtype).eval(), vae.VAE(vae.CONFIGS["tiny"]).to(device).eval(),
                     clip, preprocess, device, False)
+    pipe.resolution = "tiny"
+    return pipe
 
 
 def to_pil(image, what):
@@ -470,6 +942,11 @@ def to_frames(video):
     return (video[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).float().cpu().numpy()
 
 
+
+# ================================================================================================================
+# Extras: block streaming (--offload), several ranks (torchrun), flash-attn-4
+
+
 class StreamedBlocks(torch.nn.ModuleList):
     """--offload for the DiT: its blocks wait in pinned host memory and are copied to the GPU in turn, each copy (on a
     side CUDA stream) overlapping the compute of the block before, so the GPU holds two blocks instead of the model
@@ -511,10 +988,18 @@ class StreamedBlocks(torch.nn.ModuleList):
                 p.data = data
 
 
+def stream_blocks(pipe):
+    """--offload: the DiT's blocks and the text encoder's layers stream through the GPU (UMT5-XXL is 11 GB in bf16,
+    a 14B DiT 27 GB); the rest of a component goes to the GPU for its turn (Pipeline.on_device)."""
+    pipe.transformer.blocks = StreamedBlocks(pipe.transformer.blocks, pipe.device)
+    pipe.text_encoder.encoder["block"] = StreamedBlocks(pipe.text_encoder.encoder["block"], pipe.device)
+
+
 def resident(module):
-    """The parameters that --offload moves to the GPU for a component's turn: all but streamed DiT blocks'."""
+    """The parameters that --offload moves to the GPU for a component's turn: all but streamed blocks'."""
     streamed = {id(p) for m in module.modules() if isinstance(m, StreamedBlocks) for p in m.parameters()}
     return [p for p in module.parameters() if id(p) not in streamed]
+
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -535,13 +1020,25 @@ def split_ranks():
     return model.SequenceParallel(dist.group.WORLD), (half, pairs[rank % (n // 2)], rank // (n // 2))
 
 
-def check_ranks_agree(settings, device):
+def guided_pair_across_ranks(one_pass, texts, attention, cfg_parallel):
+    """CFG parallelism: half the ranks make the conditional prediction, the other half the unconditional one, and each
+    rank swaps with its twin. A rank makes one pass, so the first pass's attention context (its cache) serves it,
+    whichever pass it is. Returns (conditional, unconditional) on every rank."""
+    half, pair, index = cfg_parallel
+    mine = one_pass(texts[index], dataclasses.replace(attention, parallel=half))
+    v, u = torch.empty_like(mine), torch.empty_like(mine)
+    dist.all_gather([v, u], mine, group=pair)
+    return v, u
+
+
+def check_ranks_agree(s, device):
     """Ranks that disagree on a seed, a size or an input compute a garbled video together: compare a digest of the
     settings before any work (after their checks, which stop every rank alike), and stop every rank alike."""
-    if settings["addnoise_condition"] > 0:  # re-noising draws from the device's global RNG
-        settings["rng"] = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+    values = [getattr(s, f.name) for f in dataclasses.fields(s) if f.name != "progress"]  # rank 0's alone reports
+    if s.addnoise_condition > 0:  # re-noising draws from the device's global RNG
+        values.append(torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state())
     h = hashlib.sha256()
-    for value in settings.values():
+    for value in values:
         for v in value if isinstance(value, list) else [value]:  # a list: video frames
             v = v.get_state() if isinstance(v, torch.Generator) else v
             h.update(v.cpu().numpy().tobytes() if torch.is_tensor(v) else v.tobytes() if hasattr(v, "tobytes")  # PIL
@@ -553,369 +1050,17 @@ def check_ranks_agree(settings, device):
         raise ValueError(f"ranks {differ} were given other settings, inputs or random state than rank 0")
 
 
-# Integer settings: the least and the most each may be. Python or numpy ints, never floats or bools.
-INTEGERS = dict(height=(16, math.inf), width=(16, math.inf), num_frames=(1, math.inf), fps=(1, math.inf),
-                num_inference_steps=(1, 1000), seed=(0, 2**64 - 1), ar_step=(0, math.inf),
-                causal_block_size=(1, math.inf), base_num_frames=(1, math.inf), overlap_history=(1, math.inf),
-                max_sequence_length=(1, math.inf))
-MAX_TOKENS = 2**20  # a window's tokens: 9x a 720P window's (31x45x80), about what one 80 GB GPU can attend over
+def use_flash_attention_4(device):
+    """The DiT's attention through flash-attn-4 (an optional extra, `pip install flash-attn-4`) on Hopper and
+    Blackwell GPUs, where it is 1.2x faster than cuDNN's; one line says why not when it is not installed."""
+    if torch.cuda.get_device_capability(device)[0] not in (9, 10):
+        return
+    try:
+        from flash_attn.cute import flash_attn_func
+    except Exception as e:  # noqa: BLE001  not installed, or installed without its CUDA libraries
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"note: attention runs on PyTorch SDPA; flash-attn-4 would be faster ({type(e).__name__}: {e})",
+                  file=sys.stderr)
+        return
+    model.FLASH = flash_attn_func
 
-
-def check_settings(kind, rope_max_seq_len, settings):
-    """Pipeline.stream's arguments (a dict; stream's defaults for those missing, other keys ignored), checked before
-    any work for a `kind` checkpoint whose rotary table covers `rope_max_seq_len` positions a side: one ValueError
-    naming the argument, or the settings normalised (mode and defaults filled in, num_frames 1 + 4k, media as PIL)."""
-    s = {k: settings.get(k, p.default) for k, p in inspect.signature(Pipeline.stream).parameters.items() if k != "self"}
-    image, last_image, video = s["image"], s["last_image"], s["video"]
-    mode = kind if kind != "df" else "df-i2v" if image is not None else "v2v" if video is not None else "df"
-    if image is None and (kind == "i2v" or last_image is not None):
-        raise ValueError("an I2V checkpoint, and last_image, need image (the first frame)")
-    if image is not None and (kind == "t2v" or video is not None) or video is not None and kind != "df":
-        takes = {"t2v": "no image or video", "i2v": "an image, no video", "df": "an image or a video, not both"}
-        raise ValueError(f"a {kind.upper()} checkpoint takes {takes[kind]}")
-    defaults = dict(zip(("num_inference_steps", "guidance_scale", "shift"), DEFAULTS[mode]), causal_block_size=1)
-    s.update({k: v for k, v in defaults.items() if s[k] is None}, mode=mode)
-    for name, (low, high) in INTEGERS.items():
-        v = s[name]
-        if (v is not None or name not in ("seed", "overlap_history")) and (
-                isinstance(v, bool) or not isinstance(v, numbers.Integral) or not low <= v <= high):
-            raise ValueError(f"{name} must be an integer in [{low}, {high}], got {v!r}")
-        s[name] = None if v is None else int(v)
-    for name in ("guidance_scale", "shift", "addnoise_condition"):
-        v = s[name]
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < math.inf or not v and name == "shift":
-            raise ValueError(f"{name} must be a finite number {'> 0' if name == 'shift' else '>= 0'}, got {v!r}")
-        s[name] = float(v)
-    if s["height"] % 16 or s["width"] % 16:
-        raise ValueError(f"height and width must be multiples of 16, got {s['height']}x{s['width']}")
-    for name in ("prompt", "negative_prompt"):
-        if not isinstance(s[name], str) or s[name] != s[name].encode("utf-8", "replace").decode():
-            raise ValueError(f"{name} must be a string of valid text (no lone surrogates), got {s[name]!r:.80}")
-    if s["output_type"] not in ("np", "latent"):
-        raise ValueError(f"output_type must be 'np' or 'latent', got {s['output_type']!r}")
-    if not isinstance(s["generator"], (torch.Generator, type(None))) or \
-            s["progress"] is not None and not callable(s["progress"]):
-        raise ValueError("generator must be a torch.Generator and progress a function progress(step, total)")
-    s.update({name: to_pil(s[name], name) for name in ("image", "last_image") if s[name] is not None})
-    s["video"] = None if video is None else read_video(video)
-    # Enough frames for the mode, windows that overlap less than they hold, a token grid the model can take.
-    asked, base, overlap = s["num_frames"], s["base_num_frames"], s["overlap_history"]
-    n = s["num_frames"] = (asked - 1) // TEMPORAL * TEMPORAL + 1  # rounded down to 1 + 4k, as diffusers does
-    if (mode == "df-i2v" or last_image is not None) and n <= TEMPORAL:
-        raise ValueError(f"num_frames must be at least 5 with an image (it takes a latent frame of 4), got {asked}")
-    if mode == "v2v" and overlap is None:
-        raise ValueError("video extension needs overlap_history (e.g. 17): the input frames the new ones continue")
-    if kind == "df" and n > base and overlap is None:
-        raise ValueError(f"num_frames ({n}) is above base_num_frames ({base}): set overlap_history (17 or 37) to "
-                         f"make the video window by window")
-    if kind == "df" and overlap is not None and latent_frames(overlap) >= latent_frames(base):
-        raise ValueError(f"overlap_history must be at most {(latent_frames(base) - 1) * TEMPORAL} with "
-                         f"base_num_frames {base} (each window adds a latent frame of 4 or more), got {overlap}")
-    if mode == "v2v" and not (overlap <= len(s["video"]) and overlap < n):
-        raise ValueError(f"overlap_history ({overlap}) must be at most the video's {len(s['video'])} frames and below "
-                         f"num_frames ({n}), which counts the overlap_history input frames the new ones continue")
-    f = latent_frames(min(n, base)) + (last_image is not None) if kind == "df" else latent_frames(n)
-    grid = (f, s["height"] // SPATIAL // 2, s["width"] // SPATIAL // 2)  # the DiT's tokens: 1x2x2 latent patches
-    if max(grid) > rope_max_seq_len or math.prod(grid) > MAX_TOKENS:
-        raise ValueError(f"height {s['height']} and width {s['width']} make a {'x'.join(map(str, grid))} token grid a "
-                         f"window, beyond rope_max_seq_len {rope_max_seq_len} or {MAX_TOKENS} tokens: choose less")
-    if kind == "df":  # each window a whole number of causal blocks: planning says so, before the weights are read
-        plan_windows(mode, n, base, overlap, s["causal_block_size"], s["ar_step"],
-                     schedule.timesteps(s["num_inference_steps"], s["shift"])[0], last_image is not None)
-    return s
-
-
-class Pipeline:
-    def __init__(self, kind, tokenizer, text_encoder, transformer, vae, clip, clip_preprocess, device, offload):
-        self.shortcuts = True  # the exact async shortcuts (run_diffusion_forcing); off: diffusers' full passes
-        self.cache_budget = None  # bytes for the shortcuts' key/value cache; None: what the GPU has free; 0: none
-        self.on_cpu = {}  # offload: component -> its parameters' CPU tensors while it is on the GPU
-        self.parallel = self.cfg_parallel = None  # several processes: split_ranks
-        self.lora_originals = {}  # fold_loras: {DiT parameter name: its CPU original}
-        self.kind, self.tokenizer, self.text_encoder, self.transformer = kind, tokenizer, text_encoder, transformer
-        self.vae, self.clip, self.clip_preprocess, self.device, self.offload = vae, clip, clip_preprocess, device, offload
-        for m in (text_encoder, transformer, vae, clip):  # inference only: no autograd graph keeps activations
-            if m is not None:
-                m.requires_grad_(False)
-        if offload:
-            transformer.blocks = StreamedBlocks(transformer.blocks, device)
-
-    def on_device(self, module):
-        """With offload, only the component computing (None: none) is on the GPU. Its parameters go there for its
-        turn; the others return to the CPU copies they left behind, so nothing is copied back."""
-        if self.offload:
-            for m in [m for m in self.on_cpu if m is not module]:
-                for p, data in zip(resident(m), self.on_cpu.pop(m)):
-                    p.data = data
-            if module is not None and module not in self.on_cpu:
-                self.on_cpu[module] = [p.data for p in resident(module)]
-                for p in resident(module):
-                    p.data = p.data.to(self.device)
-        return module
-
-    def load_lora(self, path, scale=1.0):
-        """Fold a LoRA (diffusers/PEFT, original Wan / ComfyUI or kohya keys) into the DiT at `scale`; LoRAs add up."""
-        fold_loras(self, [(path, scale)])
-
-    def unload_loras(self):
-        """The DiT's weights exactly as before the first LoRA."""
-        for name in list(self.lora_originals):
-            self.transformer.get_parameter(name).data.copy_(self.lora_originals.pop(name))
-
-    def generate(self, prompt, negative_prompt="", image=None, last_image=None, video=None, height=544, width=960,
-                 num_frames=97, num_inference_steps=None, guidance_scale=None, shift=None, generator=None, seed=None,
-                 ar_step=0, causal_block_size=None, base_num_frames=97, overlap_history=None, addnoise_condition=0,
-                 fps=24, max_sequence_length=512, output_type="np"):
-        """float32 frames (F, H, W, 3) in [0, 1], or with output_type="latent" the final latents."""
-        chunks = list(self.stream(**{k: v for k, v in locals().items() if k != "self"}))
-        return torch.cat(chunks, dim=2) if output_type == "latent" else np.concatenate(chunks)
-
-    def stream(self, prompt, negative_prompt="", image=None, last_image=None, video=None, height=544, width=960,
-               num_frames=97, num_inference_steps=None, guidance_scale=None, shift=None, generator=None, seed=None,
-               ar_step=0, causal_block_size=None, base_num_frames=97, overlap_history=None, addnoise_condition=0,
-               fps=24, max_sequence_length=512, output_type="np", progress=None):
-        """`generate` as an iterator of finished frame chunks (F_i, H, W, 3), window by window, so a long video can be
-        written as it is made. Every setting is checked (check_settings) before this returns; `progress(step, total)`
-        is called after each denoising step."""
-        s = check_settings(self.kind, self.transformer.config.rope_max_seq_len,
-                           {k: v for k, v in locals().items() if k != "self"})
-        if s["generator"] is None and s["seed"] is not None:
-            s["generator"] = torch.Generator().manual_seed(s["seed"])
-        if self.parallel is not None:
-            check_ranks_agree(dict(s, progress=None), self.device)
-        ts, sigmas = schedule.timesteps(s["num_inference_steps"], s["shift"])
-        images = [im for im in (s["image"], s["last_image"]) if im is not None]  # the first, and the last
-        run = self.run_diffusion_forcing if self.kind == "df" else self.run_lockstep
-        return run(s, images, ts, sigmas)
-
-    # -- the pieces every mode shares -----------------------------------------------------------------------------
-
-    def encode_text(self, prompt, negative_prompt, guidance, max_sequence_length):
-        prompts = [prompt, negative_prompt] if guidance > 1 else [prompt]
-        # With offload the encoder's layers stream through the GPU one at a time (UMT5-XXL is 11 GB in bf16).
-        self.on_device(None if self.offload else self.text_encoder)
-        embeds = text.encode_prompts(self.tokenizer, self.text_encoder, prompts, max_sequence_length, self.device,
-                                     self.device if self.offload else None).to(self.transformer_dtype)
-        return embeds[:1], embeds[1:] if guidance > 1 else None
-
-    @property
-    def transformer_dtype(self):  # the load dtype (its first parameter, scale_shift_table, is kept in float32)
-        return self.transformer.patch_embedding.weight.dtype
-
-    def noise(self, shape, generator):
-        """Gaussian latents drawn as diffusers' randn_tensor draws them: on the generator's device, then moved."""
-        where = generator.device if generator is not None else self.device
-        return torch.randn(shape, generator=generator, device=where, dtype=torch.float32).to(self.device)
-
-    def predict(self, x, t, context, negative, guidance, caches=(None, None), **kw):
-        """The flow prediction, with classifier-free guidance when guidance > 1 (in the model's dtype, as diffusers).
-        caches: the KVCaches of the conditional and the unconditional pass, which see different keys and values."""
-        transformer = self.on_device(self.transformer)
-        if negative is None:
-            return transformer(x, t, context, cache=caches[0], parallel=self.parallel, **kw)
-        if self.cfg_parallel is not None:
-            # Half the ranks make the conditional prediction, the other half the unconditional one, and each rank
-            # swaps with its twin. A rank makes one pass, so caches[0] serves it, whichever pass it is.
-            half, pair, index = self.cfg_parallel
-            mine = transformer(x, t, (context, negative)[index], cache=caches[0], parallel=half, **kw)
-            v, u = torch.empty_like(mine), torch.empty_like(mine)
-            dist.all_gather([v, u], mine, group=pair)
-        else:
-            v = transformer(x, t, context, cache=caches[0], parallel=self.parallel, **kw)
-            u = transformer(x, t, negative, cache=caches[1], parallel=self.parallel, **kw)
-        return u + guidance * (v - u)
-
-    def encode_video(self, video):
-        """(1, 3, F, H, W) pixels in [-1, 1] -> normalised latents (float32), as the pipelines feed the DiT."""
-        vae = self.on_device(self.vae)
-        dtype = next(vae.parameters()).dtype
-        return vae.normalize(vae.encode(video.to(self.device, dtype)).float())
-
-    def decoder(self, output_latent):
-        """A function from finished latents (in order, any number at a time) to frames: the VAE carries its causal
-        cache from piece to piece, so frames come out as soon as latents are final and match one whole decode."""
-        if output_latent:
-            return lambda z: z
-        stream = self.vae.decoder_stream()
-
-        def decode(z):  # a latent frame at a time: the GPU holds four frames of video, not a window's
-            vae = self.on_device(self.vae)
-            dtype = next(vae.parameters()).dtype
-            return np.concatenate([to_frames(stream(vae.denormalize(frame.to(self.device, dtype))))
-                                   for frame in z.split(1, dim=2)])
-        return decode
-
-    # -- text- and image-to-video: every latent frame at the same timestep -------------------------------------------
-
-    def run_lockstep(self, s, images, ts, sigmas):
-        context, negative = self.encode_text(s["prompt"], s["negative_prompt"], s["guidance_scale"],
-                                             s["max_sequence_length"])
-        image_context = None
-        if self.kind == "i2v":  # neither draws random numbers: the noise is the same as without them
-            image_context = self.encode_clip(images)
-            condition = self.i2v_condition(images, s["num_frames"], s["height"], s["width"])
-        num_latent = latent_frames(s["num_frames"])
-        x = self.noise((1, 16, num_latent, s["height"] // SPATIAL, s["width"] // SPATIAL), s["generator"])
-        state = schedule.unipc_init(sigmas, num_latent)
-        every = torch.ones(num_latent, dtype=torch.bool)
-        for i, t in enumerate(ts):
-            inp = x if self.kind == "t2v" else torch.cat([x, condition], dim=1)
-            v = self.predict(inp.to(self.transformer_dtype), t.expand(1).to(self.device), context, negative,
-                             s["guidance_scale"], image_context=image_context)
-            x = schedule.unipc_step(state, v, x, every)
-            if s["progress"]:
-                s["progress"](i, len(ts))
-        yield self.decoder(s["output_type"] == "latent")(x)
-
-    def encode_clip(self, images):
-        clip = self.on_device(self.clip)
-        pixels_ = torch.cat([model.clip_preprocess(im, self.clip_preprocess) for im in images])
-        hidden = clip(pixels_.to(self.device, next(clip.parameters()).dtype))  # (N, 257, 1280)
-        return hidden.reshape(1, -1, hidden.shape[-1]).to(self.transformer_dtype)  # first-last: both images' tokens
-
-    def i2v_condition(self, images, num_frames, height, width):
-        """The 20 conditioning channels of an I2V DiT: a 4-channel mask of the known frames (one channel per video
-        frame a latent frame covers; the first latent covers one frame, repeated 4 times) and the latents of the
-        video that is the first image, zeros, and the last image if given."""
-        video = torch.zeros(1, 3, num_frames, height, width)
-        video[:, :, [0, -1][:len(images)]] = pixels(images, height, width)
-        latents = self.encode_video(video)
-        mask = torch.zeros(1, TEMPORAL, *latents.shape[2:], device=self.device)  # (1, 4, F_lat, h, w)
-        mask[:, :, 0] = 1
-        if len(images) > 1:
-            mask[:, -1, -1] = 1  # the last frame is the last latent frame's fourth
-        return torch.cat([mask, latents], dim=1)
-
-    # -- diffusion forcing: one loop for text-, image- and video-conditioned generation -------------------------------
-
-    def run_diffusion_forcing(self, s, images, ts, sigmas):
-        """Window by window (denoise_window): each window's first `prefix` latent frames are known (the image, the end
-        of the input video, or the end of the previous window), the rest start as noise. Each window's new latents are
-        final when it ends, so they are decoded and handed on at once."""
-        context, negative = self.encode_text(s["prompt"], s["negative_prompt"], s["guidance_scale"],
-                                             s["max_sequence_length"])
-        decode = self.decoder(s["output_type"] == "latent")
-        dtype, progress = self.transformer_dtype, s["progress"]
-        known = end = None
-        if s["mode"] == "df-i2v":  # the first (and last) image, encoded as one-frame videos
-            cond = self.encode_video(torch.cat([pixels([im], s["height"], s["width"]) for im in images]))
-            known, end = cond[:1], cond[1:]
-        if s["mode"] == "v2v":
-            video = pixels(s["video"], s["height"], s["width"])
-            if s["output_type"] != "latent":  # the input first, as in diffusers (whose latents are the new ones only)
-                yield to_frames(video)
-            # The last overlap_history input frames, of which the VAE takes the first 1 + 4k.
-            history = video[:, :, video.shape[2] - s["overlap_history"]:]
-            known = self.encode_video(history[:, :, :(s["overlap_history"] - 1) // TEMPORAL * TEMPORAL + 1])
-        windows = plan_windows(s["mode"], s["num_frames"], s["base_num_frames"], s["overlap_history"],
-                               s["causal_block_size"], s["ar_step"], ts, len(images) > 1)
-        done, total = 0, sum(len(w["matrix"]) for w in windows)  # steps, over all windows
-        for w in windows:
-            x = self.noise((1, 16, w["size"], s["height"] // SPATIAL, s["width"] // SPATIAL), s["generator"])
-            p = w["prefix"]
-            if p:
-                x[:, :, :p] = known[:, :, :p].to(dtype)
-            if w["end"]:
-                x = torch.cat([x, end.to(dtype)], dim=2)
-            x = self.denoise_window(x, w, context, negative, s["guidance_scale"], sigmas, s["causal_block_size"],
-                                    s["addnoise_condition"], s["fps"],
-                                    progress and (lambda i, d=done: progress(d + i, total)))
-            done += len(w["matrix"])
-            x = x[:, :, :w["size"]]  # without the last image's latent
-            known = x[:, :, x.shape[2] - w["overlap"]:]  # the next window's prefix
-            yield decode(x[:, :, w["new_from"]:])
-
-    def denoise_window(self, x, w, context, negative, guidance, sigmas, block, addnoise_condition, fps, progress=None):
-        """Diffusion forcing over one window: x (1, 16, F, h, w) float32 latents, its first w["prefix"] frames
-        known, the rest noise; w's step matrix gives each frame its timestep at each iteration and its update mask
-        the frames the per-frame solver moves; progress(i) after step i. Returns the denoised window."""
-        dtype, p = self.transformer_dtype, w["prefix"]
-        # diffusers and the original code step each frame on a view of the latents they then overwrite, so a
-        # frame's second corrector starts from its new sample; reproduce that (schedule.py explains).
-        state = schedule.unipc_init(sigmas, x.shape[2], alias_first_step=True)
-        noised = addnoise_condition > 0 and p > 0
-        # Exact shortcuts, with block-causal attention (causal blocks of block > 1 frames): blocks not started yet
-        # cannot change the blocks before them and their prediction is unused, so they are left out; finished blocks
-        # keep their keys and values in a cache. Re-noised known frames change every iteration: no cache then.
-        shortcut = self.shortcuts and block > 1
-        limit = self.cache_frames(x, block, negative is not None) if shortcut and not noised else 0
-        layers = len(self.transformer.blocks)
-        caches = (model.KVCache(layers, limit), model.KVCache(layers, limit)) if limit else (None, None)
-        for i, (t, upd) in enumerate(zip(w["matrix"], w["update"])):
-            lo, hi, keep = 0, x.shape[2], 0
-            if shortcut:
-                hi = -(-(int(upd.nonzero().max()) + 1) // block) * block
-            if caches[0] is not None:  # leading frames that are final now join the cache in this pass
-                lo = caches[0].frames
-                keep = int(torch.cumprod(~upd[lo:hi], 0).sum()) // block * block
-                keep = min(keep, limit - lo)  # past the budget, finished blocks are recomputed
-            inp = x[:, :, lo:hi].to(dtype, copy=True)
-            t = t[None, lo:hi].clone().to(self.device)
-            if noised:
-                # Known frames get a little fresh noise each iteration (and say so through their timestep):
-                # it smooths the seam between windows. Drawn from the global RNG, as diffusers and the original.
-                a = 0.001 * addnoise_condition
-                inp[:, :, :p] = inp[:, :, :p] * (1.0 - a) + torch.randn_like(inp[:, :, :p]) * a
-                t[:, :p] = addnoise_condition
-            v = self.predict(inp, t, context, negative, guidance, caches, fps=fps, causal_block_size=block, keep=keep)
-            v = torch.nn.functional.pad(v, (0, 0, 0, 0, lo, x.shape[2] - hi))  # frames left out: not updated now
-            x = schedule.unipc_step(state, v, x, upd)
-            if progress:
-                progress(i)
-        return x
-
-    def cache_frames(self, x, block, guided):
-        """How many latent frames of the window x the shortcuts may cache, in whole blocks: as many as fit
-        `self.cache_budget` bytes. The default (None) is what the GPU has free less a forward's activations over the
-        whole window and a margin, so the shortcuts fit wherever a run without them fits; 0 turns the cache off."""
-        cfg, itemsize = self.transformer.config, torch.finfo(self.transformer_dtype).bits // 8
-        tokens = x.shape[3] // cfg.patch_size[1] * x.shape[4] // cfg.patch_size[2]  # a latent frame's
-        passes, sp = 1 + guided, self.parallel  # with several ranks, each caches its passes' heads only
-        if guided and self.cfg_parallel:
-            passes, sp = 1, self.cfg_parallel[0]
-        heads = -(-cfg.num_attention_heads // (1 if sp is None else dist.get_world_size(sp.group)))
-        per_frame = passes * cfg.num_layers * 2 * tokens * heads * cfg.attention_head_dim * itemsize  # K, V, layers
-        budget = self.cache_budget
-        if budget is None and self.device.type != "cuda":
-            budget = per_frame * x.shape[2]
-        elif budget is None:
-            free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device) \
-                - torch.cuda.memory_allocated(self.device)
-            # A forward's peak over its activations is below this (measured 0.6-0.7x at 1.3B and 14B, 540P).
-            activations = x.shape[2] * tokens * (2 * cfg.ffn_dim + 10 * cfg.dim) * itemsize
-            budget = free - activations - 2 * 2**30
-        return min(x.shape[2], max(int(budget), 0) // per_frame) // block * block
-
-
-def plan_windows(mode, num_frames, base_num_frames, overlap_history, block, ar_step, ts, has_last):
-    """The windows of a diffusion-forcing run and their step matrices, for settings check_settings passed.
-
-    A window holds at most base_num_frames frames. Later windows begin with the last `overlap_history` frames made
-    so far (in latent frames, trimmed down to whole causal blocks): known frames the rest continues from. Video
-    extension is the same with the input video as 'made so far'. Each window is its own base, so the step matrix's
-    valid interval is always the whole window."""
-    total, base = latent_frames(num_frames), latent_frames(base_num_frames)
-    if overlap_history is not None and (num_frames > base_num_frames or mode == "v2v"):
-        overlap = latent_frames(overlap_history)
-        n = 2 + (total - base - 1) // (base - overlap)
-        sizes = [min(total - k * (base - overlap), base) for k in range(n)]
-    else:
-        overlap, sizes = 0, [total]
-    windows, matrices = [], {}  # a long video's windows are nearly all alike: one step matrix serves them
-    for k, size in enumerate(sizes):
-        # Known frames: the overlap, in whole blocks (v2v's first window too), or df-i2v's image latent.
-        prefix = overlap - overlap % block if k > 0 or mode == "v2v" else int(mode == "df-i2v")
-        end = int(has_last and k == len(sizes) - 1)
-        frames = size + end
-        if frames % block:
-            raise ValueError(f"a window of {frames} latent frames is not a whole number of causal blocks of "
-                             f"{block}; choose num_frames / base_num_frames / causal_block_size to fit")
-        if (frames, prefix, end) not in matrices:
-            matrix, _, update, _ = schedule.step_matrix(frames, ts, frames, ar_step, prefix, block)
-            if end:  # the last image's latent is known from the start and never moves (as the original code)
-                matrix[:, -1], update[:, -1] = 0, False
-            matrices[frames, prefix, end] = matrix, update
-        matrix, update = matrices[frames, prefix, end]
-        windows.append(dict(size=size, prefix=prefix, end=end, matrix=matrix, update=update, overlap=overlap,
-                            new_from=0 if k == 0 else overlap))
-    return windows

@@ -82,18 +82,14 @@ def test_synchronous_runs_are_untouched(pipe):
 
 
 def test_a_cache_budget_that_holds_part_of_the_cache_changes_nothing_but_the_work(pipe):
-    """The cache keeps at most what fits pipe.cache_budget (whole blocks); frames past it are recomputed. Every
+    """The cache keeps at most what fits cache_budget (GiB, whole blocks); frames past it are recomputed. Every
     budget gives the video of shortcuts off; a bigger budget passes fewer frames through the DiT."""
     cfg = pipe.transformer.config
     block_bytes = 2 * 2 * cfg.num_layers * 2 * (HEIGHT // 16) * (WIDTH // 16) * cfg.dim * 4  # 2 frames, CFG, fp32
     settings = dict(num_frames=29, ar_step=1, causal_block_size=2)
     works = []
-    try:
-        for budget in (0, block_bytes, 2 * block_bytes + 1, None):
-            pipe.cache_budget = budget
-            err, work_on, work_off = both(pipe, **settings)
-            assert err <= TOL, (budget, err)
-            works.append(work_on)
-    finally:
-        pipe.cache_budget = None
+    for budget in (0, block_bytes, 2 * block_bytes + 1, None):
+        err, work_on, work_off = both(pipe, **settings, cache_budget=budget and budget / 2**30)
+        assert err <= TOL, (budget, err)
+        works.append(work_on)
     assert work_off > works[0] > works[1] >= works[2] >= works[3], (work_off, works)
