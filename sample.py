@@ -6,7 +6,8 @@
 --num_frames, --inference_steps, --end_image, --video_path, ...) work too. Everything is checked before any work
 (before a local folder's weights are read): bad input gets one `error:` line and exit code 2, and nothing is written.
 The mp4 is written as frames are finished, under a temporary name; it is read back, then renamed with the JSON of its
-settings beside it. Ctrl-C or SIGTERM keeps the frames finished, with "partial": true in the JSON.
+settings beside it. A diffusion-forcing run keeps each finished window in NAME.state beside it; stopped (Ctrl-C,
+SIGTERM, SIGHUP, a crash), it writes the frames finished to NAME.partial.mp4, and `--resume` continues it.
 """
 import argparse
 import dataclasses
@@ -14,6 +15,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +29,8 @@ DEFAULTS = {"t2v": (50, 6.0, 8.0), "i2v": (50, 5.0, 5.0), "df": (30, 6.0, 8.0), 
             "v2v": (30, 5.0, 5.0)}
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bfloat16": "bfloat16", "float16": "float16",
           "float32": "float32"}
-STOP = {"defer": False, "pending": False}  # Ctrl-C / SIGTERM wait while ffmpeg is fed (see write)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each ends a run: exit 128 + its number
+STOP = {"defer": False, "signal": None}  # a signal waits while ffmpeg is fed and while files are renamed (write)
 
 
 class Parser(argparse.ArgumentParser):
@@ -42,7 +45,7 @@ def parse_args(argv=None):
     for mode, (kind, about) in MODES.items():
         m = modes.add_parser(mode, help=about, description=f"{about}, with a {kind.upper()} checkpoint",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
-        add_inputs(m.add_argument, mode)
+        add_inputs(m, mode)
         add_sampling(m.add_argument, mode, kind)
         add = m.add_argument
         add("--dtype", choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
@@ -58,10 +61,15 @@ def parse_args(argv=None):
     return args
 
 
-def add_inputs(add, mode):
+def add_inputs(m, mode):
+    add = m.add_argument
     add("--model", "--model_id", required=True, help="an official -Diffusers folder, a Hugging Face id (owner/name), "
         "or tiny-t2v / tiny-i2v / tiny-df")
-    add("--prompt", required=True, help="what the video shows")
+    text = m.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", action="append", help="what the video shows" + (
+        "; repeat it for a prompt a window, in order (the last carries on)" * (MODES[mode][0] == "df")))
+    text.add_argument("--prompt-file", help="a prompt a line (blank lines skipped)" + ", a prompt a window" * (
+        MODES[mode][0] == "df"))
     add("--negative-prompt", "--negative_prompt", help="what it should not show")
     if "i2v" in mode:
         add("--image", required=True, help="the first frame")
@@ -93,6 +101,11 @@ def add_sampling(add, mode, kind):
         add("--addnoise-condition", "--addnoise_condition", type=float, default=0, help="20: smoother joins")
         add("--cache-budget", type=float, help="GiB for the asynchronous shortcuts' key/value cache (0: none; "
             "default: what the GPU has free)")
+        add("--plan", nargs="?", const="", metavar="PNG", help="print the windows (and draw their step matrices to "
+            "PNG), then exit without loading any weight")
+        add("--resume", action="store_true", help="continue the run whose state is beside --out (NAME.state)")
+        add("--redo-from", type=int, metavar="K", help="keep windows 1 .. K-1 of that run, make the others again")
+        add("--keep-state", action="store_true", help="keep NAME.state once the video is written")
     add("--fps", type=int, default=24, help="the mp4's" + (" and the model's (16 or 24)" * (kind == "df")))
 
 
@@ -103,9 +116,9 @@ def lora_arg(text):  # PATH[:SCALE]; a ':' not followed by a number is part of t
 
 def main(argv=None):
     rank = int(os.environ.get("RANK", "0"))  # torchrun's ranks all get the same input: rank 0 alone reports it
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    STOP.update(defer=False, signal=None)
+    for sig in SIGNALS:
         signal.signal(sig, on_signal)
-    STOP.update(defer=False, pending=False)
     dist, args = None, argparse.Namespace(flags={})
     try:
         args = parse_args(argv) if rank == 0 else quietly(parse_args, argv)
@@ -115,11 +128,11 @@ def main(argv=None):
         run(args, rank)
     except KeyboardInterrupt:
         say("stopped before any frame was finished; nothing written")
-        sys.exit(130)
+        leave(128 + (STOP["signal"] or signal.SIGINT))
     except (ValueError, OSError) as e:  # skyreels.CheckpointError is a ValueError
         if rank == 0:
             print(f"error: {as_flags((str(e) or type(e).__name__).splitlines()[0], args.flags)}", file=sys.stderr)
-        sys.exit(2)
+        leave(2)
     except Exception as e:
         if type(e).__name__ == "OutOfMemoryError":  # finished windows are already kept (write)
             print(f"error: {f'rank {rank}: ' * bool(dist)}out of GPU memory ({str(e).splitlines()[0]}): try "
@@ -128,10 +141,25 @@ def main(argv=None):
             print(f"error: rank {rank}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}", file=sys.stderr)
         else:
             raise
-        sys.exit(1)
+        leave(1)
     finally:
         if dist:
             dist.destroy_process_group()
+
+
+def on_signal(signum, frame):
+    """Ctrl-C, SIGTERM, SIGHUP: stop the run, but not while ffmpeg is fed or files are renamed (write); later
+    signals, while the run stops, are noted and change nothing."""
+    STOP["signal"] = STOP["signal"] or signum
+    if not STOP["defer"]:
+        STOP["defer"] = True  # from now on the run is stopping: a second Ctrl-C waits for it
+        raise KeyboardInterrupt
+
+
+def leave(code):  # exit with no signal left to interrupt the interpreter's own shutdown
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    sys.exit(code)
 
 
 def as_flags(message, flags):  # skyreels names settings as the API does (num_inference_steps): name the flags
@@ -158,9 +186,10 @@ def join_ranks(args):
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(args.device)
     dist.init_process_group("nccl" if getattr(args, "device", "cpu").startswith("cuda") else "gloo")
-    seed = [getattr(args, "seed", random.randrange(2**31))]  # --seed 0 is a seed
-    dist.broadcast_object_list(seed, src=0)
-    args.seed = seed[0]
+    if not (getattr(args, "resume", False) or getattr(args, "redo_from", None)):  # resuming: the state's seed
+        seed = [getattr(args, "seed", random.randrange(2**31))]  # --seed 0 is a seed
+        dist.broadcast_object_list(seed, src=0)
+        args.seed = seed[0]
     return True
 
 
@@ -173,19 +202,19 @@ def run(args, rank=0):
     a = vars(args)  # the flags given, and those with a default
     device = skyreels.check_device(a.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, DTYPES[a.get("dtype", "fp32" if device.type == "cpu" else "bf16")])
-    paths = output_paths(args.out, [a.get("image"), a.get("last_image"), a.get("video")]) if rank == 0 else None
-    ffmpeg()
     model = args.model if args.model.startswith("tiny-") or os.path.isdir(args.model) else skyreels.download(args.model)
     kind = skyreels.kind_of(model)  # all is checked before the weights are read
     if kind != MODES[args.mode][0]:
         raise ValueError(f"{args.mode} needs a {MODES[args.mode][0].upper()} checkpoint; {model} is {kind.upper()}")
-    settings = {f: a[f] for f in skyreels.Settings.__dataclass_fields__ if f in a}
-    settings.update(seed=a.get("seed", -1), resolution=a.get("resolution", "tiny" * args.model.startswith("tiny-")
-                                                               or None),
-                    base_num_frames=a.get("base_num_frames", 121 if a.get("resolution") == "720P" else 97))
-    s = skyreels.check_settings(kind, skyreels.rope_limit(model), skyreels.Settings(**settings))
+    out = Output(args.out, kind == "df" and "plan" not in a)
+    out.check([model if os.path.isdir(model) else None, a.get("transformer"), a.get("image"), a.get("last_image"),
+               a.get("video"), a.get("prompt_file")] + [path for path, _ in a.get("lora", [])], probe=rank == 0)
+    s = skyreels.check_settings(kind, skyreels.rope_limit(model), settings_of(args, out, skyreels))
+    if "plan" in a:
+        return show_plan(s, skyreels, a["plan"])
     if s.num_frames != args.num_frames:
         say(f"num_frames {args.num_frames} is rounded down to {s.num_frames} (the VAE makes 1 + 4k frames)")
+    ffmpeg()
     pipe = skyreels.load(model, device=device, dtype=dtype, offload="offload" in a, compile="compile" in a,
                          loras=a.get("lora", []), transformer=a.get("transformer"))
     chunks = pipe.run(dataclasses.replace(s, progress=Progress() if rank == 0 else None))
@@ -195,33 +224,152 @@ def run(args, rank=0):
         return
     record = dict(mode=args.mode, model=args.model, dtype=str(dtype)[6:], loras=a.get("lora", []),
                   transformer=a.get("transformer"), world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    record.update({k: v for k, v in vars(s).items() if k not in ("generator", "progress", "mode")},
+    record.update({k: v for k, v in vars(s).items() if k not in ("generator", "progress", "mode", "resume")},
                   image=a.get("image"), last_image=a.get("last_image"), video=a.get("video"))  # media as named
-    write(chunks, *paths, s.fps, record, len(s.video or []))
-    print(paths[0])
+    if kind == "df":
+        record.update(window_prompts=[w.prompt for w in skyreels.plan_windows(s)], state=s.state if "keep_state" in a else None)
+    out.write(chunks, s.fps, record, len(s.video or []), keep_state="keep_state" in a)
+    print(out.path)
 
 
-def output_paths(out, inputs):
-    """--out's mp4, JSON and short temporary names, refused now (not after the denoising) if they cannot be written."""
-    if os.path.isdir(out):
-        out = os.path.join(out, "video.mp4")
-    if not out.lower().endswith(".mp4"):
-        raise ValueError(f"--out must name an .mp4 file: {out}")
-    sidecar, folder = out[:-4] + ".json", os.path.dirname(os.path.abspath(out))
-    tmp = os.path.join(folder, f".sample-{os.getpid()}.mp4")  # short: out's own name may be at the length limit
-    tmp_json = tmp[:-4] + ".json"
-    if not os.path.isdir(folder):
-        raise ValueError(f"cannot write {out}: {folder} {'is a file' if os.path.exists(folder) else 'does not exist'}")
-    if os.path.isdir(sidecar) or len(os.path.basename(sidecar).encode()) > 255:
-        raise ValueError(f"cannot write {sidecar}: {'a folder' if os.path.isdir(sidecar) else 'name too long'}")
-    if any(p and os.path.realpath(p) in (os.path.realpath(out), os.path.realpath(sidecar)) for p in inputs):
-        raise ValueError(f"--out {out} would overwrite an input file")
-    try:  # prove that the folder takes files
-        open(tmp_json, "w").close()
-        os.remove(tmp_json)
-    except OSError as e:
-        raise ValueError(f"cannot write {out}: {e.strerror}") from None
-    return out, sidecar, tmp, tmp_json
+def settings_of(args, out, skyreels):
+    """skyreels.Settings from the flags named as its fields; the prompts from --prompt or --prompt-file."""
+    a = vars(args)
+    settings = {f: a[f] for f in skyreels.Settings.__dataclass_fields__ if f in a}
+    resuming = "resume" in a or "redo_from" in a
+    settings.update(prompt=a.get("prompt") or read_prompts(a["prompt_file"]), seed=a.get("seed", -1 * (not resuming)),
+                    state=out.state, resolution=a.get("resolution", "tiny" if args.model.startswith("tiny-") else None),
+                    base_num_frames=a.get("base_num_frames", 121 if a.get("resolution") == "720P" else 97))
+    return skyreels.Settings(**settings)
+
+
+def read_prompts(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read --prompt-file {path} ({e})") from None
+    if not prompts:
+        raise ValueError(f"--prompt-file {path} holds no prompt")
+    return prompts
+
+
+def show_plan(s, skyreels, picture):
+    """--plan: the windows, the frames each makes and its prompt; with a PNG, the step matrices drawn."""
+    windows = skyreels.plan_windows(s)
+    first = len(s.video) if s.mode == "v2v" else 0  # v2v's output begins with the input video
+    print(f"{len(windows)} windows, {sum(len(w.matrix) for w in windows)} iterations of the step matrices")
+    for k, w in enumerate(windows):
+        made = 1 + 4 * (w.size - 1) if k == 0 else 4 * (w.size - w.new_from)
+        print(f"window {k + 1}: frames {first + 1}-{first + made}, {len(w.matrix)} iterations, {w.prefix} latent "
+              f"frames known, prompt: {w.prompt}")
+        first += made
+    if picture:
+        import imageio.v2 as imageio
+
+        imageio.imwrite(picture, skyreels.plan_picture(s, windows))
+        print(picture)
+
+
+class Output:
+    """Where a run writes: the mp4 and its JSON, NAME.partial.mp4 and its JSON for a stopped run, short temporary
+    names for both while they are written, and NAME.state (diffusion forcing)."""
+
+    def __init__(self, out, keeps_state):
+        if os.path.isdir(out):
+            out = os.path.join(out, "video.mp4")
+        if not out.lower().endswith(".mp4"):
+            raise ValueError(f"--out must name an .mp4 file: {out}")
+        self.path, self.json, self.folder = out, out[:-4] + ".json", os.path.dirname(os.path.abspath(out))
+        self.partial, self.partial_json = out[:-4] + ".partial.mp4", out[:-4] + ".partial.json"
+        self.tmp = os.path.join(self.folder, f".sample-{os.getpid()}.mp4")  # short: out's name may be at the limit
+        self.tmp_json = self.tmp[:-4] + ".json"
+        self.state = out[:-4] + ".state" if keeps_state else None
+
+    def check(self, inputs, probe=True):
+        """Refuse now (not after the denoising) an output that would land on or inside an input, or cannot be
+        written."""
+        if not os.path.isdir(self.folder):
+            raise ValueError(f"cannot write {self.path}: {self.folder} "
+                             f"{'is a file' if os.path.exists(self.folder) else 'does not exist'}")
+        for path in (self.json, self.partial_json):
+            if os.path.isdir(path) or len(os.path.basename(path).encode()) > 255:
+                raise ValueError(f"cannot write {path}: {'a folder' if os.path.isdir(path) else 'name too long'}")
+        for path in (self.path, self.json, self.partial, self.partial_json, self.tmp, self.state):
+            for given in filter(None, inputs):
+                if path and (real := os.path.realpath(path)) == os.path.realpath(given) or path and \
+                        real.startswith(os.path.realpath(given) + os.sep):
+                    raise ValueError(f"--out {self.path} would write {path}, over the input {given}")
+        try:  # prove that the folder takes files
+            if probe:
+                open(self.tmp_json, "w").close()
+                os.remove(self.tmp_json)
+        except OSError as e:
+            raise ValueError(f"cannot write {self.path}: {e.strerror}") from None
+
+    def write(self, chunks, fps, record, new_from=0, keep_state=False):
+        """Frame chunks to a temporary mp4 as they come, read back, then renamed with `record` as JSON beside it: both
+        complete, or neither. Stopped part-way (a signal, an error in a later window), the frames finished go to
+        NAME.partial.mp4 instead (if any is new: v2v's output begins with the input's `new_from` frames), so a
+        complete video of that name is never replaced by a partial one."""
+        written, stop = self.feed(chunks, fps)
+        STOP["defer"] = True
+        final = (self.path, self.json) if stop is None else (self.partial, self.partial_json)
+        try:
+            if written > new_from:
+                if frames_in(self.tmp) != written:  # ffmpeg failed (a full disk, say), and imageio does not tell
+                    raise OSError(f"writing {final[0]} failed: ffmpeg did not finish a readable video (is the disk "
+                                  f"full?)")
+                with open(self.tmp_json, "w") as f:
+                    json.dump(dict(record, frames=written, partial=stop is not None), f, indent=1)
+                os.replace(self.tmp, final[0])
+                os.replace(self.tmp_json, final[1])
+                self.finish(stop is None, keep_state)
+        finally:
+            STOP["defer"] = stop is not None
+            for path in (self.tmp, self.tmp_json):
+                if os.path.exists(path):
+                    os.remove(path)
+        if stop is not None:  # an error (not a signal) then gets its own line
+            resume = f"; --resume continues it from {self.state}" if self.state else ""
+            say("stopped; " + (f"{final[0]} holds the {written} frames finished" if written > new_from else
+                               "nothing written") + resume)
+            raise SystemExit(128 + STOP["signal"]) if isinstance(stop, KeyboardInterrupt) else stop
+
+    def feed(self, chunks, fps):
+        """(frames written to the temporary mp4, the exception that stopped it or None)."""
+        import imageio.v2 as imageio
+        import numpy as np
+
+        writer = imageio.get_writer(self.tmp, format="FFMPEG", fps=fps, codec="libx264", quality=8,
+                                    macro_block_size=1, ffmpeg_log_level="quiet")
+        written, stop = 0, None
+        try:
+            for chunk in chunks:
+                STOP["defer"] = True  # imageio kills ffmpeg when interrupted while feeding it: the mp4 gets no index
+                for frame in chunk:
+                    writer.append_data((np.clip(frame, 0, 1) * 255).round().astype(np.uint8))
+                written += len(chunk)
+                STOP["defer"] = False
+                if STOP["signal"]:
+                    raise KeyboardInterrupt
+        except BaseException as e:  # noqa: B036  a signal too: the frames finished are kept
+            stop = e
+        STOP["defer"] = True
+        try:
+            writer.close()
+        except OSError as e:  # ffmpeg ended early: a full disk, say; frames_in then finds the mp4 unreadable
+            stop = stop or e
+        return written, stop
+
+    def finish(self, complete, keep_state):
+        """A complete video makes an earlier partial one and (without --keep-state) the state unneeded."""
+        if complete:
+            for path in (self.partial, self.partial_json):
+                if os.path.exists(path):
+                    os.remove(path)
+            if self.state and not keep_state and os.path.isdir(self.state):
+                shutil.rmtree(self.state)
 
 
 def say(message):  # a line on stderr, of its own even after a progress line
@@ -243,52 +391,6 @@ class Progress:
         else:
             sys.stderr.write(line + "\n")
         sys.stderr.flush()
-
-
-def on_signal(signum, frame):  # Ctrl-C and SIGTERM stop the run, but not while ffmpeg is fed (see write)
-    STOP["pending"] = True
-    if not STOP["defer"]:
-        raise KeyboardInterrupt
-
-
-def write(chunks, out, sidecar, tmp, tmp_json, fps, record, new_from=0):
-    """Frame chunks to `tmp` as they come, read back, then renamed to `out` with `record` as JSON beside it: both
-    complete, or neither. Stopped part-way (Ctrl-C, SIGTERM, an error in a later window), it keeps the frames
-    finished so, with "partial": true, if any is new (v2v's output begins with the input's `new_from` frames)."""
-    import imageio.v2 as imageio
-    import numpy as np
-
-    writer = imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", quality=8, macro_block_size=1)
-    written, stop = 0, None
-    try:
-        for chunk in chunks:
-            STOP["defer"] = True  # imageio kills ffmpeg when interrupted while feeding it: the mp4 gets no index
-            for frame in chunk:
-                writer.append_data((np.clip(frame, 0, 1) * 255).round().astype(np.uint8))
-            written += len(chunk)
-            STOP["defer"] = False
-            if STOP["pending"]:
-                raise KeyboardInterrupt
-    except BaseException as e:
-        stop = e
-    STOP["defer"] = True
-    try:
-        writer.close()
-        if written > new_from:
-            if frames_in(tmp) != written:  # ffmpeg failed (a full disk, say), and imageio does not tell
-                raise OSError(f"writing {out} failed: ffmpeg did not finish a readable video (is the disk full?)")
-            with open(tmp_json, "w") as f:
-                json.dump(dict(record, frames=written, partial=stop is not None), f, indent=1)
-            os.replace(tmp, out)
-            os.replace(tmp_json, sidecar)
-    finally:
-        STOP["defer"] = False
-        for path in (tmp, tmp_json):
-            if os.path.exists(path):
-                os.remove(path)
-    if stop is not None:  # an error (not Ctrl-C) then gets its own line
-        say("stopped; " + (f"{out} holds the {written} frames finished" if written > new_from else "nothing written"))
-        raise SystemExit(130) if isinstance(stop, KeyboardInterrupt) else stop
 
 
 def ffmpeg():  # the mp4s are read and written by imageio-ffmpeg's binary: without it, say so before any work

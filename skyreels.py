@@ -53,7 +53,7 @@ class Settings:
     """One generation's inputs: what Pipeline.generate and stream take, by these names. check_settings returns
     them checked and normalised (the mode and its defaults filled in, the size chosen, num_frames 1 + 4k, images
     and video frames as PIL), and that checked copy is the one input of every loop below."""
-    prompt: str
+    prompt: str  # or a list, a prompt a window: diffusion-forcing window k uses prompt[min(k, len - 1)]
     negative_prompt: str = ""
     image: object = None  # the first frame (i2v, df-i2v): a PIL image, a path, or an (H, W, 3) array
     last_image: object = None  # the last frame (i2v, df-i2v)
@@ -77,11 +77,18 @@ class Settings:
     cache_budget: float = None  # GiB for the asynchronous shortcuts' key/value cache; None: what the GPU has free
     output_type: str = "np"  # "np": frames; "latent": the final latents
     progress: object = None  # progress(step, total), called after each denoising step
+    state: str = None  # diffusion forcing: a folder that keeps every finished window (State), to resume from
+    resume: bool = False  # continue the run kept in `state` from its last finished window
+    redo_from: int = None  # keep windows 1 .. redo_from - 1 of the run kept in `state`, make the others again
     mode: str = None  # t2v, i2v, df, df-i2v or v2v: from the checkpoint's kind and the inputs (check_settings)
 
     @property
     def images(self):  # the first, and the last
         return [im for im in (self.image, self.last_image) if im is not None]
+
+    @property
+    def prompts(self):
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
 # Integer settings: the least and the most each may be. Python or numpy ints, never floats or bools.
@@ -101,6 +108,7 @@ def check_settings(kind, rope_max_seq_len, s):
     defaults = dict(zip(("num_inference_steps", "guidance_scale", "shift"), DEFAULTS[mode]))
     s = dataclasses.replace(s, mode=mode, **{k: v for k, v in defaults.items() if getattr(s, k) is None})
     s = check_numbers(s)
+    s = check_state(s)
     s = check_inputs(s)
     check_frames(kind, rope_max_seq_len, s)
     return s
@@ -136,7 +144,25 @@ def check_numbers(s):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < math.inf or not v and name == "shift":
             raise ValueError(f"{name} must be a finite number {'> 0' if name == 'shift' else '>= 0'}, got {v!r}")
         reals[name] = float(v)
-    s = dataclasses.replace(s, **ints, **reals)
+    return dataclasses.replace(s, **ints, **reals)
+
+
+def check_state(s):
+    """The state folder's settings (State); resuming without a seed takes the state's. Then the seed -1 is drawn at
+    random and a seed made a generator."""
+    if not isinstance(s.resume, bool) or s.redo_from is not None and (
+            isinstance(s.redo_from, bool) or not isinstance(s.redo_from, numbers.Integral) or s.redo_from < 1):
+        raise ValueError(f"resume must be True or False and redo_from a window number from 1, got {s.resume!r} and "
+                         f"{s.redo_from!r}")
+    if (s.resume or s.redo_from) and s.state is None:
+        raise ValueError("resume and redo_from continue the run kept in a state folder: give state")
+    if s.state is not None and s.mode not in ("df", "df-i2v", "v2v"):
+        raise ValueError(f"state, resume and redo_from are for diffusion forcing, window by window; {s.mode} makes "
+                         f"one pass")
+    if s.state is not None and not isinstance(s.state, (str, os.PathLike)):
+        raise ValueError(f"state must be a folder's path, got {type(s.state).__name__}")
+    if (s.resume or s.redo_from) and s.seed in (None, -1):
+        s = dataclasses.replace(s, seed=read_json(os.path.join(s.state, "settings.json")).get("seed"))
     if s.seed == -1:  # as the original CLI and the UIs people use: a random seed, recorded
         s = dataclasses.replace(s, seed=random.randrange(2**31))
     if s.generator is None and s.seed is not None:
@@ -146,10 +172,12 @@ def check_numbers(s):
 
 def check_inputs(s):
     """Text, output type and callbacks; images and video read as PIL; the size chosen and checked."""
-    for name in ("prompt", "negative_prompt"):
-        v = getattr(s, name)
+    if not isinstance(s.prompt, (str, list, tuple)) or not s.prompt:
+        raise ValueError(f"prompt must be a string or a non-empty list of strings, got {s.prompt!r:.80}")
+    for name, v in [("prompt", p) for p in s.prompts] + [("negative_prompt", s.negative_prompt)]:
         if not isinstance(v, str) or v != v.encode("utf-8", "replace").decode():
             raise ValueError(f"{name} must be a string of valid text (no lone surrogates), got {v!r:.80}")
+    s = dataclasses.replace(s, prompt=s.prompts[0] if len(s.prompts) == 1 else s.prompts)
     if s.output_type not in ("np", "latent"):
         raise ValueError(f"output_type must be 'np' or 'latent', got {s.output_type!r}")
     if not isinstance(s.generator, (torch.Generator, type(None))) or s.progress is not None and not callable(s.progress):
@@ -203,8 +231,14 @@ def check_frames(kind, rope_max_seq_len, s):
     if max(grid) > rope_max_seq_len or math.prod(grid) > MAX_TOKENS:
         raise ValueError(f"height {s.height} and width {s.width} make a {'x'.join(map(str, grid))} token grid a "
                          f"window, beyond rope_max_seq_len {rope_max_seq_len} or {MAX_TOKENS} tokens: choose less")
+    if kind != "df" and len(s.prompts) > 1:
+        raise ValueError(f"prompt: a list of {len(s.prompts)} prompts is for diffusion forcing (a prompt a window); "
+                         f"{s.mode} makes one pass")
     if kind == "df":  # each window a whole number of causal blocks: planning says so, before the weights are read
-        plan_windows(s)
+        windows = len(plan_windows(s))
+        if len(s.prompts) > windows:
+            raise ValueError(f"prompt: {len(s.prompts)} prompts for {windows} windows (a prompt a window, the last "
+                             f"carries on)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +249,7 @@ class Window:
     end: int  # 1 if the last image's latent follows its frames (df-i2v with a last image, last window)
     new_from: int  # its first frame not made by the window before
     overlap: int  # the frames the next window continues from
+    prompt: str
     matrix: torch.Tensor  # (iterations, size + end) int64: each frame's timestep at each iteration
     update: torch.Tensor  # (iterations, size + end) bool: the frames the solver moves at each iteration
 
@@ -248,7 +283,8 @@ def plan_windows(s):
             if end:  # the last image's latent is known from the start and never moves (as the original code)
                 matrix[:, -1], update[:, -1] = 0, False
             matrices[frames, prefix, end] = matrix, update
-        windows.append(Window(size, prefix, end, 0 if k == 0 else overlap, overlap, *matrices[frames, prefix, end]))
+        windows.append(Window(size, prefix, end, 0 if k == 0 else overlap, overlap,
+                              s.prompts[min(k, len(s.prompts) - 1)], *matrices[frames, prefix, end]))
     return windows
 
 
@@ -268,6 +304,7 @@ class Pipeline:
     def __init__(self, kind, tokenizer, text_encoder, transformer, vae, clip, clip_preprocess, device, offload):
         self.shortcuts = True  # the exact async shortcuts (denoise_window); off: diffusers' full passes
         self.resolution = "540P"  # the size without height and width (tiny_pipeline: "tiny")
+        self.checkpoint = {}  # what load was given (a State compares it)
         self.on_cpu = {}  # offload: component -> its parameters' CPU tensors while it is on the GPU
         self.parallel = self.cfg_parallel = None  # several processes: split_ranks
         self.lora_originals = {}  # fold_loras: {DiT parameter name: its CPU original}
@@ -298,12 +335,15 @@ class Pipeline:
         """The video of settings `s` that check_settings passed, as `stream` hands it out."""
         if self.parallel is not None:
             check_ranks_agree(s, self.device)
-        return self.run_diffusion_forcing(s) if self.kind == "df" else self.run_lockstep(s)
+        if self.kind != "df":
+            return self.run_lockstep(s)
+        windows = plan_windows(s)
+        return self.run_diffusion_forcing(s, windows, s.state and State(self, s, windows))
 
     # -- text- and image-to-video: every latent frame at the same timestep -------------------------------------------
 
     def run_lockstep(self, s):
-        texts = self.encode_text(s)
+        texts = self.encode_text(s)[s.prompt]
         image_context = condition = None
         if self.kind == "i2v":  # neither draws random numbers: the noise is the same as without them
             image_context, condition = self.encode_clip(s.images), self.i2v_condition(s)
@@ -321,23 +361,28 @@ class Pipeline:
 
     # -- diffusion forcing: one loop for text-, image- and video-conditioned generation -------------------------------
 
-    def run_diffusion_forcing(self, s):
+    def run_diffusion_forcing(self, s, windows, state=None):
         """Window by window (denoise_window): each window's first `prefix` latent frames are known (the image, the end
         of the input video, or the end of the previous window), the rest start as noise. Each window's new latents are
-        final when it ends, so they are decoded and handed on at once."""
+        final when it ends, so they are decoded and handed on at once. `state` (a State) keeps each finished window,
+        and hands back those an earlier run finished."""
         texts, decode = self.encode_text(s), self.decoder(s.output_type)
         known, end = self.known_latents(s)
         if s.mode == "v2v" and s.output_type != "latent":  # the input first, as diffusers (its latents: the new only)
             yield to_frames(pixels(s.video, s.height, s.width))
-        windows = plan_windows(s)
-        done, total = 0, sum(len(w.matrix) for w in windows)  # steps, over all windows
-        for w in windows:
-            x = self.noise((1, 16, w.size, s.height // SPATIAL, s.width // SPATIAL), s.generator)
-            if w.prefix:
-                x[:, :, :w.prefix] = known[:, :, :w.prefix].to(self.transformer_dtype)
-            if w.end:
-                x = torch.cat([x, end.to(self.transformer_dtype)], dim=2)
-            x = self.denoise_window(x, w, s, texts, done, total)[:, :, :w.size]  # without the last image's latent
+        done, total, generator = 0, sum(len(w.matrix) for w in windows), s.generator  # steps, over all windows
+        for k, w in enumerate(windows):
+            if state and k < state.finished:
+                x, generator = state.load(k, generator)
+            else:
+                x = self.noise((1, 16, w.size, s.height // SPATIAL, s.width // SPATIAL), generator)
+                if w.prefix:
+                    x[:, :, :w.prefix] = known[:, :, :w.prefix].to(self.transformer_dtype)
+                if w.end:
+                    x = torch.cat([x, end.to(self.transformer_dtype)], dim=2)
+                x = self.denoise_window(x, w, s, texts[w.prompt], done, total)[:, :, :w.size]  # no last image
+                if state:
+                    state.save(k, x, generator)
             done += len(w.matrix)
             known = x[:, :, x.shape[2] - w.overlap:]  # the next window's prefix
             yield decode(x[:, :, w.new_from:])
@@ -409,14 +454,14 @@ class Pipeline:
         return u + s.guidance_scale * (v - u)
 
     def encode_text(self, s):
-        """(prompt's embedding, negative prompt's embedding or None without guidance), in the DiT's dtype."""
-        guided = s.guidance_scale > 1
-        prompts = [s.prompt, s.negative_prompt] if guided else [s.prompt]
+        """{prompt: (its embedding, the negative prompt's or None without guidance)} in the DiT's dtype, each distinct
+        prompt encoded once, all in one batch."""
+        guided, prompts = s.guidance_scale > 1, list(dict.fromkeys(s.prompts))
         # With offload the encoder's layers stream through the GPU one at a time (UMT5-XXL is 11 GB in bf16).
         encoder = self.on_device(self.text_encoder)
-        embeds = text.encode_prompts(self.tokenizer, encoder, prompts, s.max_sequence_length, self.device)
-        embeds = embeds.to(self.transformer_dtype)
-        return embeds[:1], embeds[1:] if guided else None
+        embeds = text.encode_prompts(self.tokenizer, encoder, prompts + [s.negative_prompt] * guided,
+                                     s.max_sequence_length, self.device).to(self.transformer_dtype)
+        return {p: (embeds[i:i + 1], embeds[-1:] if guided else None) for i, p in enumerate(prompts)}
 
     def encode_clip(self, images):
         clip = self.on_device(self.clip)
@@ -551,6 +596,8 @@ def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch
     pipe = tiny_pipeline(path, device, dtype) if path.startswith("tiny-") else \
         load_folder(path, device, dtype, offload, vae_dtype, transformer)
     fold_loras(pipe, loras)
+    pipe.checkpoint = dict(model=path, transformer=transformer, loras=[list(lora) for lora in loras],
+                           dtype=str(dtype)[6:], vae_dtype=str(vae_dtype)[6:])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         pipe.parallel, pipe.cfg_parallel = split_ranks()
     if device.type == "cuda":
@@ -559,7 +606,6 @@ def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch
         for block in pipe.transformer.blocks.children():
             block.compile()
     return pipe
-
 
 
 def check_device(device):
@@ -1000,6 +1046,126 @@ def resident(module):
     streamed = {id(p) for m in module.modules() if isinstance(m, StreamedBlocks) for p in m.parameters()}
     return [p for p in module.parameters() if id(p) not in streamed]
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resume and redo: a diffusion-forcing run keeps every finished window in a state folder
+
+
+SAME_ON_RESUME = ("mode", "negative_prompt", "height", "width", "num_frames", "num_inference_steps",
+                  "guidance_scale", "shift", "ar_step", "causal_block_size", "base_num_frames", "overlap_history",
+                  "addnoise_condition", "fps", "max_sequence_length")
+
+
+class State:
+    """A diffusion-forcing run's state folder: settings.json (what its frames depend on), and window-0001.safetensors,
+    ... for each finished window: its latents (float32, exact) and the state of every random generator the run draws
+    from after it (the seeded one, and the global ones the re-noised joins use). Each file is written whole under a
+    temporary name and then renamed, so a kill at any moment leaves the finished windows intact. Resuming loads them
+    (no DiT work is repeated) and restores the generators, so the video is the one an uninterrupted run makes;
+    redo_from K keeps windows 1 .. K-1 and makes the others with this run's prompts (and seed, if given)."""
+
+    def __init__(self, pipe, s, windows):
+        self.folder, self.device, self.windows = s.state, pipe.device, windows
+        self.writer = not dist.is_initialized() or dist.get_rank() == 0  # rank 0 writes, every rank reads
+        settings = os.path.join(self.folder, "settings.json")
+        record = state_record(pipe, s)
+        kept = 0
+        while os.path.isfile(self.path(kept)):
+            kept += 1
+        self.finished, self.reseed = 0, False
+        if s.resume or s.redo_from:
+            old = read_json(settings)
+            allowed = ("prompt", "seed") if s.redo_from else ()
+            for name in record:
+                if record[name] != old.get(name) and name not in allowed:
+                    raise ValueError(f"{name} differs from the state's in {self.folder} ({old.get(name)!r:.60} there, "
+                                     f"{record[name]!r:.60} here): resume with the same settings")
+            self.finished = kept if not s.redo_from else s.redo_from - 1
+            if self.finished > kept:
+                raise ValueError(f"redo_from {s.redo_from}: {self.folder} holds {kept} finished windows")
+            self.reseed = record["seed"] != old.get("seed")
+        elif kept:
+            raise ValueError(f"{self.folder} holds {kept} finished windows of an earlier run: resume it, redo from a "
+                             f"window, or remove the folder")
+        if self.writer:
+            os.makedirs(self.folder, exist_ok=True)
+            for k in range(self.finished, kept):  # the windows to make again, last first
+                os.remove(self.path(kept - 1 - k + self.finished))
+            atomic_write(settings, lambda f: f.write(json.dumps(record, indent=1).encode()))
+
+    def path(self, k):
+        return os.path.join(self.folder, f"window-{k + 1:04d}.safetensors")
+
+    def save(self, k, x, generator):
+        if not self.writer:
+            return
+        tensors = dict(latents=x.float().cpu().contiguous(), rng=torch.get_rng_state())
+        if generator is not None:
+            tensors["generator"] = generator.get_state()
+        if self.device.type == "cuda":
+            tensors["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        from safetensors.torch import save
+
+        blob = save(tensors, metadata=dict(prompt=self.windows[k].prompt))
+        atomic_write(self.path(k), lambda f: f.write(blob))
+
+    def load(self, k, generator):
+        """Window k's latents, and the generators as they were after it (the seeded one anew, seeded again, where a
+        redo changes the seed)."""
+        path = self.path(k)
+        with _open(path) as f:
+            t = {key: _tensor(f, path, key) for key in f.keys()}
+        if "latents" not in t or tuple(t["latents"].shape[:3]) != (1, 16, self.windows[k].size):
+            raise CheckpointError(f"{path} does not hold this run's window {k + 1}")
+        torch.set_rng_state(t["rng"])
+        if "cuda_rng" in t and self.device.type == "cuda":
+            torch.cuda.set_rng_state(t["cuda_rng"], self.device)
+        if generator is not None and "generator" in t and not self.reseed:
+            generator.set_state(t["generator"])
+        return t["latents"].to(self.device), generator
+
+
+def state_record(pipe, s):
+    """What a run's frames depend on, as JSON: compared on resume, naming the first setting that differs."""
+    record = {name: getattr(s, name) for name in SAME_ON_RESUME}
+    for name in ("image", "last_image", "video"):  # media by the digest of their pixels
+        frames = getattr(s, name)
+        frames = frames if isinstance(frames, list) else [frames] if frames is not None else []
+        record[name] = hashlib.sha256(b"".join(im.tobytes() + repr(im.size).encode() for im in frames)).hexdigest()
+    return dict(record, checkpoint=pipe.checkpoint, prompt=s.prompts, seed=s.seed)
+
+
+def atomic_write(path, write):
+    """Write a file whole or not at all: to a temporary name beside it, flushed to disk, then renamed over it."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def plan_picture(s, windows, cell=4):
+    """The run's step matrices as one (H, W, 3) uint8 picture: a row per iteration, a column per latent frame,
+    brightness the frame's timestep (white: noise, black: clean), known frames blue, a red line between windows."""
+    starts = [0]
+    for w in windows[:-1]:
+        starts.append(starts[-1] + w.size - w.overlap)
+    width = max(start + len(w.matrix[0]) for start, w in zip(starts, windows))
+    rows = []
+    for start, w in zip(starts, windows):
+        block = np.full((len(w.matrix), width, 3), 40, np.uint8)  # outside the window: dark grey
+        shade = (w.matrix.cpu().numpy() * 255 // 999).astype(np.uint8)
+        block[:, start:start + shade.shape[1]] = shade[..., None]
+        known = ~w.update.cpu().numpy().any(0)  # frames never moved in this window
+        block[:, start:start + shade.shape[1]][:, known] = (40, 80, 200)
+        rows += [block, np.full((1, width, 3), (220, 30, 30), np.uint8)]
+    return np.concatenate(rows[:-1]).repeat(cell, axis=0).repeat(cell, axis=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
