@@ -911,7 +911,7 @@ def plan_windows(mode, num_frames, base_num_frames, overlap_history, block, ar_s
             raise ValueError(f"a window of {frames} latent frames is not a whole number of causal blocks of "
                              f"{block}; choose num_frames / base_num_frames / causal_block_size to fit")
         if (frames, prefix, end) not in matrices:
-            matrix, _, update, _ = schedule.step_matrix(frames, ts, frames, ar_step, prefix, block)
+            matrix, update = schedule.step_matrix(frames, ts, ar_step, prefix, block)
             if end:  # the last image's latent is known from the start and never moves (as the original code)
                 matrix[:, -1], update[:, -1] = 0, False
             matrices[frames, prefix, end] = matrix, update
