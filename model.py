@@ -64,7 +64,7 @@ class DiTConfig:
 
 # Named sizes; a checkpoint's variant adds switches, e.g. I2V: in_channels=36, image_dim=1280,
 # added_kv_proj_dim=dim; first-last frame: pos_embed_seq_len=514; DF: inject_sample_info=True.
-DIT_CONFIGS = {
+CONFIGS = {
     "tiny": DiTConfig(num_attention_heads=2, attention_head_dim=12, text_dim=32, freq_dim=32, ffn_dim=48,
                       num_layers=2, rope_max_seq_len=32),
     "1.3B": DiTConfig(num_attention_heads=12, ffn_dim=8960, num_layers=30),

@@ -347,7 +347,7 @@ def check_device(device):
 
 def rope_limit(path):  # the DiT's rotary table length per axis, without its weights
     config = os.path.join(path, "transformer", "config.json")
-    dit = model.DIT_CONFIGS["tiny"] if path.startswith("tiny-") else read_config(model.DiTConfig, config)
+    dit = model.CONFIGS["tiny"] if path.startswith("tiny-") else read_config(model.DiTConfig, config)
     return dit.rope_max_seq_len
 
 
@@ -412,7 +412,7 @@ def tiny_pipeline(name, device, dtype):
         sentence_iterator=iter(TINY_CORPUS * 4), model_prefix=spiece[:-6], vocab_size=200, character_coverage=1.0,
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2)
     torch.manual_seed(0)
-    dit = model.DIT_CONFIGS["tiny"]
+    dit = model.CONFIGS["tiny"]
     clip = preprocess = None
     if kind == "i2v":
         clip_cfg = model.CLIP_CONFIGS["tiny"]
@@ -424,7 +424,7 @@ def tiny_pipeline(name, device, dtype):
     if kind == "df":
         dit = dataclasses.replace(dit, inject_sample_info=True)
     return Pipeline(kind, text.Tokenizer(spiece),
-                    place(text.UMT5Encoder(text.UMT5Config.from_config(text.TINY_CONFIG)), device, dtype).eval(),
+                    place(text.UMT5Encoder(text.CONFIGS["tiny"]), device, dtype).eval(),
                     place(model.DiT(dit), device, dtype).eval(), vae.VAE(vae.CONFIGS["tiny"]).to(device).eval(),
                     clip, preprocess, device, False)
 
@@ -637,8 +637,9 @@ class Pipeline:
         for m in (text_encoder, transformer, vae, clip):  # inference only: no autograd graph keeps activations
             if m is not None:
                 m.requires_grad_(False)
-        if offload:
+        if offload:  # UMT5-XXL's blocks too (11 GB in bf16)
             transformer.blocks = StreamedBlocks(transformer.blocks, device)
+            text_encoder.encoder["block"] = StreamedBlocks(text_encoder.encoder["block"], device)
 
     def on_device(self, module):
         """With offload, only the component computing (None: none) is on the GPU. Its parameters go there for its
@@ -692,10 +693,9 @@ class Pipeline:
 
     def encode_text(self, prompt, negative_prompt, guidance, max_sequence_length):
         prompts = [prompt, negative_prompt] if guidance > 1 else [prompt]
-        # With offload the encoder's layers stream through the GPU one at a time (UMT5-XXL is 11 GB in bf16).
-        self.on_device(None if self.offload else self.text_encoder)
-        embeds = text.encode_prompts(self.tokenizer, self.text_encoder, prompts, max_sequence_length, self.device,
-                                     self.device if self.offload else None).to(self.transformer_dtype)
+        self.on_device(self.text_encoder)
+        embeds = text.encode_prompts(self.tokenizer, self.text_encoder, prompts, max_sequence_length,
+                                     self.device).to(self.transformer_dtype)
         return embeds[:1], embeds[1:] if guidance > 1 else None
 
     @property

@@ -65,7 +65,7 @@ PER_FRAME_T = torch.tensor([[999.0, 937.5, 875.0, 500.0, 250.0, 0.0]])
 
 
 def test_named_tiny_configs_match_the_harness():
-    assert model.DiTConfig.from_config(TINY_TRANSFORMER) == model.DIT_CONFIGS["tiny"]
+    assert model.DiTConfig.from_config(TINY_TRANSFORMER) == model.CONFIGS["tiny"]
     assert model.CLIPVisionConfig.from_config(TINY_CLIP) == model.CLIP_CONFIGS["tiny"]
 
 
