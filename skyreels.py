@@ -707,22 +707,24 @@ class Pipeline:
         where = generator.device if generator is not None else self.device
         return torch.randn(shape, generator=generator, device=where, dtype=torch.float32).to(self.device)
 
-    def predict(self, x, t, context, negative, guidance, caches=(None, None), **kw):
+    def predict(self, x, t, context, negative, guidance, caches=(None, None), causal_block_size=1, keep=0, **kw):
         """The flow prediction, with classifier-free guidance when guidance > 1 (in the model's dtype, as diffusers).
         caches: the KVCaches of the conditional and the unconditional pass, which see different keys and values."""
         transformer = self.on_device(self.transformer)
+        attention = model.AttentionContext(causal_block_size, caches[0], keep, self.parallel)
         if negative is None:
-            return transformer(x, t, context, cache=caches[0], parallel=self.parallel, **kw)
+            return transformer(x, t, context, attention=attention, **kw)
         if self.cfg_parallel is not None:
             # Half the ranks make the conditional prediction, the other half the unconditional one, and each rank
             # swaps with its twin. A rank makes one pass, so caches[0] serves it, whichever pass it is.
             half, pair, index = self.cfg_parallel
-            mine = transformer(x, t, (context, negative)[index], cache=caches[0], parallel=half, **kw)
+            attention = dataclasses.replace(attention, parallel=half)
+            mine = transformer(x, t, (context, negative)[index], attention=attention, **kw)
             v, u = torch.empty_like(mine), torch.empty_like(mine)
             dist.all_gather([v, u], mine, group=pair)
         else:
-            v = transformer(x, t, context, cache=caches[0], parallel=self.parallel, **kw)
-            u = transformer(x, t, negative, cache=caches[1], parallel=self.parallel, **kw)
+            v = transformer(x, t, context, attention=attention, **kw)
+            u = transformer(x, t, negative, attention=dataclasses.replace(attention, cache=caches[1]), **kw)
         return u + guidance * (v - u)
 
     def encode_video(self, video):

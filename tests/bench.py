@@ -236,7 +236,7 @@ def bench_14b(quick):
             t = torch.randint(0, 1000, (1, f), device=DEV, generator=g)
             for blk in (1, 5):
                 ff = f - f % blk
-                fn = lambda: dit(x[:, :, :ff], t[:, :ff], ctx, fps=24, causal_block_size=blk)  # noqa: E731
+                fn = lambda: dit(x[:, :, :ff], t[:, :ff], ctx, fps=24, attention=M.AttentionContext(blk))  # noqa: E731
                 mem, _ = peak(fn)
                 tt = timed(fn, 0, 1 if res == "720P" else 2)
                 fwd_causal[res, blk] = tt
@@ -340,16 +340,16 @@ def bench_dit(quick):
         return ref(hidden_states=x, timestep=t, encoder_hidden_states=ctx, enable_diffusion_forcing=True, fps=[1],
                    return_dict=False)[0]
 
-    variants = {"plain": lambda blk: ours(x, t, ctx, fps=24, causal_block_size=blk)}
+    variants = {"plain": lambda blk: ours(x, t, ctx, fps=24, attention=M.AttentionContext(blk))}
 
     def cudnn(blk):
         with sdpa_prefer("CUDNN_ATTENTION", "FLASH_ATTENTION"):
-            return ours(x, t, ctx, fps=24, causal_block_size=blk)
+            return ours(x, t, ctx, fps=24, attention=M.AttentionContext(blk))
     variants["cudnn"] = cudnn
 
     def flash(blk):
         with sdpa_prefer("FLASH_ATTENTION"):
-            return ours(x, t, ctx, fps=24, causal_block_size=blk)
+            return ours(x, t, ctx, fps=24, attention=M.AttentionContext(blk))
     variants["flash"] = flash
 
     with torch.no_grad():
@@ -538,7 +538,7 @@ def bench_fa4_dit(quick):
             outs = {}
             for kernel, M.FLASH in kernels:
                 for block in (1, 5):
-                    fn = lambda: dit(x, t, ctx, fps=24, causal_block_size=block)  # noqa: E731
+                    fn = lambda: dit(x, t, ctx, fps=24, attention=M.AttentionContext(block))  # noqa: E731
                     t0 = time.time()
                     out = fn()
                     first = time.time() - t0
