@@ -11,6 +11,7 @@ CLIPVisionModelWithProjection for image_encoder/), so a state dict loads strictl
 the meta device and filled from the checkpoint, so nothing here registers buffers.
 """
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -64,7 +65,7 @@ class DiTConfig:
 
 # Named sizes; a checkpoint's variant adds switches, e.g. I2V: in_channels=36, image_dim=1280,
 # added_kv_proj_dim=dim; first-last frame: pos_embed_seq_len=514; DF: inject_sample_info=True.
-DIT_CONFIGS = {
+CONFIGS = {
     "tiny": DiTConfig(num_attention_heads=2, attention_head_dim=12, text_dim=32, freq_dim=32, ffn_dim=48,
                       num_layers=2, rope_max_seq_len=32),
     "1.3B": DiTConfig(num_attention_heads=12, ffn_dim=8960, num_layers=30),
@@ -114,6 +115,7 @@ def timestep_embedding(t, dim):
     return torch.cat([phase.cos(), phase.sin()], dim=-1)
 
 
+@functools.lru_cache(maxsize=32)  # the same grids recur at every step
 def rope_tables(head_dim, f, h, w, device, theta=10000.0):
     """3D rotary angles for an f x h x w token grid: cos, sin (f*h*w, head_dim/2), float32. The head dimension is
     split in a height and a width part of 2*(head_dim//6) channels each and a frame part of the rest; each part
@@ -175,8 +177,8 @@ class KVCache:
         self.frames, self.limit, self.layers = 0, limit, [{} for _ in range(num_layers)]
 
 
-def extend_cache(kv, k, v, keep, capacity):
-    """The cached keys and values followed by k, v (B, H, L, Dh); the first `keep` tokens of k, v join the cache.
+def extend_cache(kv, k, v, keep_tokens, capacity):
+    """The cached keys and values followed by k, v (B, H, L, Dh); the first keep_tokens of k, v join the cache.
     kv holds one buffer of `capacity` tokens per layer, allocated once: while the new tokens fit behind the cached
     ones they are written there and attention reads the buffer, so the cache is never copied; past the capacity
     they are concatenated to it."""
@@ -184,11 +186,11 @@ def extend_cache(kv, k, v, keep, capacity):
         shape = (*k.shape[:2], capacity, k.shape[3])  # (B, H, capacity, Dh)
         kv.update(n=0, k=k.new_empty(shape), v=v.new_empty(shape))
     n, end = kv["n"], kv["n"] + k.shape[2]
-    kv["n"] = n + keep
+    kv["n"] = n + keep_tokens
     if end <= capacity:
         kv["k"][:, :, n:end], kv["v"][:, :, n:end] = k, v
         return kv["k"][:, :, :end], kv["v"][:, :, :end]
-    kv["k"][:, :, n:n + keep], kv["v"][:, :, n:n + keep] = k[:, :, :keep], v[:, :, :keep]
+    kv["k"][:, :, n:n + keep_tokens], kv["v"][:, :, n:n + keep_tokens] = k[:, :, :keep_tokens], v[:, :, :keep_tokens]
     return torch.cat([kv["k"][:, :, :n], k], dim=2), torch.cat([kv["v"][:, :, :n], v], dim=2)
 
 
@@ -228,16 +230,32 @@ class SequenceParallel:
         t = self.all_to_all(self.split_rows(t))  # (N, B, Hp/N, L/N, Dh): part i holds rank i's heads
         return t.movedim(0, 1).flatten(1, 2)[:, :heads]
 
+    def shard(self, t):  # (..., f*h*w, C) -> (..., f*hp/N*w, C): this rank's rows of every frame
+        return self.split_rows(t)[dist.get_rank(self.group)]
+
     def gather(self, x):  # (B, L/N, C) on every rank -> (B, L, C) on every rank
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size(self.group))]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return self.join_rows(torch.stack(parts))
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionContext:
+    """What the self-attention of every layer needs in one DiT forward. The caller sets the first four fields (counts
+    in latent frames); DiT.forward fills in the rest once for its token grid and hands the object to every block."""
+    causal_block_size: int = 1  # > 1: frames form blocks that see only their own block and the blocks before
+    cache: KVCache | None = None  # keys and values of whole blocks before x's frames (block-causal only)
+    keep: int = 0  # leading frames of x (whole blocks that will not change again) that join the cache
+    parallel: SequenceParallel | None = None  # the ranks that share this forward
+    frame_tokens: int = 0  # tokens of one latent frame (h * w)
+    rope: tuple = ()  # cos, sin (L, Dh/2) of this rank's tokens, at their positions after the cached frames
+    kv: dict | None = None  # set for each layer: its slot of the cache
+
+
 class Attention(nn.Module):
-    """Multi-head attention with q and k RMS-normed across all heads. Self-attention gets the rotary tables;
-    cross-attention gets the text tokens, and in I2V also the image tokens through their own key/value
-    projections, whose attention output is added to the text's."""
+    """Multi-head attention with q and k RMS-normed across all heads. Self-attention over x (B, L, D) gets attn, the
+    layer's AttentionContext; cross-attention gets the text tokens (B, L_ctx, D), and in I2V also the image tokens
+    (B, L_img, D) through their own key/value projections, whose attention output is added to the text's."""
 
     def __init__(self, dim, heads, eps, added_kv_dim=None):
         super().__init__()
@@ -252,27 +270,29 @@ class Attention(nn.Module):
     def split_heads(self, x):
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, L, D) -> (B, H, L, Dh)
 
-    def forward(self, x, context=None, image_context=None, rope=None, causal_block_tokens=0, kv=None, keep=0,
-                capacity=0, parallel=None):
-        """kv, keep, capacity: see extend_cache. parallel: a SequenceParallel (self-attention over token shards)."""
+    def forward(self, x, context=None, image_context=None, attn=None):
         source = x if context is None else context
         q = self.split_heads(self.norm_q(self.to_q(x)))
         k = self.split_heads(self.norm_k(self.to_k(source)))
         v = self.split_heads(self.to_v(source))
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if parallel is not None:  # this rank's tokens of every head -> every token of this rank's heads
-            q, k, v = parallel.to_heads(torch.stack([q, k, v])).unbind(0)
-        if kv is not None:
-            k, v = extend_cache(kv, k, v, keep, capacity)
-        out = block_causal_attention(q, k, v, causal_block_tokens) if causal_block_tokens else attention(q, k, v)
-        if parallel is not None:
-            out = parallel.to_tokens(out, self.heads)
+        out = attention(q, k, v) if attn is None else self.self_attention(q, k, v, attn)
         if image_context is not None:
             k_img = self.split_heads(self.norm_added_k(self.add_k_proj(image_context)))
             v_img = self.split_heads(self.add_v_proj(image_context))
             out = out + attention(q, k_img, v_img)
         return self.to_out[0](out.transpose(1, 2).flatten(2))  # (B, L, D)
+
+    def self_attention(self, q, k, v, attn):
+        """Heads q, k, v (B, H, L, Dh) of this rank's tokens: rotated, traded for all tokens of this rank's heads
+        (sequence parallelism), appended to the cache, attended over, and traded back."""
+        q, k = apply_rope(q, *attn.rope), apply_rope(k, *attn.rope)
+        if attn.parallel is not None:  # this rank's tokens of every head -> every token of this rank's heads
+            q, k, v = attn.parallel.to_heads(torch.stack([q, k, v])).unbind(0)
+        if attn.kv is not None:
+            k, v = extend_cache(attn.kv, k, v, attn.keep * attn.frame_tokens, attn.cache.limit * attn.frame_tokens)
+        block_tokens = attn.causal_block_size * attn.frame_tokens
+        out = block_causal_attention(q, k, v, block_tokens) if attn.causal_block_size > 1 else attention(q, k, v)
+        return out if attn.parallel is None else attn.parallel.to_tokens(out, self.heads)
 
 
 def modulate(norm, x, shift, scale):
@@ -301,11 +321,10 @@ class Block(nn.Module):
         self.ffn = MLP(dim, cfg.ffn_dim, dim, gelu_tanh)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, context, image_context, mod, rope, causal_block_tokens, kv, keep, capacity, parallel):
-        """x (B, L, D); mod (B, G, 1, 6, D) float32, the timestep modulation of each frame group."""
+    def forward(self, x, context, image_context, mod, attn):
+        """x (B, L, D); mod (B, G, 1, 6, D) float32, each frame group's timestep modulation; attn: AttentionContext."""
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + mod).unbind(-2)  # (B, G, 1, D)
-        y = self.attn1(modulate(self.norm1, x, shift, scale), rope=rope, causal_block_tokens=causal_block_tokens,
-                       kv=kv, keep=keep, capacity=capacity, parallel=parallel)
+        y = self.attn1(modulate(self.norm1, x, shift, scale), attn=attn)
         x = gated_residual(x, y, gate)
         x = x + self.attn2(self.norm2(x.float()).type_as(x), context, image_context)
         return gated_residual(x, self.ffn(modulate(self.norm3, x, c_shift, c_scale)), c_gate)
@@ -359,19 +378,14 @@ class DiT(nn.Module):
             self.fps_projection = MLP(dim, dim, 6 * dim, F.silu)
         # Some Wan-family checkpoints carry an unused query norm for the image tokens; diffusers skips it too.
         self.ignored_keys = tuple(f"blocks.{i}.attn2.norm_added_q." for i in range(cfg.num_layers))
-        self.rope_cache = {}  # (f, h, w, device) -> (cos, sin)
 
-    def forward(self, x, t, context, image_context=None, fps=None, causal_block_size=1, cache=None, keep=0,
-                parallel=None):
+    def forward(self, x, t, context, image_context=None, fps=None, attention=None):
         """The flow prediction (B, out_channels, F, H, W) for latents x (B, in_channels, F, H, W) at timesteps t:
         (B,) one per sample, or (B, F) one per latent frame (diffusion forcing). context (B, L, text_dim) is the
         text embedding; image_context (B, L_img, image_dim) the CLIP penultimate hidden states of the image (I2V),
         or of the first and the last image concatenated along the tokens (first-last frame). fps (int) is the video
-        frame rate, for checkpoints with inject_sample_info. With causal_block_size k > 1, latent frames form blocks
-        of k and a block's tokens attend only to their own block and the blocks before it; then `cache` (a KVCache)
-        may hold the keys and values of whole blocks before x's frames, and the first `keep` frames of x (whole
-        blocks, whose latents and timesteps will not change again) are added to it. `parallel`, a SequenceParallel,
-        splits the pass over its ranks, each of which calls this with the same arguments and gets the whole result."""
+        frame rate, for checkpoints with inject_sample_info. attention: an AttentionContext (None: full attention, no
+        cache, one process); with several ranks each calls this with the same arguments and gets the whole result."""
         cfg, te = self.config, self.condition_embedder
         dtype = self.patch_embedding.weight.dtype
         if (image_context is None) != (te.image_embedder is None):
@@ -381,48 +395,58 @@ class DiT(nn.Module):
         B, pt, ph, pw = x.shape[0], *cfg.patch_size
         f, h, w = x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
         x = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2)  # (B, f*h*w, D)
-
-        t = t.to(x.device).reshape(B, -1)  # (B, G): G = 1 group of frames, or G = f groups of one frame each
-        if t.shape[1] not in (1, f):
-            raise ValueError(f"t must hold one timestep per sample or per latent frame ({f}), got {t.shape[1]}")
-        # The reference rounds the float32 time embedding (B, G, D) to the model dtype, in which the projection runs.
-        temb = te.time_embedder(timestep_embedding(t, cfg.freq_dim).float()).to(dtype)
-        e = te.time_proj(F.silu(temb)).unflatten(-1, (6, -1))  # (B, G, 6, D)
-        if cfg.inject_sample_info:
-            index = torch.full((B,), 0 if fps == 16 else 1, device=x.device)
-            e = e + self.fps_projection(self.fps_embedding(index)).unflatten(-1, (6, -1))[:, None]  # + (B, 1, 6, D)
-        mod = e.float()[:, :, None]  # (B, G, 1, 6, D): broadcast over each group's tokens
-
+        temb, mod = self.time_modulation(t.to(x.device).reshape(B, -1), f, fps)
         context = te.text_embedder(context.to(dtype))
         if image_context is not None:
             image_context = te.image_embedder(image_context.to(dtype))
+
+        attn = self.attention_context(attention or AttentionContext(), (f, h, w), x.device)
+        if attn.parallel is not None:  # from here to proj_out this rank holds its rows of every frame
+            x = attn.parallel.shard(x)
+        for i, block in enumerate(self.blocks):
+            kv = attn.cache and attn.cache.layers[i]
+            x = block(x, context, image_context, mod, dataclasses.replace(attn, kv=kv))
+        if attn.cache is not None:
+            attn.cache.frames += attn.keep
+
+        shift, scale = (self.scale_shift_table + temb[:, :, None, None]).unbind(-2)  # (B, G, 1, D) float32
+        x = self.proj_out(modulate(self.norm_out, x, shift, scale))  # (B, f*h*w, pt*ph*pw*C)
+        if attn.parallel is not None:
+            x = attn.parallel.gather(x)
+        x = x.reshape(B, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, f, pt, h, ph, w, pw)
+        return x.reshape(B, -1, f * pt, h * ph, w * pw)
+
+    def time_modulation(self, t, f, fps):
+        """Timesteps t (B, G), G = 1 or f frame groups -> time embedding (B, G, D), modulation (B, G, 1, 6, D)."""
+        cfg, te = self.config, self.condition_embedder
+        if t.shape[1] not in (1, f):
+            raise ValueError(f"t must hold one timestep per sample or per latent frame ({f}), got {t.shape[1]}")
+        # The reference rounds the float32 time embedding to the model dtype, in which the projection runs.
+        temb = te.time_embedder(timestep_embedding(t, cfg.freq_dim).float()).to(self.patch_embedding.weight.dtype)
+        e = te.time_proj(F.silu(temb)).unflatten(-1, (6, -1))  # (B, G, 6, D)
+        if cfg.inject_sample_info:
+            index = torch.full(t.shape[:1], 0 if fps == 16 else 1, device=t.device)
+            e = e + self.fps_projection(self.fps_embedding(index)).unflatten(-1, (6, -1))[:, None]  # + (B, 1, 6, D)
+        return temb, e.float()[:, :, None]
+
+    def attention_context(self, attention, grid, device):
+        """attention checked and completed for this forward's token grid (f, h, w): the rotary tables of x's
+        positions, which follow the cached frames, and with several ranks, of this rank's rows."""
+        (f, h, w), cfg, cache = grid, self.config, attention.cache
+        block, keep = attention.causal_block_size, attention.keep
         before = cache.frames if cache is not None else 0  # cached frames: x's positions start after them
-        if (before or keep) and (causal_block_size < 2 or before % causal_block_size or keep % causal_block_size
+        if (before or keep) and (cache is None or block < 2 or before % block or keep % block
                                  or before + keep > cache.limit):
             raise ValueError("a KVCache holds whole blocks of block-causal attention (causal_block_size > 1), up to "
                              "its limit")
         if max(before + f, h, w) > cfg.rope_max_seq_len:
             raise ValueError(f"a {before + f}x{h}x{w} token grid exceeds rope_max_seq_len {cfg.rope_max_seq_len}")
-        grid = (before + f, h, w, x.device)
-        if grid not in self.rope_cache:  # the same grid recurs at every step
-            self.rope_cache[grid] = rope_tables(cfg.attention_head_dim, *grid)
-        rope = [table[before * h * w:] for table in self.rope_cache[grid]]
-        block_tokens = causal_block_size * h * w if causal_block_size > 1 else 0
-        if parallel is not None:  # from here to proj_out this rank holds its rows of every frame
-            parallel, rank = dataclasses.replace(parallel, grid=(f, h, w)), dist.get_rank(parallel.group)
-            x, rope = parallel.split_rows(x)[rank], [parallel.split_rows(table)[rank] for table in rope]
-        for i, block in enumerate(self.blocks):
-            x = block(x, context, image_context, mod, rope, block_tokens, cache and cache.layers[i], keep * h * w,
-                      cache and cache.limit * h * w, parallel)
-        if cache is not None:
-            cache.frames += keep
-
-        shift, scale = (self.scale_shift_table + temb[:, :, None, None]).unbind(-2)  # (B, G, 1, D) float32
-        x = self.proj_out(modulate(self.norm_out, x, shift, scale))  # (B, f*h*w, pt*ph*pw*C)
+        tables = rope_tables(cfg.attention_head_dim, before + f, h, w, device)
+        rope = tuple(table[before * h * w:] for table in tables)  # (f*h*w, Dh/2) each
+        parallel = attention.parallel and dataclasses.replace(attention.parallel, grid=grid)
         if parallel is not None:
-            x = parallel.gather(x)
-        x = x.reshape(B, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, f, pt, h, ph, w, pw)
-        return x.reshape(B, -1, f * pt, h * ph, w * pw)
+            rope = tuple(parallel.shard(table) for table in rope)
+        return dataclasses.replace(attention, parallel=parallel, frame_tokens=h * w, rope=rope)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 Read in order: `timesteps` picks the sigmas, `step_matrix` decides which latent frame sits at which sigma at each
 iteration, and `unipc_step` moves every frame that the matrix updates one step along its own schedule.
 """
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,8 +23,7 @@ def timesteps(num_inference_steps, shift):
     return ts, torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))
 
 
-def step_matrix(num_latent_frames, step_template, base_num_latent_frames, ar_step=0, num_pre_ready=0,
-                causal_block_size=1):
+def step_matrix(num_latent_frames, step_template, ar_step=0, num_pre_ready=0, causal_block_size=1):
     """Diffusion forcing's schedule: which timestep every latent frame is at, iteration by iteration.
 
     Frames are grouped in causal blocks of `causal_block_size` that always share a timestep. Each block walks the
@@ -37,21 +35,12 @@ def step_matrix(num_latent_frames, step_template, base_num_latent_frames, ar_ste
     999), index i in 1..n is "at step_template[i-1]", and index n+1 is "finished" (clean, 0). A frame is updated at
     an iteration when its index moved there and it is not finished; updating it denoises from that timestep on.
 
-    The model sees at most `base_num_latent_frames` frames at once: `valid_interval[i] = (start, end)` is that
-    window for iteration i. It slides right by a block whenever the block just past its end starts, and keeps the
-    last `base_num_latent_frames` frames that have started.
-
-    Returns step_matrix (iterations, F) int64 timesteps, step_index (iterations, F) template indices, update_mask
-    (iterations, F) bool, and valid_interval, a list of (start, end) frame ranges; F is num_latent_frames rounded
-    down to whole blocks.
+    Returns the step matrix (iterations, F) int64 timesteps and the update mask (iterations, F) bool, F being
+    num_latent_frames rounded down to whole blocks: diffusers' generate_timestep_matrix with base_num_latent_frames =
+    num_latent_frames, as the pipeline uses it (each window its own base: the valid interval is the whole window).
     """
     n = len(step_template)
     num_blocks = num_latent_frames // causal_block_size
-    window_blocks = base_num_latent_frames // causal_block_size
-    # With a sliding window, the first block must finish before the window has to move past it.
-    if window_blocks < num_blocks and ar_step < n / window_blocks:
-        raise ValueError(f"`ar_step` should be at least {math.ceil(n / window_blocks)} in your setting "
-                         f"({n} steps, a window of {window_blocks} blocks), got {ar_step}")
     template = torch.cat([torch.tensor([999]), step_template.long().cpu(), torch.tensor([0])])
     finished = n + 1
 
@@ -70,15 +59,9 @@ def step_matrix(num_latent_frames, step_template, base_num_latent_frames, ar_ste
         rows.append(new)
         row = new
 
-    intervals, end = [], window_blocks
-    for mask in masks:
-        if end < num_blocks and mask[end]:
-            end += 1
-        intervals.append((max(end - window_blocks, 0) * causal_block_size, end * causal_block_size))
-
     step_index = torch.stack(rows).repeat_interleave(causal_block_size, dim=1)  # (iterations, F)
     update_mask = torch.stack(masks).repeat_interleave(causal_block_size, dim=1)
-    return template[step_index].to(step_template.device), step_index, update_mask, intervals
+    return template[step_index].to(step_template.device), update_mask
 
 
 @dataclass

@@ -259,8 +259,7 @@ def plan_windows(s):
 
     A window holds at most base_num_frames frames. Later windows begin with the last `overlap_history` frames made
     so far (in latent frames, trimmed down to whole causal blocks): known frames the rest continues from. Video
-    extension is the same with the input video as 'made so far'. Each window is its own base, so the step matrix's
-    valid interval is always the whole window."""
+    extension is the same with the input video as 'made so far'. Each window has a step matrix of its own size."""
     ts = schedule.timesteps(s.num_inference_steps, s.shift)[0]
     block, total, base = s.causal_block_size, latent_frames(s.num_frames), latent_frames(s.base_num_frames)
     if s.overlap_history is not None and (s.num_frames > s.base_num_frames or s.mode == "v2v"):
@@ -279,7 +278,7 @@ def plan_windows(s):
             raise ValueError(f"a window of {frames} latent frames is not a whole number of causal blocks of "
                              f"{block}; choose num_frames / base_num_frames / causal_block_size to fit")
         if (frames, prefix, end) not in matrices:
-            matrix, _, update, _ = schedule.step_matrix(frames, ts, frames, s.ar_step, prefix, block)
+            matrix, update = schedule.step_matrix(frames, ts, s.ar_step, prefix, block)
             if end:  # the last image's latent is known from the start and never moves (as the original code)
                 matrix[:, -1], update[:, -1] = 0, False
             matrices[frames, prefix, end] = matrix, update
@@ -622,7 +621,7 @@ def check_device(device):
 
 def rope_limit(path):  # the DiT's rotary table length per axis, without its weights
     config = os.path.join(path, "transformer", "config.json")
-    dit = model.DIT_CONFIGS["tiny"] if path.startswith("tiny-") else read_config(model.DiTConfig, config)
+    dit = model.CONFIGS["tiny"] if path.startswith("tiny-") else read_config(model.DiTConfig, config)
     return dit.rope_max_seq_len
 
 
@@ -928,7 +927,7 @@ def tiny_pipeline(name, device, dtype):
         sentence_iterator=iter(TINY_CORPUS * 4), model_prefix=spiece[:-6], vocab_size=200, character_coverage=1.0,
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2)
     torch.manual_seed(0)
-    dit = model.DIT_CONFIGS["tiny"]
+    dit = model.CONFIGS["tiny"]
     clip = preprocess = None
     if kind == "i2v":
         clip_cfg = model.CLIP_CONFIGS["tiny"]
@@ -940,7 +939,7 @@ def tiny_pipeline(name, device, dtype):
     if kind == "df":
         dit = dataclasses.replace(dit, inject_sample_info=True)
     pipe = Pipeline(kind, text.Tokenizer(spiece),
-                    place(text.UMT5Encoder(text.UMT5Config.from_config(text.TINY_CONFIG)), device, dtype).eval(),
+                    place(text.UMT5Encoder(text.CONFIGS["tiny"]), device, dtype).eval(),
                     place(model.DiT(dit), device, dtype).eval(), vae.VAE(vae.CONFIGS["tiny"]).to(device).eval(),
                     clip, preprocess, device, False)
     pipe.resolution = "tiny"
@@ -994,7 +993,7 @@ def to_frames(video):
 
 
 class StreamedBlocks(torch.nn.ModuleList):
-    """--offload for the DiT: its blocks wait in pinned host memory and are copied to the GPU in turn, each copy (on a
+    """--offload for the DiT and the text encoder: their blocks wait in pinned host memory and are copied to the GPU in turn, each copy (on a
     side CUDA stream) overlapping the compute of the block before, so the GPU holds two blocks instead of the model
     (a 14B block is 0.67 GB). Iterating yields each block with its parameters on the GPU: DiT.forward is unchanged."""
 

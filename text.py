@@ -7,10 +7,10 @@ cleaned, tokenized to 512 ids ending in </s>, encoded, and the rows past the pro
     encoder = skyreels.load_component(UMT5Encoder, UMT5Config, "…/text_encoder", torch.bfloat16, "cuda")
     context = encode_prompts(tokenizer, encoder, ["A cat and a dog baking a cake."])   # (1, 512, 4096)
 """
+import dataclasses
 import html
 import math
 import re
-from dataclasses import dataclass, fields
 
 import sentencepiece
 import torch
@@ -18,7 +18,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-@dataclass
+def fields_from(cls, config):
+    """Dataclass cls from a config.json dict; keys that are not its fields (class names, versions) are ignored."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names})
+
+
+@dataclasses.dataclass(frozen=True)
 class UMT5Config:
     """Sizes of the encoder, named as in text_encoder/config.json. The defaults are UMT5-XXL's."""
     vocab_size: int = 256384
@@ -32,18 +38,17 @@ class UMT5Config:
     layer_norm_epsilon: float = 1e-6
     feed_forward_proj: str = "gated-gelu"
 
-    @classmethod
-    def from_config(cls, config):
-        """From the dict in config.json; keys that do not size the encoder are ignored."""
-        known = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in config.items() if k in known})
-        if cfg.feed_forward_proj != "gated-gelu":
-            raise ValueError(f"only the gated-gelu feed-forward of UMT5 is implemented, not {cfg.feed_forward_proj!r}")
-        return cfg
+    from_config = classmethod(fields_from)
+
+    def __post_init__(self):
+        if self.feed_forward_proj != "gated-gelu":
+            raise ValueError(f"only the gated-gelu feed-forward of UMT5 is implemented, not {self.feed_forward_proj!r}")
 
 
-# The tests' tiny encoder (its 325-piece vocabulary is the tiny test tokenizer's).
-TINY_CONFIG = dict(vocab_size=325, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4)
+CONFIGS = {  # named sizes; the tests' tiny encoder has the tiny test tokenizer's 325-piece vocabulary
+    "tiny": UMT5Config(vocab_size=325, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4),
+    "umt5-xxl": UMT5Config(),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -164,7 +169,7 @@ class Attention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(B, L, -1))
 
 
-def gelu_tanh(x):
+def gelu_new(x):
     """T5's "gelu_new", GELU's tanh approximation, written out as the original code and transformers write it: in
     bf16 each step rounds, and F.gelu(x, approximate="tanh"), which rounds once, would differ by a bf16 ulp."""
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
@@ -177,7 +182,7 @@ class GatedFeedForward(nn.Module):
         self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x):
-        return self.wo(gelu_tanh(self.wi_0(x)) * self.wi_1(x))
+        return self.wo(gelu_new(self.wi_0(x)) * self.wi_1(x))
 
 
 class Block(nn.Module):
@@ -209,34 +214,27 @@ class UMT5Encoder(nn.Module):
             block=nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)]),
             final_layer_norm=RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)))
 
-    def forward(self, ids, mask, stream=None):
-        """ids, mask (B, L) -> last hidden state (B, L, d_model). Rows at padding are computed but meaningless.
-        stream: a device (the GPU) to which the layers, waiting elsewhere (the CPU), go one at a time for their turn,
-        so UMT5-XXL's 11 GB (bf16) is never there whole; the embedding lookup stays where the table is."""
+    def forward(self, ids, mask):
+        """ids, mask (B, L) -> last hidden state (B, L, d_model), where the parameters are; padding rows meaningless."""
         if ids.ndim != 2 or ids.shape != mask.shape:
             raise ValueError(f"ids and mask must be (batch, length), got {tuple(ids.shape)} and {tuple(mask.shape)}")
-        c, home = self.config, self.shared.weight.device
-        device = stream or home
+        c, device = self.config, self.shared.weight.device
         buckets = relative_position_buckets(ids.shape[1], c.relative_attention_num_buckets,
                                             c.relative_attention_max_distance, device)
         keep = mask.to(device).bool()
-        x = self.shared(ids.to(home)).to(device)
-        for layer in list(self.encoder["block"]) + [self.encoder["final_layer_norm"]]:
-            saved = [p.data for p in layer.parameters()]
-            layer.to(device)  # without stream, already there
-            x = layer(x, buckets, keep) if isinstance(layer, Block) else layer(x)
-            for p, data in zip(layer.parameters(), saved):  # back to the copy that never left: nothing to copy back
-                p.data = data
-        return x
+        x = self.shared(ids.to(device))
+        for block in self.encoder["block"]:
+            x = block(x, buckets, keep)
+        return self.encoder["final_layer_norm"](x)
 
 
 @torch.no_grad()
-def encode_prompts(tokenizer, encoder, prompts, max_length=512, device=None, stream=None):
+def encode_prompts(tokenizer, encoder, prompts, max_length=512, device=None):
     """The DiT's text condition, (B, max_length, d_model), on `device` (default: where it was computed): each
     prompt's encoder output over its own tokens (</s> included), then zeros. The DiT's cross-attention reads all
     max_length rows, so the padding rows must be these exact zeros, as in diffusers' _get_t5_prompt_embeds and the
-    original code. stream: see UMT5Encoder.forward."""
+    original code."""
     ids, mask = tokenizer(prompts, max_length)
-    hidden = encoder(ids, mask, stream)
+    hidden = encoder(ids, mask)
     hidden = hidden.masked_fill(~mask.to(hidden.device).bool()[..., None], 0.0)  # ones, then zeros: a trim
     return hidden if device is None else hidden.to(device)

@@ -11,14 +11,20 @@ each of which reads and replaces its own entry. A video's first chunk is the one
 Parameter names are diffusers' AutoencoderKLWan keys, so vae/ of an official -Diffusers folder loads strictly by name.
 Only inference is implemented (no dropout, no posterior sampling: the pipelines use the posterior mean).
 """
-from dataclasses import dataclass, fields
+import dataclasses
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
-@dataclass
+def fields_from(cls, config):
+    """Dataclass cls from a config.json dict; keys that are not its fields (class names, versions) are ignored."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names})
+
+
+@dataclasses.dataclass(frozen=True)
 class VAEConfig:
     base_dim: int = 96
     z_dim: int = 16
@@ -31,18 +37,15 @@ class VAEConfig:
                            0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
     latents_std: tuple = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
                           3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+    is_residual: bool = False  # true: the Wan 2.2 VAE, another network
+
+    from_config = classmethod(fields_from)
 
     def __post_init__(self):
+        if self.is_residual:
+            raise ValueError("this is a Wan 2.2 VAE (is_residual: true); SkyReels-V2 uses the Wan 2.1 VAE")
         if self.attn_scales:  # diffusers and the original Wan code disagree on where these go; no checkpoint has any
             raise ValueError(f"attn_scales must be empty (attention only in the middle blocks), got {self.attn_scales}")
-
-    @classmethod
-    def from_config(cls, config):
-        """From a vae/config.json dict; keys that do not size this network (dropout, scale factors...) are ignored."""
-        if config.get("is_residual"):
-            raise ValueError("this is a Wan 2.2 VAE (is_residual: true); SkyReels-V2 uses the Wan 2.1 VAE")
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names})
 
 
 CONFIGS = {

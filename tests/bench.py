@@ -8,6 +8,7 @@ several CUDA-event timings after warm-up; peak memory is what the call adds over
 compared with diffusers' (relative error), so a fast path that changes numerics shows it.
 """
 import argparse
+import dataclasses
 import gc
 import math
 import os
@@ -29,9 +30,6 @@ DF13B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=12
              qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024, inject_sample_info=True)
 LAT = (1, 16, 25, 68, 120)
 DF14B = dict(DF13B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
-UMT5XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-               relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
-               layer_norm_epsilon=1e-6)
 
 
 H_FULL, W_FULL, H_STREAM, W_STREAM = 544, 960, 256, 448
@@ -187,7 +185,7 @@ def random_pipeline(dit_cfg, offload):
     home = "cpu" if offload else DEV
     tok = skyreels.tiny_pipeline("tiny-df", torch.device("cpu"), torch.float32).tokenizer
     with torch.device("meta"):
-        te = T.UMT5Encoder(T.UMT5Config.from_config(dict(T.TINY_CONFIG) if TINY else UMT5XXL))
+        te = T.UMT5Encoder(T.CONFIGS["tiny" if TINY else "umt5-xxl"])
         vae = V.VAE(V.CONFIGS["tiny" if TINY else "wan2.1"])
     return skyreels.Pipeline("df", tok, randomize(te, home), random_dit(dit_cfg, home), randomize(vae, home),
                              None, None, torch.device(DEV), offload)
@@ -238,7 +236,7 @@ def bench_14b(quick):
             t = torch.randint(0, 1000, (1, f), device=DEV, generator=g)
             for blk in (1, 5):
                 ff = f - f % blk
-                fn = lambda: dit(x[:, :, :ff], t[:, :ff], ctx, fps=24, causal_block_size=blk)  # noqa: E731
+                fn = lambda: dit(x[:, :, :ff], t[:, :ff], ctx, fps=24, attention=M.AttentionContext(blk))  # noqa: E731
                 mem, _ = peak(fn)
                 tt = timed(fn, 0, 1 if res == "720P" else 2)
                 fwd_causal[res, blk] = tt
@@ -342,16 +340,16 @@ def bench_dit(quick):
         return ref(hidden_states=x, timestep=t, encoder_hidden_states=ctx, enable_diffusion_forcing=True, fps=[1],
                    return_dict=False)[0]
 
-    variants = {"plain": lambda blk: ours(x, t, ctx, fps=24, causal_block_size=blk)}
+    variants = {"plain": lambda blk: ours(x, t, ctx, fps=24, attention=M.AttentionContext(blk))}
 
     def cudnn(blk):
         with sdpa_prefer("CUDNN_ATTENTION", "FLASH_ATTENTION"):
-            return ours(x, t, ctx, fps=24, causal_block_size=blk)
+            return ours(x, t, ctx, fps=24, attention=M.AttentionContext(blk))
     variants["cudnn"] = cudnn
 
     def flash(blk):
         with sdpa_prefer("FLASH_ATTENTION"):
-            return ours(x, t, ctx, fps=24, causal_block_size=blk)
+            return ours(x, t, ctx, fps=24, attention=M.AttentionContext(blk))
     variants["flash"] = flash
 
     with torch.no_grad():
@@ -540,7 +538,7 @@ def bench_fa4_dit(quick):
             outs = {}
             for kernel, M.FLASH in kernels:
                 for block in (1, 5):
-                    fn = lambda: dit(x, t, ctx, fps=24, causal_block_size=block)  # noqa: E731
+                    fn = lambda: dit(x, t, ctx, fps=24, attention=M.AttentionContext(block))  # noqa: E731
                     t0 = time.time()
                     out = fn()
                     first = time.time() - t0
@@ -695,7 +693,7 @@ def bench_stream(quick):
     pipe = skyreels.load("tiny-df", device=DEV, dtype=BF16)
     _, pipe.transformer = None, build_dits()[1]
     torch.cuda.empty_cache() if DEV == "cuda" else None
-    cfg = T.UMT5Config.from_config(dict(T.TINY_CONFIG, d_model=DF13B["text_dim"], num_layers=1))
+    cfg = dataclasses.replace(T.CONFIGS["tiny"], d_model=DF13B["text_dim"], num_layers=1)
     pipe.text_encoder = skyreels.place(T.UMT5Encoder(cfg), DEV, BF16).eval()
     with torch.device(DEV):
         pipe.vae = V.VAE(V.CONFIGS["tiny" if TINY else "wan2.1"]).eval()
@@ -722,10 +720,7 @@ def write_official_folder(path):
     import skyreels
     import text as T
 
-    te = dict(T.TINY_CONFIG) if TINY else dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
-                                              num_heads=64)
-    te.update(relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
-              layer_norm_epsilon=1e-6)
+    te = dataclasses.asdict(T.CONFIGS["tiny" if TINY else "umt5-xxl"])
     parts = {"text_encoder": (T.UMT5Encoder(T.UMT5Config.from_config(te)) if TINY else None, te, "model"),
              "transformer": (None, DF13B, "diffusion_pytorch_model"),
              "vae": (None, dict(zip(("base_dim", "dim_mult", "num_res_blocks"), (8, [1, 2, 2, 2], 1))) if TINY

@@ -79,7 +79,7 @@ def main():
         torch.cuda.set_device(dev)
     if n > 1:
         dist.init_process_group("gloo" if args.tiny else "nccl")
-    cfg, dtype = M.DIT_CONFIGS["tiny" if args.tiny else args.size], torch.float32 if args.tiny else torch.bfloat16
+    cfg, dtype = M.CONFIGS["tiny" if args.tiny else args.size], torch.float32 if args.tiny else torch.bfloat16
     cfg = M.DiTConfig(**{**cfg.__dict__, "inject_sample_info": True})
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)

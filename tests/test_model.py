@@ -65,7 +65,7 @@ PER_FRAME_T = torch.tensor([[999.0, 937.5, 875.0, 500.0, 250.0, 0.0]])
 
 
 def test_named_tiny_configs_match_the_harness():
-    assert model.DiTConfig.from_config(TINY_TRANSFORMER) == model.DIT_CONFIGS["tiny"]
+    assert model.DiTConfig.from_config(TINY_TRANSFORMER) == model.CONFIGS["tiny"]
     assert model.CLIPVisionConfig.from_config(TINY_CLIP) == model.CLIP_CONFIGS["tiny"]
 
 
@@ -100,7 +100,8 @@ def test_block_causal_attention_matches_diffusers(tiny_folders, block):
     ref_model = diffusers_transformer(folder)
     ref_model._set_ar_attention(block)
     ref = ref_model(x, PER_FRAME_T, context, enable_diffusion_forcing=True, fps=[1], return_dict=False)[0]
-    ours = load_transformer(folder, torch.float32)(x, PER_FRAME_T, context, fps=24, causal_block_size=block)
+    causal = model.AttentionContext(causal_block_size=block)
+    ours = load_transformer(folder, torch.float32)(x, PER_FRAME_T, context, fps=24, attention=causal)
     assert rel_err(ours, ref) <= 1e-5
 
 
@@ -168,7 +169,8 @@ def test_block_causal_attention_hides_later_blocks(tiny_folders, frames):
     t = PER_FRAME_T[:, :frames]
     y = x.clone()
     y[:, :, 4:] += 1.0
-    a, b = dit(x, t, context, fps=24, causal_block_size=2), dit(y, t, context, fps=24, causal_block_size=2)
+    blocks_of_2 = model.AttentionContext(causal_block_size=2)
+    a, b = dit(x, t, context, fps=24, attention=blocks_of_2), dit(y, t, context, fps=24, attention=blocks_of_2)
     assert torch.equal(a[:, :, :4], b[:, :, :4]) and not torch.allclose(a[:, :, 4:], b[:, :, 4:])
     assert not torch.allclose(dit(x, t, context, fps=24)[:, :, :4], dit(y, t, context, fps=24)[:, :, :4])
 

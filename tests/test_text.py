@@ -107,7 +107,7 @@ def test_long_prompt_is_truncated_with_eos_last(tokenizer, reference_tokenizer):
 ], ids=["not-a-list", "empty-list", "not-a-string", "max-length-0", "bytes", "encode-non-string", "1d-ids",
         "relu-config"])
 def test_bad_input_raises_one_line_value_error(tokenizer, bad):
-    encoder = text.UMT5Encoder(text.UMT5Config(**text.TINY_CONFIG))
+    encoder = text.UMT5Encoder(text.CONFIGS["tiny"])
     with pytest.raises(ValueError) as e:
         bad(tokenizer, encoder)
     assert "\n" not in str(e.value)
@@ -120,7 +120,7 @@ def test_bad_input_raises_one_line_value_error(tokenizer, bad):
 def test_config_from_config_json_ignores_unknown_keys(folder):
     with open(os.path.join(folder, "text_encoder", "config.json")) as f:
         config = json.load(f)
-    assert text.UMT5Config.from_config(config) == text.UMT5Config(**text.TINY_CONFIG)
+    assert text.UMT5Config.from_config(config) == text.CONFIGS["tiny"]
 
 
 def test_relative_position_buckets_match_transformers():
@@ -137,7 +137,7 @@ def test_relative_position_buckets_match_transformers():
 
 def test_padding_does_not_change_outputs_at_real_tokens():
     torch.manual_seed(0)
-    encoder = text.UMT5Encoder(text.UMT5Config(**text.TINY_CONFIG))
+    encoder = text.UMT5Encoder(text.CONFIGS["tiny"])
     ids = torch.randint(3, 325, (1, 40))
     ids[0, 7] = 1
     short = encoder(ids[:, :16], (torch.arange(16) < 8).long()[None])
