@@ -109,9 +109,12 @@ def add_sampling(add, mode, kind):
     add("--fps", type=int, default=24, help="the mp4's" + (" and the model's (16 or 24)" * (kind == "df")))
 
 
-def lora_arg(text):  # PATH[:SCALE]; a ':' not followed by a number is part of the path
+def lora_arg(text):  # PATH[:SCALE]; a ':' not followed by a number (1e-3 is one) is part of the path
     path, _, scale = text.rpartition(":")
-    return (path, float(scale)) if path and scale.lstrip("-").replace(".", "", 1).isdigit() else (text, 1.0)
+    try:
+        return (path, float(scale)) if path else (text, 1.0)
+    except ValueError:
+        return text, 1.0
 
 
 def main(argv=None):
@@ -129,7 +132,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         say("stopped before any frame was finished; nothing written")
         leave(128 + (STOP["signal"] or signal.SIGINT))
-    except (ValueError, OSError) as e:  # skyreels.CheckpointError is a ValueError
+    except (ValueError, OSError, FloatingPointError) as e:  # skyreels.CheckpointError is a ValueError
         if rank == 0:
             print(f"error: {as_flags((str(e) or type(e).__name__).splitlines()[0], args.flags)}", file=sys.stderr)
         leave(2)
@@ -162,8 +165,12 @@ def leave(code):  # exit with no signal left to interrupt the interpreter's own 
     sys.exit(code)
 
 
-def as_flags(message, flags):  # skyreels names settings as the API does (num_inference_steps): name the flags
-    return re.sub(r"\b[a-z]+(_[a-z]+)+\b", lambda m: flags.get(m[0], m[0]), message)
+def as_flags(message, flags):
+    """skyreels names settings as the API does (num_inference_steps): name the flags as typed (--steps), where a
+    word is a setting's name (it has an underscore, or the sentence says something of it)."""
+    def flag(m):
+        return flags[m[1]] + (m[2] or "") if m[1] in flags and ("_" in m[1] or m[2]) else m[0]
+    return re.sub(r"\b([a-z]+(?:_[a-z]+)*)\b( must| and| differs|:)?", flag, message)
 
 
 def quietly(function, *args):  # the other ranks' argparse errors: rank 0 says them once
@@ -214,6 +221,8 @@ def run(args, rank=0):
         return show_plan(s, skyreels, a["plan"])
     if s.num_frames != args.num_frames:
         say(f"num_frames {args.num_frames} is rounded down to {s.num_frames} (the VAE makes 1 + 4k frames)")
+    if kind == "df" and len(windows := skyreels.plan_windows(s)) > 1:  # a long run says how long, first
+        say(f"{len(windows)} windows, {sum(len(w.matrix) for w in windows)} denoising steps")
     ffmpeg()
     pipe = skyreels.load(model, device=device, dtype=dtype, offload="offload" in a, compile="compile" in a,
                          loras=a.get("lora", []), transformer=a.get("transformer"))
@@ -227,7 +236,8 @@ def run(args, rank=0):
     record.update({k: v for k, v in vars(s).items() if k not in ("generator", "progress", "mode", "resume")},
                   image=a.get("image"), last_image=a.get("last_image"), video=a.get("video"))  # media as named
     if kind == "df":
-        record.update(window_prompts=[w.prompt for w in skyreels.plan_windows(s)], state=s.state if "keep_state" in a else None)
+        record.update(window_prompts=[w.prompt for w in skyreels.plan_windows(s)],
+                      state=s.state if "keep_state" in a else None)
     out.write(chunks, s.fps, record, len(s.video or []), keep_state="keep_state" in a)
     print(out.path)
 
@@ -390,6 +400,8 @@ class Progress:
             sys.stderr.write(f"\r{line}   " + ("\n" if done == total else ""))
         else:
             sys.stderr.write(line + "\n")
+        if done == total:
+            sys.stderr.write("the last step is done: decoding and writing the video\n")
         sys.stderr.flush()
 
 

@@ -92,10 +92,12 @@ class Settings:
 
 
 # Integer settings: the least and the most each may be. Python or numpy ints, never floats or bools.
-INTEGERS = dict(height=(16, math.inf), width=(16, math.inf), num_frames=(1, 2**20), fps=(1, math.inf),
+INTEGERS = dict(height=(16, math.inf), width=(16, math.inf), num_frames=(1, 2**20), fps=(1, 1000),
                 num_inference_steps=(1, 1000), seed=(-1, 2**64 - 1), ar_step=(0, math.inf),
                 causal_block_size=(1, math.inf), base_num_frames=(1, math.inf), overlap_history=(1, math.inf),
                 max_sequence_length=(1, math.inf))
+# Real settings: the least and the most, bounds the math carries (a shift of 1e308 makes every sigma 1).
+REALS = dict(guidance_scale=(0, 1000), shift=(1e-3, 1000), addnoise_condition=(0, 999), cache_budget=(0, 2**20))
 MAX_TOKENS = 2**20  # a window's tokens: 9x a 720P window's (31x45x80), about what one 80 GB GPU can attend over
 
 
@@ -137,12 +139,12 @@ def check_numbers(s):
     if "num_frames" in ints:  # rounded down to 1 + 4k, as diffusers does
         ints["num_frames"] = (ints["num_frames"] - 1) // TEMPORAL * TEMPORAL + 1
     reals = {}
-    for name in ("guidance_scale", "shift", "addnoise_condition", "cache_budget"):
+    for name, (low, high) in REALS.items():
         v = getattr(s, name)
         if v is None and name == "cache_budget":
             continue
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < math.inf or not v and name == "shift":
-            raise ValueError(f"{name} must be a finite number {'> 0' if name == 'shift' else '>= 0'}, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not low <= v <= high:
+            raise ValueError(f"{name} must be a number in [{low}, {high}], got {v!r}")
         reals[name] = float(v)
     return dataclasses.replace(s, **ints, **reals)
 
@@ -231,6 +233,11 @@ def check_frames(kind, rope_max_seq_len, s):
     if max(grid) > rope_max_seq_len or math.prod(grid) > MAX_TOKENS:
         raise ValueError(f"height {s.height} and width {s.width} make a {'x'.join(map(str, grid))} token grid a "
                          f"window, beyond rope_max_seq_len {rope_max_seq_len} or {MAX_TOKENS} tokens: choose less")
+    if kind == "df" and s.fps not in (16, 24):
+        raise ValueError(f"fps must be 16 or 24 for a diffusion-forcing model (the rates it was trained on), got "
+                         f"{s.fps}")
+    if s.cache_budget is not None and s.causal_block_size < 2:
+        raise ValueError("cache_budget is for the asynchronous shortcuts' cache: it needs causal_block_size > 1")
     if kind != "df" and len(s.prompts) > 1:
         raise ValueError(f"prompt: a list of {len(s.prompts)} prompts is for diffusion forcing (a prompt a window); "
                          f"{s.mode} makes one pass")
@@ -285,6 +292,16 @@ def plan_windows(s):
         windows.append(Window(size, prefix, end, 0 if k == 0 else overlap, overlap,
                               s.prompts[min(k, len(s.prompts) - 1)], *matrices[frames, prefix, end]))
     return windows
+
+
+def stop_unless_finite(x, finite, done=0):
+    """The last line of defence against weights or settings the checks could not judge: latents that are no longer
+    finite stop the run (finished windows are kept), naming the first such step."""
+    bad = (~torch.stack(finite)).nonzero()
+    if len(bad):
+        raise FloatingPointError(f"the latents stopped being finite (NaN or inf) at step {done + int(bad[0]) + 1}: "
+                                 f"check the weights (LoRA, transformer file) and guidance_scale and shift")
+    return x
 
 
 def blocks_started(update, block):
@@ -349,14 +366,15 @@ class Pipeline:
         n = latent_frames(s.num_frames)
         x = self.noise((1, 16, n, s.height // SPATIAL, s.width // SPATIAL), s.generator)
         ts, sigmas = schedule.timesteps(s.num_inference_steps, s.shift)
-        state, every = schedule.unipc_init(sigmas, n), torch.ones(n, dtype=torch.bool)
+        state, every, finite = schedule.unipc_init(sigmas, n), torch.ones(n, dtype=torch.bool), []
         for i, t in enumerate(ts):
             inp = x if condition is None else torch.cat([x, condition], dim=1)
             v = self.predict(inp.to(self.transformer_dtype), t.expand(1).to(self.device), s, texts, image_context)
             x = schedule.unipc_step(state, v, x, every)
+            finite.append(torch.isfinite(x).all())
             if s.progress:
                 s.progress(i, len(ts))
-        yield self.decoder(s.output_type)(x)
+        yield self.decoder(s.output_type)(stop_unless_finite(x, finite))
 
     # -- diffusion forcing: one loop for text-, image- and video-conditioned generation -------------------------------
 
@@ -413,6 +431,7 @@ class Pipeline:
         shortcut = self.shortcuts and block > 1
         limit = self.cache_frames(x, s) if shortcut and not noised else 0
         caches = [model.KVCache(len(self.transformer.blocks), limit) if limit else None for _ in range(2)]
+        finite = []  # a flag a step, on the device: read once, when the window ends
         for i, (t, update) in enumerate(zip(w.matrix, w.update)):
             lo = caches[0].frames if limit else 0  # frames before lo are in the cache
             hi = blocks_started(update, block) if shortcut else x.shape[2]
@@ -429,9 +448,10 @@ class Pipeline:
             v = self.predict(inp, t, s, texts, attention=attention)
             v = F.pad(v, (0, 0, 0, 0, lo, x.shape[2] - hi))  # frames left out: not updated now
             x = schedule.unipc_step(state, v, x, update)
+            finite.append(torch.isfinite(x).all())
             if s.progress:
                 s.progress(done + i, total)
-        return x
+        return stop_unless_finite(x, finite, done)
 
     # -- the pieces every mode shares -----------------------------------------------------------------------------
 
@@ -456,6 +476,9 @@ class Pipeline:
         """{prompt: (its embedding, the negative prompt's or None without guidance)} in the DiT's dtype, each distinct
         prompt encoded once, all in one batch."""
         guided, prompts = s.guidance_scale > 1, list(dict.fromkeys(s.prompts))
+        longest = max(len(self.tokenizer.encode(text.clean_prompt(p))) + 1 for p in prompts + [s.negative_prompt])
+        if longest > s.max_sequence_length:
+            note(f"a prompt of {longest} tokens is cut to max_sequence_length, {s.max_sequence_length}")
         # With offload the encoder's layers stream through the GPU one at a time (UMT5-XXL is 11 GB in bf16).
         encoder = self.on_device(self.text_encoder)
         embeds = text.encode_prompts(self.tokenizer, encoder, prompts + [s.negative_prompt] * guided,
@@ -570,9 +593,12 @@ KINDS = {"SkyReelsV2Pipeline": "t2v", "SkyReelsV2ImageToVideoPipeline": "i2v",
          "SkyReelsV2DiffusionForcingPipeline": "df"}
 
 
+TINY = ("tiny-t2v", "tiny-i2v", "tiny-df")
+
+
 def kind_of(path):
     """'t2v', 'i2v' or 'df', from model_index.json's _class_name (or a tiny-* name), without loading weights."""
-    if path in ("tiny-t2v", "tiny-i2v", "tiny-df"):
+    if path in TINY:
         return path[5:]
     name = read_json(os.path.join(path, "model_index.json")).get("_class_name")
     if name not in KINDS:
@@ -588,11 +614,9 @@ def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch
     compile: torch.compile the DiT's blocks, ~20% faster on an H100 and half the activation memory (fused elementwise
     work), after ~10-30 s per new latent shape. Under torchrun every rank calls this alike, each with its own device
     (e.g. cuda:LOCAL_RANK), and the ranks share the DiT's work (split_ranks)."""
-    for file in ([transformer] if transformer else []) + [lora for lora, _ in loras]:  # at the door, not after loading
-        if not os.path.isfile(file):
-            raise CheckpointError(f"no such file: {file}")
-    device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe = tiny_pipeline(path, device, dtype) if path.startswith("tiny-") else \
+    check_load(path, dtype, loras, transformer)
+    device = check_device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    pipe = tiny_pipeline(path, device, dtype) if path in TINY else \
         load_folder(path, device, dtype, offload, vae_dtype, transformer)
     fold_loras(pipe, loras)
     pipe.checkpoint = dict(model=path, transformer=transformer, loras=[list(lora) for lora in loras],
@@ -607,12 +631,29 @@ def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch
     return pipe
 
 
+def check_load(path, dtype, loras, transformer):
+    """load's arguments, at the door: one ValueError naming the argument, before any weight is read."""
+    if not isinstance(path, (str, os.PathLike)) or str(path).startswith("tiny-") and path not in TINY:
+        raise ValueError(f"path must be a model folder, a Hugging Face id or one of {', '.join(TINY)}, got {path!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
+        raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype!r}")
+    if isinstance(loras, (str, os.PathLike)) or not all(isinstance(x, (tuple, list)) and len(x) == 2 for x in loras):
+        raise ValueError(f"loras must be a list of (path, scale) pairs, got {loras!r:.80}")
+    if transformer is not None and str(path).startswith("tiny-"):
+        raise ValueError("transformer: the tiny-* models are built in memory; a one-file DiT needs a model folder")
+    for file in ([transformer] if transformer else []) + [lora for lora, _ in loras]:  # at the door, not after loading
+        if not os.path.isfile(file):
+            raise CheckpointError(f"no such file: {file}")
+
+
 def check_device(device):
     """A torch.device this machine has, or one ValueError."""
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device} cannot run a generation: use cpu or cuda")
     if device.type == "cuda" and not (device.index or 0) < torch.cuda.device_count():
         raise ValueError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA devices; use cpu")
     return device
@@ -777,10 +818,14 @@ def load_weights(module, where, files, dtype, device, aliases=None):
 
 
 def _tensor(f, path, key):
+    """Tensor `key` of an open safetensors file, refused if it holds NaN or inf (a NaN weight makes a black video)."""
     try:
-        return f.get_tensor(key)
+        t = f.get_tensor(key)
     except (SafetensorError, OSError) as e:  # a key the index promised but the file lacks, or a truncated file
         raise CheckpointError(f"cannot read {key} from {path} ({e})") from None
+    if t.is_floating_point() and not torch.isfinite(t.float() if t.element_size() == 1 else t).all():
+        raise CheckpointError(f"{path}: {key} holds NaN or inf")
+    return t
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -843,8 +888,16 @@ def read_lora(path, dit):
     names, params = dit_names(dit), dict(dit.named_parameters())
     with _open(path) as f:
         tensors = {k: _tensor(f, path, k) for k in f.keys()}
-        peft = {k.removeprefix("transformer."): v for k, v in json.loads(  # the adapter config diffusers saves
-            (f.metadata() or {}).get("lora_adapter_metadata", "{}")).items()}
+        metadata = (f.metadata() or {}).get("lora_adapter_metadata", "{}")  # the adapter config diffusers saves
+    try:
+        peft = {k.removeprefix("transformer."): v for k, v in json.loads(metadata).items()}
+    except (ValueError, AttributeError):  # not JSON, or not an object
+        raise CheckpointError(f"{path}: its lora_adapter_metadata is not a JSON object") from None
+    if not isinstance(peft.get("lora_alpha", 1), numbers.Real) or isinstance(peft.get("lora_alpha"), bool):
+        raise CheckpointError(f"{path}: lora_alpha in its metadata is {peft['lora_alpha']!r}, not a number")
+    for key, t in tensors.items():  # integers would be used as raw numbers
+        if not t.is_floating_point():
+            raise CheckpointError(f"{path}: {key} is {t.dtype}; a LoRA holds floating-point tensors")
     if peft.get("alpha_pattern") or peft.get("use_rslora") or peft.get("use_dora"):
         raise CheckpointError(f"{path}: PEFT alpha_pattern, rSLoRA and DoRA adapters are not supported")
     parts = {}  # our parameter name -> {part: (key, tensor)}
@@ -880,6 +933,8 @@ def fold_loras(pipe, loras):
     LoRA touches it, so that unload_loras restores it exactly: in bf16, W + d - d is not W."""
     terms = {}
     for path, scale in loras:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+            raise ValueError(f"a LoRA's scale must be a finite number, got {scale!r} for {path}")
         for name, coefficient, up, down in read_lora(path, pipe.transformer):
             terms.setdefault(name, []).append((scale * coefficient, up, down))
     pipe.on_device(None)  # offload: every parameter back in its home copy
@@ -922,10 +977,11 @@ def tiny_pipeline(name, device, dtype):
     """tiny-t2v / tiny-i2v / tiny-df: random-weight tiny models built in memory, for a download-free smoke run and for
     stepping through the algorithm in a debugger. Their videos are noise."""
     kind = name[5:]
-    spiece = os.path.join(tempfile.mkdtemp(), "spiece.model")
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(TINY_CORPUS * 4), model_prefix=spiece[:-6], vocab_size=200, character_coverage=1.0,
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2)
+    with tempfile.TemporaryDirectory() as folder:  # the tokenizer reads its model file once, at once
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(TINY_CORPUS * 4), model_prefix=os.path.join(folder, "spiece"), vocab_size=200,
+            character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2)
+        tokenizer = text.Tokenizer(os.path.join(folder, "spiece.model"))
     torch.manual_seed(0)
     dit = model.CONFIGS["tiny"]
     clip = preprocess = None
@@ -938,7 +994,7 @@ def tiny_pipeline(name, device, dtype):
                           image_std=[0.26862954, 0.26130258, 0.27577711])
     if kind == "df":
         dit = dataclasses.replace(dit, inject_sample_info=True)
-    pipe = Pipeline(kind, text.Tokenizer(spiece),
+    pipe = Pipeline(kind, tokenizer,
                     place(text.UMT5Encoder(text.CONFIGS["tiny"]), device, dtype).eval(),
                     place(model.DiT(dit), device, dtype).eval(), vae.VAE(vae.CONFIGS["tiny"]).to(device).eval(),
                     clip, preprocess, device, False)
@@ -951,9 +1007,11 @@ def to_pil(image, what):
     if isinstance(image, (str, os.PathLike)):
         try:
             with Image.open(image) as im:  # PIL refuses decompression bombs (over 179 Mpixels) here
-                return im.convert("RGB")
+                return to_pil(im, what)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise ValueError(f"cannot read {what} {image}: {str(e).splitlines()[0]}") from None
+    if isinstance(image, Image.Image) and image.mode.startswith("I"):  # 16/32-bit grey: RGB would clip it to white
+        image = Image.fromarray((np.asarray(image, np.float64) / 257).round().clip(0, 255).astype(np.uint8))
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and \
@@ -1215,6 +1273,11 @@ def check_ranks_agree(s, device):
         raise ValueError(f"ranks {differ} were given other settings, inputs or random state than rank 0")
 
 
+def note(message):  # a line on stderr, from one rank
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"note: {message}", file=sys.stderr)
+
+
 def use_flash_attention_4(device):
     """The DiT's attention through flash-attn-4 (an optional extra, `pip install flash-attn-4`) on Hopper and
     Blackwell GPUs, where it is 1.2x faster than cuDNN's; one line says why not when it is not installed."""
@@ -1223,9 +1286,7 @@ def use_flash_attention_4(device):
     try:
         from flash_attn.cute import flash_attn_func
     except Exception as e:  # noqa: BLE001  not installed, or installed without its CUDA libraries
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"note: attention runs on PyTorch SDPA; flash-attn-4 would be faster ({type(e).__name__}: {e})",
-                  file=sys.stderr)
+        note(f"attention runs on PyTorch SDPA; flash-attn-4 would be faster ({type(e).__name__}: {e})")
         return
     model.FLASH = flash_attn_func
 
