@@ -187,7 +187,7 @@ def check_inputs(s):
     if s.resolution not in (None, *RESOLUTIONS):
         raise ValueError(f"resolution must be one of {', '.join(RESOLUTIONS)}, got {s.resolution!r}")
     if (s.height is None) != (s.width is None):
-        raise ValueError("give both height and width, or neither")
+        raise ValueError("height and width must be given together, or neither")
     media = {name: to_pil(getattr(s, name), name) for name in ("image", "last_image") if getattr(s, name) is not None}
     s = dataclasses.replace(s, **media, video=None if s.video is None else read_video(s.video))
     if s.height is None:
