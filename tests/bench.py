@@ -307,7 +307,8 @@ def bench_offload_e2e(quick):
             with torch.no_grad():
                 tt, out = wall(lambda: pipe.generate("a cat", height=hh, width=ww, num_frames=nf,
                                                      base_num_frames=nf, num_inference_steps=steps, seed=0))
-            mem = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0
+            # phase_peaks resets the peak counter at each phase: the run's peak is the largest phase peak
+            mem = max([torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0, *peaks.values()])
             result[offload] = (tt, out)
             note = ", ".join(f"{k} {v:.2f}" for k, v in peaks.items())
             if offload and False in result:
@@ -318,6 +319,116 @@ def bench_offload_e2e(quick):
             del pipe, out, peaks
             gc.collect()  # phase_peaks' wrappers hold the pipeline in a reference cycle
             torch.cuda.empty_cache() if DEV == "cuda" else None
+
+
+def bench_smoke(quick):
+    """The same video with --offload as resident, and with the async shortcuts as without (bf16, DF-1.3B at a small
+    size, causal blocks of 5): max abs 0.0 is expected for offload (the same kernels on the same weights); the
+    shortcuts sum attention in another order, so they may differ by bf16 rounding."""
+    settings = dict(height=256, width=448, num_frames=41, base_num_frames=41, num_inference_steps=3, ar_step=2,
+                    causal_block_size=5 if not TINY else 1, seed=0, output_type="latent")
+    if TINY:
+        settings.update(height=32, width=48)
+    outs = {}
+    for offload in (False, True):
+        pipe = random_pipeline(DF13B, offload)
+        for shortcuts in (True, False):
+            pipe.shortcuts = shortcuts
+            torch.manual_seed(0)
+            with torch.no_grad():
+                outs[offload, shortcuts] = pipe.generate("a cat", **settings).float().cpu()
+        del pipe
+        gc.collect()
+    base = outs[False, True]
+    for key, out in outs.items():
+        row(f"smoke: offload={key[0]}, shortcuts={key[1]}", None, f"max abs vs resident with shortcuts "
+            f"{(out - base).abs().max().item():.2e}")
+
+
+def bench_accuracy(quick):
+    """Each fast path against a float32 forward of the same weights (DF-1.3B 540P, synchronous): which is nearer the
+    exact result, eager bf16, compiled bf16, or flash-attn-4 (where installed)?"""
+    import copy
+
+    dit = random_dit(DF13B)
+    x, t, ctx, _ = dit_inputs()
+    with torch.no_grad():
+        exact = copy.deepcopy(dit).float()(x.float(), t, ctx.float(), fps=24).float()
+        gc.collect()
+        torch.cuda.empty_cache()
+        out = {"eager bf16 (SDPA)": dit(x, t, ctx, fps=24)}
+        try:
+            from flash_attn.cute import flash_attn_func
+            M.FLASH = flash_attn_func
+            out["eager bf16, flash-attn-4"] = dit(x, t, ctx, fps=24)
+        except Exception as e:  # noqa: BLE001
+            log(f"  flash-attn-4 not installed here ({type(e).__name__}): not measured")
+        M.FLASH = None
+        for block in dit.blocks:
+            block.compile()
+        out["compiled bf16 (SDPA)"] = dit(x, t, ctx, fps=24)
+    for name, o in out.items():
+        row(f"accuracy: {name} vs a float32 forward", None, f"rel err {rel(o, exact):.2e}")
+
+
+def bench_resume(quick):
+    """Issue 22's figures: DF-1.3B 540P, 737 frames, base 97, overlap 17, asynchronous (ar 5, blocks of 5), CFG.
+    A run stopped after `stopped` windows, then resumed: the state's bytes a window, the time from the resumed
+    stream to its first new step as a share of the time the finished windows took, and both runs' GPU peaks."""
+    import shutil
+    import tempfile
+
+    steps, stopped = (10, 3) if not quick else (4, 2)
+    settings = dict(height=544, width=960, num_frames=737, base_num_frames=97, overlap_history=17, ar_step=5,
+                    causal_block_size=5, num_inference_steps=steps, seed=0, addnoise_condition=20)
+    if TINY:
+        settings.update(height=32, width=48, num_frames=81, base_num_frames=17, overlap_history=5, ar_step=1,
+                        causal_block_size=1)
+    pipe, folder = random_pipeline(DF13B, False), tempfile.mkdtemp()
+    state = os.path.join(folder, "film.state")
+
+    class Stop(Exception):
+        pass
+
+    def until(window_steps, marks):  # progress: note when each step ends; stop once `window_steps` have run
+        def progress(step, total):
+            sync()
+            marks.append(time.perf_counter())
+            if len(marks) == window_steps:
+                raise Stop
+        return progress
+
+    import skyreels
+
+    windows = skyreels.plan_windows(skyreels.check_settings("df", 1024, skyreels.Settings("a", **settings)))
+    per_window = [len(w.matrix) for w in windows]
+    for resume in (False, True):
+        torch.manual_seed(0)
+        sync()
+        torch.cuda.reset_peak_memory_stats() if DEV == "cuda" else None
+        marks, t0 = [], time.perf_counter()
+        want = sum(per_window[:stopped + 1]) if not resume else 1  # the first run: into window stopped + 1
+        try:
+            with torch.no_grad():
+                for _ in pipe.stream("a cat", state=state, resume=resume, progress=until(want, marks), **settings):
+                    pass
+        except Stop:
+            pass
+        mem = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0
+        if not resume:
+            finished = marks[sum(per_window[:stopped]) - 1] - t0  # the finished windows' time (their last step)
+            # keep only the first `stopped` windows, as a stop during the next one leaves them
+            for name in sorted(os.listdir(state))[stopped + 1:]:
+                os.remove(os.path.join(state, name))
+            size = os.path.getsize(os.path.join(state, "window-0001.safetensors"))
+            row("resume: the first run", None, f"{len(windows)} windows of {per_window[0]} iterations; "
+                f"{stopped} windows finished in {finished:.1f} s; GPU peak {mem:.2f} GiB",
+                f"state: {size / 2**20:.1f} MiB a window")
+        else:
+            first = marks[0] - t0
+            row("resume: from stream() to its first new step", None, f"{first:.1f} s = {first / finished:.1%} of the "
+                f"finished windows' time; GPU peak {mem:.2f} GiB")
+    shutil.rmtree(folder)
 
 
 def dit_inputs():  # latents, per-frame timesteps and text for the 540P forward, and the generator that made them
@@ -798,7 +909,8 @@ def main():
             {"dit": lambda: bench_dit(args.quick), "attn": bench_attention, "vae": lambda: bench_vae(args.quick),
              "loop": lambda: bench_loop(args.quick), "stream": lambda: bench_stream(args.quick),
              "offload": lambda: bench_offload(args.quick), "14b": lambda: bench_14b(args.quick),
-             "e2e": lambda: bench_offload_e2e(args.quick),
+             "e2e": lambda: bench_offload_e2e(args.quick), "smoke": lambda: bench_smoke(args.quick),
+             "accuracy": lambda: bench_accuracy(args.quick), "resume": lambda: bench_resume(args.quick),
              "fa4dit": lambda: bench_fa4_dit(args.quick), "fa4e2e": bench_fa4_e2e,
              "fa4tiles": bench_fa4_tiles, "profile": bench_profile,
              "fa4": bench_fa4, "budget": bench_budget}[part]()
