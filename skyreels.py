@@ -1,13 +1,11 @@
 """SkyReels-V2: the generation method, then checkpoint loading, then the extras a reader can skip.
 
-Reading order for the method: `Settings` (one generation's inputs) and `check_settings`, `plan_windows` (the windows
-of a diffusion-forcing run and their step matrices), then `Pipeline`: `run_lockstep` (text- and image-to-video, every
-frame at one timestep) and `run_diffusion_forcing` -> `denoise_window` -> `predict`, which read as plan -> predict
--> step. The solver and the step matrix are in schedule.py, the networks in model.py, vae.py and text.py.
+Read `Settings`, `check_settings`, `plan_windows` (a diffusion-forcing run's windows and step matrices), then
+`Pipeline`: `run_lockstep` (every frame at one timestep) and `run_diffusion_forcing` -> `denoise_window` -> `predict`
+(plan -> predict -> step). The solver and the step matrix are in schedule.py, the networks in model.py, vae.py, text.py.
 
-Loading is name alignment: our modules use the official parameter names, so a component is built on the meta
-device (no memory), and each tensor is read from its safetensors shard, cast and placed as it is read, and
-assigned in place. A 28 GB bf16 transformer therefore never exists twice in memory.
+Loading is name alignment: a component is built on the meta device and each tensor is read from its shard, cast and
+placed as it is read, then assigned in place, so a 28 GB bf16 transformer never exists twice in memory.
 """
 import dataclasses
 import hashlib
@@ -50,9 +48,8 @@ def latent_frames(num_frames):  # the VAE keeps the first frame alone and packs 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """One generation's inputs: what Pipeline.generate and stream take, by these names. check_settings returns
-    them checked and normalised (the mode and its defaults filled in, the size chosen, num_frames 1 + 4k, images
-    and video frames as PIL), and that checked copy is the one input of every loop below."""
+    """One generation's inputs (Pipeline.generate and stream take them by name). check_settings returns them normalised
+    (mode and defaults filled in, size chosen, num_frames 1 + 4k, media as PIL): the one input of every loop below."""
     prompt: str  # or a list, a prompt a window: diffusion-forcing window k uses prompt[min(k, len - 1)]
     negative_prompt: str = ""
     image: object = None  # the first frame (i2v, df-i2v): a PIL image, a path, or an (H, W, 3) array
@@ -102,16 +99,13 @@ MAX_TOKENS = 2**20  # a window's tokens: 9x a 720P window's (31x45x80), about wh
 
 
 def check_settings(kind, rope_max_seq_len, s):
-    """Settings `s` checked before any work for a `kind` checkpoint ('t2v', 'i2v' or 'df') whose rotary table
-    covers `rope_max_seq_len` positions a side: one ValueError naming the setting, or the settings normalised."""
+    """`s` normalised for a `kind` ('t2v', 'i2v', 'df') checkpoint, or one ValueError naming the setting."""
     if not isinstance(s, Settings):
         raise ValueError(f"settings must be skyreels.Settings, got {type(s).__name__}")
     mode = check_mode(kind, s)
     defaults = dict(zip(("num_inference_steps", "guidance_scale", "shift"), DEFAULTS[mode]))
     s = dataclasses.replace(s, mode=mode, **{k: v for k, v in defaults.items() if getattr(s, k) is None})
-    s = check_numbers(s)
-    s = check_state(s)
-    s = check_inputs(s)
+    s = check_inputs(check_state(check_numbers(s)))  # in this order: each trusts what the one before checked
     check_frames(kind, rope_max_seq_len, s)
     return s
 
@@ -127,31 +121,22 @@ def check_mode(kind, s):
 
 
 def check_numbers(s):
-    """Integers in range, finite reals; the seed -1 drawn at random, a seed made a generator."""
-    ints = {}
-    for name, (low, high) in INTEGERS.items():
-        v = getattr(s, name)
-        if v is None and name in ("seed", "overlap_history", "height", "width"):
+    """Integers and reals in range; num_frames rounded down to 1 + 4k, as diffusers does."""
+    checked = {}
+    for name, (low, high) in {**INTEGERS, **REALS}.items():
+        v, integer = getattr(s, name), name in INTEGERS
+        if v is None and name in ("seed", "overlap_history", "height", "width", "cache_budget"):
             continue
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not low <= v <= high:
-            raise ValueError(f"{name} must be an integer in [{low}, {high}], got {v!r}")
-        ints[name] = int(v)
-    if "num_frames" in ints:  # rounded down to 1 + 4k, as diffusers does
-        ints["num_frames"] = (ints["num_frames"] - 1) // TEMPORAL * TEMPORAL + 1
-    reals = {}
-    for name, (low, high) in REALS.items():
-        v = getattr(s, name)
-        if v is None and name == "cache_budget":
-            continue
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not low <= v <= high:
-            raise ValueError(f"{name} must be a number in [{low}, {high}], got {v!r}")
-        reals[name] = float(v)
-    return dataclasses.replace(s, **ints, **reals)
+        kind = numbers.Integral if integer else numbers.Real
+        if isinstance(v, bool) or not isinstance(v, kind) or not low <= v <= high:
+            raise ValueError(f"{name} must be {'an integer' if integer else 'a number'} in [{low}, {high}], got {v!r}")
+        checked[name] = int(v) if integer else float(v)
+    checked["num_frames"] = (checked["num_frames"] - 1) // TEMPORAL * TEMPORAL + 1
+    return dataclasses.replace(s, **checked)
 
 
 def check_state(s):
-    """The state folder's settings (State); resuming without a seed takes the state's. Then the seed -1 is drawn at
-    random and a seed made a generator."""
+    """resume and redo_from; without a seed, resuming takes the state's; the seed -1 drawn; a seed made a generator."""
     if not isinstance(s.resume, bool) or s.redo_from is not None and (
             isinstance(s.redo_from, bool) or not isinstance(s.redo_from, numbers.Integral) or s.redo_from < 1):
         raise ValueError(f"resume must be True or False and redo_from a window number from 1, got {s.resume!r} and "
@@ -198,8 +183,7 @@ def check_inputs(s):
 
 
 def default_size(s, resolution):
-    """The resolution's (height, width); with an image, the image's aspect ratio at that area, in multiples of 16
-    (the seed's aspect_ratio_resize)."""
+    """The resolution's (height, width), or with an image its aspect ratio at that area, in multiples of 16."""
     h, w = RESOLUTIONS[resolution]
     if s.image is None:
         return h, w
@@ -212,8 +196,7 @@ def default_size(s, resolution):
 
 
 def check_frames(kind, rope_max_seq_len, s):
-    """Enough frames for the mode, windows that overlap less than they hold, a token grid the model can take,
-    windows of whole causal blocks; num_frames is rounded down to 1 + 4k by the caller (Settings.num_frames)."""
+    """Enough frames, windows that overlap less than they hold, a token grid the model takes, whole causal blocks."""
     n, base, overlap = s.num_frames, s.base_num_frames, s.overlap_history
     if (s.mode == "df-i2v" or s.last_image is not None) and n <= TEMPORAL:
         raise ValueError(f"num_frames must be at least 5 with an image (it takes a latent frame of 4), got {n}")
@@ -234,18 +217,15 @@ def check_frames(kind, rope_max_seq_len, s):
         raise ValueError(f"height {s.height} and width {s.width} make a {'x'.join(map(str, grid))} token grid a "
                          f"window, beyond rope_max_seq_len {rope_max_seq_len} or {MAX_TOKENS} tokens: choose less")
     if kind == "df" and s.fps not in (16, 24):
-        raise ValueError(f"fps must be 16 or 24 for a diffusion-forcing model (the rates it was trained on), got "
-                         f"{s.fps}")
+        raise ValueError(f"fps must be 16 or 24 (the rates diffusion-forcing models are trained on), got {s.fps}")
     if s.cache_budget is not None and s.causal_block_size < 2:
         raise ValueError("cache_budget is for the asynchronous shortcuts' cache: it needs causal_block_size > 1")
     if kind != "df" and len(s.prompts) > 1:
         raise ValueError(f"prompt: a list of {len(s.prompts)} prompts is for diffusion forcing (a prompt a window); "
                          f"{s.mode} makes one pass")
-    if kind == "df":  # each window a whole number of causal blocks: planning says so, before the weights are read
-        windows = len(plan_windows(s))
-        if len(s.prompts) > windows:
-            raise ValueError(f"prompt: {len(s.prompts)} prompts for {windows} windows (a prompt a window, the last "
-                             f"carries on)")
+    # Planning raises unless each window is a whole number of causal blocks: say so before the weights are read.
+    if kind == "df" and len(s.prompts) > (windows := len(plan_windows(s))):
+        raise ValueError(f"prompt: {len(s.prompts)} prompts for {windows} windows (a prompt a window)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,11 +242,8 @@ class Window:
 
 
 def plan_windows(s):
-    """The windows of a diffusion-forcing run and their step matrices, for settings check_settings passed.
-
-    A window holds at most base_num_frames frames. Later windows begin with the last `overlap_history` frames made
-    so far (in latent frames, trimmed down to whole causal blocks): known frames the rest continues from. Video
-    extension is the same with the input video as 'made so far'. Each window has a step matrix of its own size."""
+    """A diffusion-forcing run's windows, of base_num_frames frames at most, with their step matrices. Each later one
+    (and v2v's first) begins with the last overlap_history frames made so far, known, in whole causal blocks."""
     ts = schedule.timesteps(s.num_inference_steps, s.shift)[0]
     block, total, base = s.causal_block_size, latent_frames(s.num_frames), latent_frames(s.base_num_frames)
     if s.overlap_history is not None and (s.num_frames > s.base_num_frames or s.mode == "v2v"):
@@ -295,8 +272,7 @@ def plan_windows(s):
 
 
 def stop_unless_finite(x, finite, done=0):
-    """The last line of defence against weights or settings the checks could not judge: latents that are no longer
-    finite stop the run (finished windows are kept), naming the first such step."""
+    """The last defence against weights or settings no check could judge: stop at the first step that is not finite."""
     bad = (~torch.stack(finite)).nonzero()
     if len(bad):
         raise FloatingPointError(f"the latents stopped being finite (NaN or inf) at step {done + int(bad[0]) + 1}: "
@@ -333,14 +309,12 @@ class Pipeline:
             stream_blocks(self)
 
     def generate(self, prompt, **settings):
-        """float32 frames (F, H, W, 3) in [0, 1], or with output_type="latent" the final latents. settings: the
-        fields of Settings, by name."""
+        """float32 frames (F, H, W, 3) in [0, 1], or the final latents (output_type="latent"); settings as Settings'."""
         chunks = list(self.stream(prompt, **settings))
         return torch.cat(chunks, dim=2) if settings.get("output_type") == "latent" else np.concatenate(chunks)
 
     def stream(self, prompt, **settings):
-        """`generate` as an iterator of finished frame chunks (F_i, H, W, 3), window by window, so a long video can be
-        written as it is made. Every setting is checked before this returns."""
+        """`generate` as finished frame chunks (F_i, H, W, 3), window by window; every setting is checked at once."""
         try:
             s = Settings(prompt, **dict(dict(resolution=self.resolution), **settings))
         except TypeError as e:  # an argument Settings has no field for
@@ -348,7 +322,6 @@ class Pipeline:
         return self.run(check_settings(self.kind, self.transformer.config.rope_max_seq_len, s))
 
     def run(self, s):
-        """The video of settings `s` that check_settings passed, as `stream` hands it out."""
         if self.parallel is not None:
             check_ranks_agree(s, self.device)
         if self.kind != "df":
@@ -379,10 +352,8 @@ class Pipeline:
     # -- diffusion forcing: one loop for text-, image- and video-conditioned generation -------------------------------
 
     def run_diffusion_forcing(self, s, windows, state=None):
-        """Window by window (denoise_window): each window's first `prefix` latent frames are known (the image, the end
-        of the input video, or the end of the previous window), the rest start as noise. Each window's new latents are
-        final when it ends, so they are decoded and handed on at once. `state` (a State) keeps each finished window,
-        and hands back those an earlier run finished."""
+        """Window by window: its first `prefix` latent frames known (the image, the input video's or previous window's
+        end), the rest noise; its new latents are final, so decoded at once. `state` keeps each finished window."""
         texts, decode = self.encode_text(s), self.decoder(s.output_type)
         known, end = self.known_latents(s)
         if s.mode == "v2v" and s.output_type != "latent":  # the input first, as diffusers (its latents: the new only)
@@ -405,8 +376,7 @@ class Pipeline:
             yield decode(x[:, :, w.new_from:])
 
     def known_latents(self, s):
-        """The latents the first window starts from (df-i2v: the image; v2v: the end of the video), and the last
-        image's latent (df-i2v with a last image)."""
+        """The first window's known latents (df-i2v: the image; v2v: the video's end), and the last image's."""
         if s.mode == "df-i2v":  # the first (and last) image, encoded as one-frame videos
             cond = self.encode_video(torch.cat([pixels([im], s.height, s.width) for im in s.images]))
             return cond[:1], cond[1:]
@@ -473,13 +443,11 @@ class Pipeline:
         return u + s.guidance_scale * (v - u)
 
     def encode_text(self, s):
-        """{prompt: (its embedding, the negative prompt's or None without guidance)} in the DiT's dtype, each distinct
-        prompt encoded once, all in one batch."""
+        """{prompt: (its embedding, the negative prompt's or None)} in the DiT's dtype; each distinct prompt once."""
         guided, prompts = s.guidance_scale > 1, list(dict.fromkeys(s.prompts))
         longest = max(len(self.tokenizer.encode(text.clean_prompt(p))) + 1 for p in prompts + [s.negative_prompt])
         if longest > s.max_sequence_length:
             note(f"a prompt of {longest} tokens is cut to max_sequence_length, {s.max_sequence_length}")
-        # With offload the encoder's layers stream through the GPU one at a time (UMT5-XXL is 11 GB in bf16).
         encoder = self.on_device(self.text_encoder)
         embeds = text.encode_prompts(self.tokenizer, encoder, prompts + [s.negative_prompt] * guided,
                                      s.max_sequence_length, self.device).to(self.transformer_dtype)
@@ -492,9 +460,8 @@ class Pipeline:
         return hidden.reshape(1, -1, hidden.shape[-1]).to(self.transformer_dtype)  # first-last: both images' tokens
 
     def i2v_condition(self, s):
-        """The 20 conditioning channels of an I2V DiT: a 4-channel mask of the known frames (one channel per video
-        frame a latent frame covers; the first latent covers one frame, repeated 4 times) and the latents of the
-        video that is the first image, zeros, and the last image if given."""
+        """An I2V DiT's 20 conditioning channels: a mask of the known frames (a channel per video frame a latent covers)
+        and the latents of the video that is the first image, zeros, and the last image if given."""
         video = torch.zeros(1, 3, s.num_frames, s.height, s.width)
         video[:, :, [0, -1][:len(s.images)]] = pixels(s.images, s.height, s.width)
         latents = self.encode_video(video)
@@ -511,8 +478,8 @@ class Pipeline:
         return vae.normalize(vae.encode(video.to(self.device, dtype)).float())
 
     def decoder(self, output_type):
-        """A function from finished latents (in order, any number at a time) to frames: the VAE carries its causal
-        cache from piece to piece, so frames come out as soon as latents are final and match one whole decode."""
+        """Finished latents (in order, any number at a time) -> frames: the VAE carries its causal cache from piece to
+        piece, so frames come out as soon as latents are final and match one whole decode."""
         if output_type == "latent":
             return lambda z: z
         stream = self.vae.decoder_stream()
@@ -534,9 +501,8 @@ class Pipeline:
         return self.transformer.patch_embedding.weight.dtype
 
     def cache_frames(self, x, s):
-        """How many latent frames of the window x the shortcuts may cache, in whole blocks: as many as fit
-        s.cache_budget GiB. The default (None) is what the GPU has free less a forward's activations over the whole
-        window and a margin, so the shortcuts fit wherever a run without them fits; 0 turns the cache off."""
+        """Latent frames of window x the shortcuts may cache (whole blocks) in s.cache_budget GiB; by default what the
+        GPU has free less a whole-window forward's activations and a margin: they fit where a run without them fits."""
         cfg, itemsize = self.transformer.config, torch.finfo(self.transformer_dtype).bits // 8
         guided = s.guidance_scale > 1
         tokens = x.shape[3] // cfg.patch_size[1] * x.shape[4] // cfg.patch_size[2]  # a latent frame's
@@ -560,8 +526,7 @@ class Pipeline:
     # -- weights: offload and LoRAs ------------------------------------------------------------------------------
 
     def on_device(self, module):
-        """With offload, only the component computing (None: none) is on the GPU. Its parameters go there for its
-        turn; the others return to the CPU copies they left behind, so nothing is copied back."""
+        """With offload, only `module` (None: none) is on the GPU; the others get back the CPU copies they left."""
         if self.offload:
             for m in [m for m in self.on_cpu if m is not module]:
                 for p, data in zip(resident(m), self.on_cpu.pop(m)):
@@ -828,8 +793,7 @@ def _tensor(f, path, key):
     return t
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The original Wan 2.1 / SkyReels-V2 naming (also ComfyUI's, and most shared LoRAs'), for whole DiT files and LoRAs
+# -- The original Wan 2.1 / SkyReels-V2 naming (also ComfyUI's and most LoRAs'), for whole DiT files and LoRAs --
 
 # Original name -> ours (diffusers'): at the top level by name prefix, inside blocks.N segment by segment.
 CE = "condition_embedder."
@@ -839,8 +803,8 @@ WAN_TOP = {
     "time_embedding.0": CE + "time_embedder.linear_1", "time_embedding.2": CE + "time_embedder.linear_2",
     "img_emb.proj.0": CE + "image_embedder.norm1", "img_emb.proj.1": CE + "image_embedder.ff.net.0.proj",
     "img_emb.proj.3": CE + "image_embedder.ff.net.2", "img_emb.proj.4": CE + "image_embedder.norm2",
-    "img_emb.emb_pos": CE + "image_embedder.pos_embed",
-    "fps_projection.0": "fps_projection.net.0.proj", "fps_projection.2": "fps_projection.net.2",
+    "img_emb.emb_pos": CE + "image_embedder.pos_embed", "fps_projection.0": "fps_projection.net.0.proj",
+    "fps_projection.2": "fps_projection.net.2",
 }
 WAN_BLOCK = {
     "self_attn": "attn1", "cross_attn": "attn2", "q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0",
@@ -870,8 +834,7 @@ def dit_names(dit):
     return {canonical(name): k for k in dit.state_dict() for name in (wan_name(k), k)}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# LoRA: low-rank weight deltas, folded into the DiT's weights once
+# -- LoRA: low-rank weight deltas, folded into the DiT's weights once --------------------------------------------
 
 # A LoRA key is <module>.<part>, the module in any naming (dit_names): diffusers/PEFT transformer.blocks.0.attn1.to_q,
 # original Wan / ComfyUI diffusion_model.blocks.0.self_attn.q, kohya / musubi-tuner lora_unet_blocks_0_self_attn_q.
@@ -882,9 +845,7 @@ LORA_KEY = re.compile(rf"(.+)\.({'|'.join(re.escape(p) for p in LORA_PARTS)})$")
 
 
 def read_lora(path, dit):
-    """[(our parameter name, coefficient, up, down)] of a LoRA file: its delta at scale 1 is coefficient * up @ down
-    (alpha / rank; alpha: the pair's, the PEFT adapter's lora_alpha, or the rank), or up alone for a full delta (.diff,
-    .diff_b, lora_B.bias; down None). A key that matches no parameter or does not fit its shape is a CheckpointError."""
+    """[(our parameter name, coefficient, up, down)] of a LoRA file: its delta is coefficient * up @ down, or up."""
     names, params = dit_names(dit), dict(dit.named_parameters())
     with _open(path) as f:
         tensors = {k: _tensor(f, path, k) for k in f.keys()}
@@ -909,19 +870,17 @@ def read_lora(path, dit):
         parts.setdefault(ours, {})[LORA_PARTS[m[2]]] = (key, t)
     terms = []
     for ours, got in parts.items():
-        shape = tuple(params[ours].shape)
         if ("down" in got) != ("up" in got) or ("alpha" in got and "down" not in got):
             raise CheckpointError(f"{path}: {next(iter(got.values()))[0]} has no matching lora_down/lora_up pair")
-        rank = got["down"][1].shape[0] if "down" in got else 0
+        shape, rank = tuple(params[ours].shape), got["down"][1].shape[0] if "down" in got else 0
         # down (rank, in, *kernel), up (out, rank, 1, ...): convolutions too, as kohya writes them
         want = dict(down=(rank,) + shape[1:], up=(shape[0], rank) + (1,) * (len(shape) - 2), alpha=(), diff=shape)
         for part, (key, t) in got.items():
             if tuple(t.shape) != want[part]:
-                raise CheckpointError(f"{path}: {key} has shape {tuple(t.shape)}, which does not fit {ours} "
-                                      f"{shape} (a LoRA for another model?)")
-        if "diff" in got:
+                raise CheckpointError(f"{path}: {key} has shape {tuple(t.shape)}, which does not fit {ours} {shape}")
+        if "diff" in got:  # a full delta (.diff, .diff_b, lora_B.bias)
             terms.append((ours, 1.0, got["diff"][1], None))
-        if rank:
+        if rank:  # coefficient alpha / rank; alpha: the pair's, the PEFT adapter's lora_alpha, or the rank
             alpha = float(got["alpha"][1]) if "alpha" in got else float(peft.get("lora_alpha", rank))
             terms.append((ours, alpha / rank, got["up"][1], got["down"][1]))
     return terms
@@ -950,8 +909,7 @@ def fold_loras(pipe, loras):
 
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The hub, the tiny models, media
+# -- The hub, the tiny models, media ------------------------------------------------------------------------------
 
 
 def download(name):
@@ -974,8 +932,7 @@ TINY_CORPUS = ["A cat and a dog baking a cake together in a kitchen.", "The came
 
 
 def tiny_pipeline(name, device, dtype):
-    """tiny-t2v / tiny-i2v / tiny-df: random-weight tiny models built in memory, for a download-free smoke run and for
-    stepping through the algorithm in a debugger. Their videos are noise."""
+    """tiny-t2v / i2v / df: random tiny models built in memory, to smoke-test or step through the method (noise out)."""
     kind = name[5:]
     with tempfile.TemporaryDirectory() as folder:  # the tokenizer reads its model file once, at once
         sentencepiece.SentencePieceTrainer.train(
@@ -983,19 +940,15 @@ def tiny_pipeline(name, device, dtype):
             character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2)
         tokenizer = text.Tokenizer(os.path.join(folder, "spiece.model"))
     torch.manual_seed(0)
-    dit = model.CONFIGS["tiny"]
+    dit = dataclasses.replace(model.CONFIGS["tiny"], inject_sample_info=kind == "df")
     clip = preprocess = None
     if kind == "i2v":
-        clip_cfg = model.CLIP_CONFIGS["tiny"]
-        dit = dataclasses.replace(dit, in_channels=36, image_dim=clip_cfg.hidden_size, added_kv_proj_dim=dit.dim)
-        clip = place(model.CLIPVision(clip_cfg), device, dtype).eval()
+        clip = place(model.CLIPVision(model.CLIP_CONFIGS["tiny"]), device, dtype).eval()
+        dit = dataclasses.replace(dit, in_channels=36, image_dim=clip.config.hidden_size, added_kv_proj_dim=dit.dim)
         preprocess = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, resample=3,
                           rescale_factor=1 / 255, image_mean=[0.48145466, 0.4578275, 0.40821073],
                           image_std=[0.26862954, 0.26130258, 0.27577711])
-    if kind == "df":
-        dit = dataclasses.replace(dit, inject_sample_info=True)
-    pipe = Pipeline(kind, tokenizer,
-                    place(text.UMT5Encoder(text.CONFIGS["tiny"]), device, dtype).eval(),
+    pipe = Pipeline(kind, tokenizer, place(text.UMT5Encoder(text.CONFIGS["tiny"]), device, dtype).eval(),
                     place(model.DiT(dit), device, dtype).eval(), vae.VAE(vae.CONFIGS["tiny"]).to(device).eval(),
                     clip, preprocess, device, False)
     pipe.resolution = "tiny"
