@@ -2,12 +2,10 @@
 
   python sample.py {t2v,i2v,df,df-i2v,v2v} --model PATH --prompt TEXT [options] --out video.mp4
 
-`python sample.py MODE --help` lists a mode's options and defaults; the original SkyReels-V2 spellings (--model_id,
---num_frames, --inference_steps, --end_image, --video_path, ...) work too. Everything is checked before any work
-(before a local folder's weights are read): bad input gets one `error:` line and exit code 2, and nothing is written.
-The mp4 is written as frames are finished, under a temporary name; it is read back, then renamed with the JSON of its
-settings beside it. A diffusion-forcing run keeps each finished window in NAME.state beside it; stopped (Ctrl-C,
-SIGTERM, SIGHUP, a crash), it writes the frames finished to NAME.partial.mp4, and `--resume` continues it.
+`python sample.py MODE --help` lists a mode's options; the original spellings (--model_id, --num_frames, ...) work
+too. All is checked before any weight is read: bad input gets one `error:` line, exit code 2, and nothing is written.
+The mp4 is written as frames finish, read back, and renamed with its settings' JSON beside it. A diffusion-forcing run
+keeps each finished window in NAME.state; stopped, its frames go to NAME.partial.mp4 and `--resume` continues it.
 """
 import argparse
 import dataclasses
@@ -27,8 +25,7 @@ MODES = {"t2v": ("t2v", "text to video"), "i2v": ("i2v", "image to video (a firs
 # skyreels.DEFAULTS (steps, guidance, shift), repeated here so that --help need not import torch (a test compares).
 DEFAULTS = {"t2v": (50, 6.0, 8.0), "i2v": (50, 5.0, 5.0), "df": (30, 6.0, 8.0), "df-i2v": (30, 5.0, 5.0),
             "v2v": (30, 5.0, 5.0)}
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bfloat16": "bfloat16", "float16": "float16",
-          "float32": "float32"}
+DTYPES = dict(bf16="bfloat16", fp16="float16", fp32="float32", **{t: t for t in ("bfloat16", "float16", "float32")})
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each ends a run: exit 128 + its number
 STOP = {"defer": False, "signal": None}  # a signal waits while ffmpeg is fed and while files are renamed (write)
 
@@ -151,8 +148,7 @@ def main(argv=None):
 
 
 def on_signal(signum, frame):
-    """Ctrl-C, SIGTERM, SIGHUP: stop the run, but not while ffmpeg is fed or files are renamed (write); later
-    signals, while the run stops, are noted and change nothing."""
+    """Stop the run, but not while ffmpeg is fed or files are renamed (write); later signals change nothing."""
     STOP["signal"] = STOP["signal"] or signum
     if not STOP["defer"]:
         STOP["defer"] = True  # from now on the run is stopping: a second Ctrl-C waits for it
@@ -166,8 +162,7 @@ def leave(code):  # exit with no signal left to interrupt the interpreter's own 
 
 
 def as_flags(message, flags):
-    """skyreels names settings as the API does (num_inference_steps): name the flags as typed (--steps), where a
-    word is a setting's name (it has an underscore, or the sentence says something of it)."""
+    """skyreels' setting names (num_inference_steps) as the flags typed (--steps), where a word names a setting."""
     def flag(m):
         return flags[m[1]] + (m[2] or "") if m[1] in flags and ("_" in m[1] or m[2]) else m[0]
     return re.sub(r"\b([a-z]+(?:_[a-z]+)*)\b( must| and| differs|:)?", flag, message)
@@ -182,8 +177,7 @@ def quietly(function, *args):  # the other ranks' argparse errors: rank 0 says t
 
 
 def join_ranks(args):
-    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL, each rank on GPU LOCAL_RANK; gloo on the
-    CPU) and agree on rank 0's random seed. skyreels.load then shares the work. True if it joined."""
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPU LOCAL_RANK, or gloo), take rank 0's seed."""
     if int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return False
     import torch
@@ -236,8 +230,7 @@ def run(args, rank=0):
     record.update({k: v for k, v in vars(s).items() if k not in ("generator", "progress", "mode", "resume")},
                   image=a.get("image"), last_image=a.get("last_image"), video=a.get("video"))  # media as named
     if kind == "df":
-        record.update(window_prompts=[w.prompt for w in skyreels.plan_windows(s)],
-                      state=s.state if "keep_state" in a else None)
+        record.update(window_prompts=[w.prompt for w in windows], state=s.state if "keep_state" in a else None)
     out.write(chunks, s.fps, record, len(s.video or []), keep_state="keep_state" in a)
     print(out.path)
 
@@ -297,19 +290,17 @@ class Output:
         self.state = out[:-4] + ".state" if keeps_state else None
 
     def check(self, inputs, probe=True):
-        """Refuse now (not after the denoising) an output that would land on or inside an input, or cannot be
-        written."""
+        """Refuse now, not after the denoising, an output that would land on or in an input, or cannot be written."""
         if not os.path.isdir(self.folder):
             raise ValueError(f"cannot write {self.path}: {self.folder} "
                              f"{'is a file' if os.path.exists(self.folder) else 'does not exist'}")
         for path in (self.json, self.partial_json):
             if os.path.isdir(path) or len(os.path.basename(path).encode()) > 255:
                 raise ValueError(f"cannot write {path}: {'a folder' if os.path.isdir(path) else 'name too long'}")
-        for path in (self.path, self.json, self.partial, self.partial_json, self.tmp, self.state):
-            for given in filter(None, inputs):
-                if path and (real := os.path.realpath(path)) == os.path.realpath(given) or path and \
-                        real.startswith(os.path.realpath(given) + os.sep):
-                    raise ValueError(f"--out {self.path} would write {path}, over the input {given}")
+        for path in filter(None, (self.path, self.json, self.partial, self.partial_json, self.tmp, self.state)):
+            for given in filter(None, inputs):  # the same path, or one inside it
+                if (os.path.realpath(path) + os.sep).startswith(os.path.realpath(given) + os.sep):
+                    raise ValueError(f"--out {self.path} would overwrite: it writes {path}, over the input {given}")
         try:  # prove that the folder takes files
             if probe:
                 open(self.tmp_json, "w").close()
@@ -318,28 +309,27 @@ class Output:
             raise ValueError(f"cannot write {self.path}: {e.strerror}") from None
 
     def write(self, chunks, fps, record, new_from=0, keep_state=False):
-        """Frame chunks to a temporary mp4 as they come, read back, then renamed with `record` as JSON beside it: both
-        complete, or neither. Stopped part-way (a signal, an error in a later window), the frames finished go to
-        NAME.partial.mp4 instead (if any is new: v2v's output begins with the input's `new_from` frames), so a
-        complete video of that name is never replaced by a partial one."""
+        """Frame chunks to a temporary mp4, read back, renamed with `record` as JSON beside it: both or neither.
+        Stopped part-way, the frames go to NAME.partial.mp4 (if past v2v's `new_from` input frames), never over a
+        complete video. A complete video makes an earlier partial one and (without --keep-state) the state unneeded."""
         written, stop = self.feed(chunks, fps)
         STOP["defer"] = True
         final = (self.path, self.json) if stop is None else (self.partial, self.partial_json)
         try:
             if written > new_from:
                 if frames_in(self.tmp) != written:  # ffmpeg failed (a full disk, say), and imageio does not tell
-                    raise OSError(f"writing {final[0]} failed: ffmpeg did not finish a readable video (is the disk "
-                                  f"full?)")
+                    raise OSError(f"writing {final[0]} failed: ffmpeg made no readable video (is the disk full?)")
                 with open(self.tmp_json, "w") as f:
                     json.dump(dict(record, frames=written, partial=stop is not None), f, indent=1)
                 os.replace(self.tmp, final[0])
                 os.replace(self.tmp_json, final[1])
-                self.finish(stop is None, keep_state)
+                if stop is None:
+                    remove(self.partial, self.partial_json)
+                    if self.state and not keep_state and os.path.isdir(self.state):
+                        shutil.rmtree(self.state)
         finally:
             STOP["defer"] = stop is not None
-            for path in (self.tmp, self.tmp_json):
-                if os.path.exists(path):
-                    os.remove(path)
+            remove(self.tmp, self.tmp_json)
         if stop is not None:  # an error (not a signal) then gets its own line
             resume = f"; --resume continues it from {self.state}" if self.state else ""
             say("stopped; " + (f"{final[0]} holds the {written} frames finished" if written > new_from else
@@ -372,14 +362,11 @@ class Output:
             stop = stop or e
         return written, stop
 
-    def finish(self, complete, keep_state):
-        """A complete video makes an earlier partial one and (without --keep-state) the state unneeded."""
-        if complete:
-            for path in (self.partial, self.partial_json):
-                if os.path.exists(path):
-                    os.remove(path)
-            if self.state and not keep_state and os.path.isdir(self.state):
-                shutil.rmtree(self.state)
+
+def remove(*paths):
+    for path in paths:
+        if os.path.exists(path):
+            os.remove(path)
 
 
 def say(message):  # a line on stderr, of its own even after a progress line
@@ -396,12 +383,9 @@ class Progress:
         now, done = time.time(), step + 1
         eta = f"{(now - self.start) / step * (total - done):.0f}s" if step else "?"
         line = f"step {done}/{total}  {now - self.start:.0f}s elapsed  ETA {eta}"
-        if sys.stderr.isatty():
-            sys.stderr.write(f"\r{line}   " + ("\n" if done == total else ""))
-        else:
-            sys.stderr.write(line + "\n")
+        sys.stderr.write(f"\r{line}   " if sys.stderr.isatty() else line + "\n")  # a terminal: one line, redrawn
         if done == total:
-            sys.stderr.write("the last step is done: decoding and writing the video\n")
+            sys.stderr.write("\n" * sys.stderr.isatty() + "the last step is done: decoding and writing the video\n")
         sys.stderr.flush()
 
 
