@@ -139,13 +139,11 @@ def check_state(s):
     """resume and redo_from; without a seed, resuming takes the state's; the seed -1 drawn; a seed made a generator."""
     if not isinstance(s.resume, bool) or s.redo_from is not None and (
             isinstance(s.redo_from, bool) or not isinstance(s.redo_from, numbers.Integral) or s.redo_from < 1):
-        raise ValueError(f"resume must be True or False and redo_from a window number from 1, got {s.resume!r} and "
-                         f"{s.redo_from!r}")
+        raise ValueError(f"resume must be a bool and redo_from a window from 1, got {s.resume!r}, {s.redo_from!r}")
     if (s.resume or s.redo_from) and s.state is None:
         raise ValueError("resume and redo_from continue the run kept in a state folder: give state")
     if s.state is not None and s.mode not in ("df", "df-i2v", "v2v"):
-        raise ValueError(f"state, resume and redo_from are for diffusion forcing, window by window; {s.mode} makes "
-                         f"one pass")
+        raise ValueError(f"state, resume and redo_from are for diffusion forcing; {s.mode} makes one pass")
     if s.state is not None and not isinstance(s.state, (str, os.PathLike)):
         raise ValueError(f"state must be a folder's path, got {type(s.state).__name__}")
     if (s.resume or s.redo_from) and s.seed in (None, -1):
@@ -203,8 +201,7 @@ def check_frames(kind, rope_max_seq_len, s):
     if s.mode == "v2v" and overlap is None:
         raise ValueError("video extension needs overlap_history (e.g. 17): the input frames the new ones continue")
     if kind == "df" and n > base and overlap is None:
-        raise ValueError(f"num_frames ({n}) is above base_num_frames ({base}): set overlap_history (17 or 37) to "
-                         f"make the video window by window")
+        raise ValueError(f"num_frames ({n}) is above base_num_frames ({base}): set overlap_history (17 or 37)")
     if kind == "df" and overlap is not None and latent_frames(overlap) >= latent_frames(base):
         raise ValueError(f"overlap_history must be at most {(latent_frames(base) - 1) * TEMPORAL} with "
                          f"base_num_frames {base} (each window adds a latent frame of 4 or more), got {overlap}")
@@ -221,8 +218,7 @@ def check_frames(kind, rope_max_seq_len, s):
     if s.cache_budget is not None and s.causal_block_size < 2:
         raise ValueError("cache_budget is for the asynchronous shortcuts' cache: it needs causal_block_size > 1")
     if kind != "df" and len(s.prompts) > 1:
-        raise ValueError(f"prompt: a list of {len(s.prompts)} prompts is for diffusion forcing (a prompt a window); "
-                         f"{s.mode} makes one pass")
+        raise ValueError(f"prompt: a list of prompts is for diffusion forcing (one a window); {s.mode} makes one pass")
     # Planning raises unless each window is a whole number of causal blocks: say so before the weights are read.
     if kind == "df" and len(s.prompts) > (windows := len(plan_windows(s))):
         raise ValueError(f"prompt: {len(s.prompts)} prompts for {windows} windows (a prompt a window)")
@@ -1058,8 +1054,7 @@ def resident(module):
 
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Resume and redo: a diffusion-forcing run keeps every finished window in a state folder
+# -- Resume and redo: a diffusion-forcing run keeps every finished window in a state folder -----------------------
 
 
 SAME_ON_RESUME = ("mode", "negative_prompt", "height", "width", "num_frames", "num_inference_steps",
@@ -1068,12 +1063,9 @@ SAME_ON_RESUME = ("mode", "negative_prompt", "height", "width", "num_frames", "n
 
 
 class State:
-    """A diffusion-forcing run's state folder: settings.json (what its frames depend on), and window-0001.safetensors,
-    ... for each finished window: its latents (float32, exact) and the state of every random generator the run draws
-    from after it (the seeded one, and the global ones the re-noised joins use). Each file is written whole under a
-    temporary name and then renamed, so a kill at any moment leaves the finished windows intact. Resuming loads them
-    (no DiT work is repeated) and restores the generators, so the video is the one an uninterrupted run makes;
-    redo_from K keeps windows 1 .. K-1 and makes the others with this run's prompts (and seed, if given)."""
+    """A run's state folder: settings.json (what its frames depend on) and, per finished window, window-K.safetensors:
+    its latents (float32, exact) and every random generator's state after it, each file written whole (atomic_write).
+    Resuming restores both, so the video is the one an uninterrupted run makes; redo_from K keeps windows 1 .. K-1."""
 
     def __init__(self, pipe, s, windows):
         self.folder, self.device, self.windows = s.state, pipe.device, windows
@@ -1096,12 +1088,11 @@ class State:
                 raise ValueError(f"redo_from {s.redo_from}: {self.folder} holds {kept} finished windows")
             self.reseed = record["seed"] != old.get("seed")
         elif kept:
-            raise ValueError(f"{self.folder} holds {kept} finished windows of an earlier run: resume it, redo from a "
-                             f"window, or remove the folder")
+            raise ValueError(f"{self.folder} holds {kept} finished windows of an earlier run: resume, redo or remove")
         if self.writer:
             os.makedirs(self.folder, exist_ok=True)
-            for k in range(self.finished, kept):  # the windows to make again, last first
-                os.remove(self.path(kept - 1 - k + self.finished))
+            for k in reversed(range(self.finished, kept)):  # the windows to make again, last first
+                os.remove(self.path(k))
             atomic_write(settings, lambda f: f.write(json.dumps(record, indent=1).encode()))
 
     def path(self, k):
@@ -1121,8 +1112,7 @@ class State:
         atomic_write(self.path(k), lambda f: f.write(blob))
 
     def load(self, k, generator):
-        """Window k's latents, and the generators as they were after it (the seeded one anew, seeded again, where a
-        redo changes the seed)."""
+        """Window k's latents, and the generators as they were after it (the seeded one not, if a redo reseeds)."""
         path = self.path(k)
         with _open(path) as f:
             t = {key: _tensor(f, path, key) for key in f.keys()}
@@ -1178,15 +1168,13 @@ def plan_picture(s, windows, cell=4):
     return np.concatenate(rows[:-1]).repeat(cell, axis=0).repeat(cell, axis=1)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Several processes (torchrun) share the DiT's work. The text encoder, CLIP and the VAE run on every rank: the same
-# inputs give the same results everywhere, so nothing needs broadcasting, and they are a small part of a run.
+# -- Several processes (torchrun) share the DiT's work ------------------------------------------------------------
+# The text encoder, CLIP and the VAE run on every rank: the same inputs give the same results, so nothing is broadcast.
 
 
 def split_ranks():
-    """(SequenceParallel over every rank, CFG parallelism) for the default process group. CFG parallelism, on an even
-    number of ranks: (this half's SequenceParallel, None if one rank; the group of this rank and its twin in the
-    other half; 0 if this half makes the conditional pass, 1 the unconditional one), else None."""
+    """(SequenceParallel over every rank, CFG parallelism): the latter, on an even number of ranks, is (this half's
+    SequenceParallel or None, the group of this rank and its twin, 0 for the conditional pass or 1), else None."""
     n, rank = dist.get_world_size(), dist.get_rank()
     if n % 2:
         return model.SequenceParallel(dist.group.WORLD), None
@@ -1197,9 +1185,8 @@ def split_ranks():
 
 
 def guided_pair_across_ranks(one_pass, texts, attention, cfg_parallel):
-    """CFG parallelism: half the ranks make the conditional prediction, the other half the unconditional one, and each
-    rank swaps with its twin. A rank makes one pass, so the first pass's attention context (its cache) serves it,
-    whichever pass it is. Returns (conditional, unconditional) on every rank."""
+    """(conditional, unconditional): half the ranks make each and swap with their twins. A rank makes one pass, so the
+    first pass's attention context (its cache) serves it, whichever pass it is."""
     half, pair, index = cfg_parallel
     mine = one_pass(texts[index], dataclasses.replace(attention, parallel=half))
     v, u = torch.empty_like(mine), torch.empty_like(mine)
@@ -1208,8 +1195,7 @@ def guided_pair_across_ranks(one_pass, texts, attention, cfg_parallel):
 
 
 def check_ranks_agree(s, device):
-    """Ranks that disagree on a seed, a size or an input compute a garbled video together: compare a digest of the
-    settings before any work (after their checks, which stop every rank alike), and stop every rank alike."""
+    """Ranks that disagree on a seed, size or input make a garbled video together: compare digests before any work."""
     values = [getattr(s, f.name) for f in dataclasses.fields(s) if f.name != "progress"]  # rank 0's alone reports
     if s.addnoise_condition > 0:  # re-noising draws from the device's global RNG
         values.append(torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state())
@@ -1232,8 +1218,7 @@ def note(message):  # a line on stderr, from one rank
 
 
 def use_flash_attention_4(device):
-    """The DiT's attention through flash-attn-4 (an optional extra, `pip install flash-attn-4`) on Hopper and
-    Blackwell GPUs, where it is 1.2x faster than cuDNN's; one line says why not when it is not installed."""
+    """The DiT's attention through flash-attn-4 (optional) on Hopper and Blackwell GPUs: 1.2x faster than cuDNN's."""
     if torch.cuda.get_device_capability(device)[0] not in (9, 10):
         return
     try:
