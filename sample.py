@@ -240,7 +240,8 @@ def settings_of(args, out, skyreels):
     a = vars(args)
     settings = {f: a[f] for f in skyreels.Settings.__dataclass_fields__ if f in a}
     resuming = "resume" in a or "redo_from" in a
-    settings.update(prompt=a.get("prompt") or read_prompts(a["prompt_file"]), seed=a.get("seed", -1 * (not resuming)),
+    settings.update(prompt=a.get("prompt") or read_prompts(a["prompt_file"]),
+                    seed=a.get("seed", None if resuming else -1),  # resuming: the state's seed
                     state=out.state, resolution=a.get("resolution", "tiny" if args.model.startswith("tiny-") else None),
                     base_num_frames=a.get("base_num_frames", 121 if a.get("resolution") == "720P" else 97))
     return skyreels.Settings(**settings)
