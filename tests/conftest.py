@@ -10,15 +10,23 @@ Folders (session-scoped, built once, a few seconds in all):
   i2v    SkyReelsV2ImageToVideoPipeline   + CLIP tower      in_channels 36, image_dim, added_kv_proj_dim
   flf2v  SkyReelsV2ImageToVideoPipeline   + CLIP tower      as i2v plus pos_embed_seq_len (first-last frame)
   df     SkyReelsV2DiffusionForcingPipeline                 inject_sample_info=True (fps conditioning)
+
+Everything else the test modules share lives here too, once: the images and the media folder the runs take
+(`image`, `clip`, `media`), writable folder copies (`spoiled_copy`), our pipelines on those folders (`pipes`, one per
+session), diffusers' (`references`, one per folder per module), the parity helpers, and the CLI run in-process (`cli`).
 """
+import collections
 import io
 import os
 import shutil
+import signal
 import sys
 
+import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -116,8 +124,6 @@ CLIP_TOKENS = (32 // 8) ** 2 + 1
 
 
 def _tokenizer(root):
-    from transformers import AutoTokenizer
-
     raw = os.path.join(root, "_spiece")
     os.makedirs(raw, exist_ok=True)
     train_spiece(os.path.join(raw, "spiece.model"))
@@ -183,3 +189,136 @@ def diffusers_pipeline(path, cls=None):
     pipe.scheduler = make_seed_spaced_scheduler_class().from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Our pipelines and diffusers' on the tiny folders
+
+
+@pytest.fixture(scope="session")
+def pipes(tiny_folders):
+    """{kind: our pipeline} for the four tiny folders, float32 on the CPU, loaded once for the whole session. Tests
+    only generate with them; a test that changes a pipeline (a LoRA, offloading) loads its own."""
+    import skyreels
+
+    return {kind: skyreels.load(path, device="cpu", dtype=torch.float32) for kind, path in tiny_folders.items()}
+
+
+@pytest.fixture(scope="module")
+def references(tiny_folders):
+    """references(kind, cls=None): diffusers' pipeline for a tiny folder, loaded once per module on first use. A class
+    other than the folder's own (the DF folder's image- and video-to-video pipelines) is built on the same components.
+
+    diffusers' DF pipelines store a call's causal_block_size in the transformer's config, where a later call without
+    one finds it; each hand-out puts the folder's value back, so every test gets the pipeline as loaded."""
+    loaded = {}
+
+    def reference(kind, cls=None):
+        if kind not in loaded:
+            pipe = diffusers_pipeline(tiny_folders[kind])
+            loaded[kind] = pipe, pipe.transformer.config.num_frame_per_block
+        pipe, block = loaded[kind]
+        pipe.transformer.register_to_config(num_frame_per_block=block)
+        if cls is not None:
+            pipe = cls(**pipe.components)
+            pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return reference
+
+
+# Parity runs: the same settings for diffusers' pipeline and ours, the same seeds.
+PROMPT = "A cat and a dog baking a cake together in a kitchen."
+NEGATIVE = "Bright colors, overexposed, static, blurred details"
+
+
+def parity_settings(**kw):
+    """The settings every parity run shares (4 steps, guidance 5, the tiny size), and the case's own."""
+    return dict(prompt=PROMPT, negative_prompt=NEGATIVE, height=HEIGHT, width=WIDTH, num_inference_steps=4,
+                guidance_scale=5.0, **kw)
+
+
+def run_both(reference, ours, ref_kwargs, our_kwargs, seed=0):
+    """(our frames, diffusers' frames): the same torch.Generator seed for the latent noise, the same global seed for
+    `addnoise_condition` (both draw it from the global RNG)."""
+    torch.manual_seed(1234)
+    ref = reference(generator=torch.Generator().manual_seed(seed), output_type="np", **ref_kwargs).frames[0]
+    torch.manual_seed(1234)
+    out = ours.generate(generator=torch.Generator().manual_seed(seed), **our_kwargs)
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    return out, ref
+
+
+def max_abs(a, b):
+    return float(np.abs(a - b).max())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs: images, videos, folders
+
+
+def image(seed, size=(WIDTH, HEIGHT)):
+    """A random RGB image of `size` (width, height), the same for the same seed."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def clip(frames=13):
+    """A random video of `frames` images at the tiny size (PIL images, as a video argument takes them)."""
+    return [image(i) for i in range(frames)]
+
+
+@pytest.fixture(scope="session")
+def media(tmp_path_factory):
+    """A folder of input files: first.png and last.png (50x37: an aspect ratio not the tiny size's), strip.png
+    (4000x4: an extreme one), clip.mp4 (clip(): 13 frames, 48x32), and broken.png and broken.mp4 (text, not media)."""
+    d = tmp_path_factory.mktemp("media")
+    image(0, (50, 37)).save(d / "first.png")
+    image(1, (50, 37)).save(d / "last.png")
+    image(2, (4000, 4)).save(d / "strip.png")
+    imageio.mimwrite(d / "clip.mp4", [np.asarray(im) for im in clip()], fps=24, macro_block_size=1)
+    (d / "broken.png").write_text("not an image")
+    (d / "broken.mp4").write_text("not a video")
+    return d
+
+
+@pytest.fixture
+def spoiled_copy(tiny_folders, tmp_path):
+    """spoiled_copy(kind, name, spoil=None): a copy of a tiny folder at tmp_path/name (a str), after spoil(path)."""
+    def copy(kind, name, spoil=None):
+        path = str(shutil.copytree(tiny_folders[kind], tmp_path / name))
+        if spoil is not None:
+            spoil(path)
+        return path
+
+    return copy
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line, in this process
+
+CliRun = collections.namedtuple("CliRun", "code out err")
+
+
+@pytest.fixture
+def cli(capsys):
+    """cli(argv): sample.main(argv) in this process, as `python sample.py ARGV` runs it (the signal and torchrun tests
+    run real processes); returns CliRun(code, out, err), code 0 for a run that returns. sample.main installs its
+    SIGINT / SIGTERM handlers; they are put back afterwards."""
+    import sample
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def run(argv):
+        capsys.readouterr()
+        try:
+            sample.main([str(a) for a in argv])
+            code = 0
+        except SystemExit as stop:
+            code = stop.code
+        out, err = capsys.readouterr()
+        return CliRun(code, out, err)
+
+    yield run
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)

@@ -1,36 +1,20 @@
 """The command line: every mode end to end to an mp4, and every bad input answered with one line.
 
 Videos are read back with imageio to check the frame count and size. The tiny-* models are random-weight models
-built in memory (their videos are noise); one run goes through a tiny official-layout folder on disk.
+built in memory (their videos are noise); one run goes through a tiny official-layout folder on disk. The command line
+runs in this process (conftest.cli: sample.main(argv)); the runs that need a process of their own (signals, torchrun)
+are in test_inputs.py and test_distributed.py.
 """
 import json
 import os
-import shutil
-import subprocess
-import sys
 
 import imageio.v2 as imageio
 import numpy as np
 import pytest
-from PIL import Image
 
 import sample
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--height", "32", "--width", "48", "--steps", "2", "--seed", "0"]
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory):
-    d = tmp_path_factory.mktemp("media")
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (37, 50, 3), dtype=np.uint8)).save(d / "first.png")
-    Image.fromarray(rng.integers(0, 256, (37, 50, 3), dtype=np.uint8)).save(d / "last.png")
-    frames = [rng.integers(0, 256, (32, 48, 3), dtype=np.uint8) for _ in range(13)]
-    imageio.mimwrite(d / "clip.mp4", frames, fps=24, macro_block_size=1)
-    (d / "broken.png").write_text("not an image")
-    (d / "broken.mp4").write_text("not a video")
-    return d
 
 
 def read_back(path):
@@ -38,40 +22,43 @@ def read_back(path):
     return len(frames), frames[0].shape[:2]
 
 
-@pytest.mark.parametrize("mode,model,extra,frames", [
-    ("t2v", "tiny-t2v", ["--num-frames", "9"], 9),
-    ("i2v", "tiny-i2v", ["--num-frames", "9", "--image", "{m}/first.png", "--last-image", "{m}/last.png"], 9),
-    ("df", "tiny-df", ["--num-frames", "17", "--ar-step", "1", "--causal-block-size", "1"], 17),
-    ("df", "tiny-df", ["--num_frames", "33", "--base_num_frames", "17", "--overlap_history", "5"], 33),
-    ("df-i2v", "tiny-df", ["--num-frames", "9", "--image", "{m}/first.png"], 9),
-    ("v2v", "tiny-df", ["--num-frames", "9", "--video", "{m}/clip.mp4", "--overlap-history", "5"], 13 + 9),
-])
-def test_each_mode_writes_an_mp4_with_its_settings_beside_it(tmp_path, media, mode, model, extra, frames):
+MODES = {  # id: mode, model, its options, the frames the video holds
+    "t2v": ("t2v", "tiny-t2v", ["--num-frames", "9"], 9),
+    "i2v, first and last frame": ("i2v", "tiny-i2v", ["--num-frames", "9", "--image", "{m}/first.png",
+                                                      "--last-image", "{m}/last.png"], 9),
+    "df, asynchronous": ("df", "tiny-df", ["--num-frames", "17", "--ar-step", "1", "--causal-block-size", "1"], 17),
+    "df, 3 windows, underscored flags": ("df", "tiny-df", ["--num_frames", "33", "--base_num_frames", "17",
+                                                           "--overlap_history", "5"], 33),
+    "df-i2v": ("df-i2v", "tiny-df", ["--num-frames", "9", "--image", "{m}/first.png"], 9),
+    "v2v": ("v2v", "tiny-df", ["--num-frames", "9", "--video", "{m}/clip.mp4", "--overlap-history", "5"], 13 + 9),
+}
+
+
+@pytest.mark.parametrize("mode,model,extra,frames", MODES.values(), ids=MODES.keys())
+def test_each_mode_writes_an_mp4_with_its_settings_beside_it(tmp_path, media, cli, mode, model, extra, frames):
     out = tmp_path / "video.mp4"
-    argv = [sys.executable, "sample.py", mode, "--model", model, "--prompt", "a cat", "--out", str(out)] + SMALL
-    argv += [a.format(m=media) for a in extra]
-    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr
+    run = cli([mode, "--model", model, "--prompt", "a cat", "--out", out] + SMALL + [a.format(m=media) for a in extra])
+    assert run.code == 0, run.err
+    assert run.out.split() == [str(out)]
     assert read_back(out) == (frames, (32, 48))
     settings = json.load(open(tmp_path / "video.json"))
     assert settings["mode"] == mode and settings["seed"] == 0
     assert sorted(os.listdir(tmp_path)) == ["video.json", "video.mp4"]  # no temporary file left
 
 
-def test_runs_from_an_official_layout_folder(tmp_path, tiny_folders):
+def test_runs_from_an_official_layout_folder(tmp_path, tiny_folders, cli):
     out = tmp_path / "v.mp4"
-    sample.main(["df", "--model", tiny_folders["df"], "--prompt", "a cat", "--num-frames", "9", "--out", str(out)]
-                + SMALL)
+    run = cli(["df", "--model", tiny_folders["df"], "--prompt", "a cat", "--num-frames", "9", "--out", out] + SMALL)
+    assert run.code == 0, run.err
     assert read_back(out) == (9, (32, 48))
 
 
-def corrupt_folder(tiny_folders, tmp_path):
-    folder = tmp_path / "corrupt"
-    shutil.copytree(tiny_folders["df"], folder)
-    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
-    data = weights.read_bytes()
-    weights.write_bytes(data[: len(data) // 2])
-    return str(folder), "diffusion_pytorch_model.safetensors"
+def truncate_weights(folder):
+    weights = os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors")
+    with open(weights, "rb") as f:
+        data = f.read()
+    with open(weights, "wb") as f:
+        f.write(data[: len(data) // 2])
 
 
 BAD = {
@@ -100,20 +87,19 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_gets_one_clear_line_and_no_output(tmp_path, tiny_folders, media, capsys, case):
+def test_bad_input_gets_one_clear_line_and_no_output(tmp_path, tiny_folders, media, spoiled_copy, cli, case):
     argv, needle = BAD[case]
-    corrupt, corrupt_name = corrupt_folder(tiny_folders, tmp_path) if "{corrupt}" in argv else ("", "")
+    corrupt = spoiled_copy("df", "corrupt", truncate_weights) if "{corrupt}" in argv else ""
     empty = tmp_path / "empty"
     empty.mkdir()
-    fill = dict(m=media, tmp=empty, t2v=tiny_folders["t2v"], corrupt=corrupt, corrupt_name=corrupt_name)
+    fill = dict(m=media, tmp=empty, t2v=tiny_folders["t2v"], corrupt=corrupt,
+                corrupt_name="diffusion_pytorch_model.safetensors")
     argv = [a.format(**fill) for a in argv]
-    out = tmp_path / "out.mp4"
     if "--out" not in argv:
-        argv += ["--out", str(out)]
-    with pytest.raises(SystemExit) as stop:
-        sample.main(argv[:1] + SMALL + ["--prompt", "a cat"] + argv[1:])  # the case's own options come last and win
-    assert stop.value.code != 0
-    err = capsys.readouterr().err.strip()
+        argv += ["--out", tmp_path / "out.mp4"]
+    run = cli(argv[:1] + SMALL + ["--prompt", "a cat"] + argv[1:])  # the case's own options come last and win
+    assert run.code != 0
+    err = run.err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert needle.format(**fill) in err, err
     assert sorted(os.listdir(tmp_path)) == sorted(["empty"] + (["corrupt"] if corrupt else []))  # nothing written

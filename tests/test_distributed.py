@@ -5,20 +5,24 @@ does the same per-token arithmetic on its share of the rows, and attention is pe
 over a different number of rows could move the last bits. Two processes exercise CFG parallelism (one pass per
 rank) and, with guidance 1, sequence parallelism; three processes exercise sequence parallelism that divides neither
 the tiny DiT's 2 heads nor its 2 token rows per frame (zero heads and zero rows padded in). Start-up dominates, so
-each world size runs every mode in one launch: this file, run by torchrun, is also the worker.
+each world size runs every mode in one launch: this file, run by torchrun, is also the worker. The same launch then
+runs the command line on every rank (sample.main, what `torchrun sample.py` runs), once to a video and once with a
+bad input, and keeps what each rank printed and how it exited.
 """
+import contextlib
+import io
 import json
 import os
+import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
-from conftest import HEIGHT, WIDTH  # noqa: E402
+from conftest import HEIGHT, WIDTH, clip, image  # noqa: E402
 
 TOL = 1e-5
 BLOCKS = dict(ar_step=1, causal_block_size=2)
@@ -36,17 +40,17 @@ CASES = {  # name: (tiny folder, settings)
 }
 
 
-def media(name):
-    rng = np.random.default_rng({"first": 0, "last": 1, "clip": 2}[name])
-    if name == "clip":
-        return [Image.fromarray(rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)) for _ in range(13)]
-    return Image.fromarray(rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8))
+MEDIA = {"first": lambda: image(0), "last": lambda: image(1), "clip": clip}
+# The command line: a video, and a bad input (a height not a multiple of 16).
+CLI = ["t2v", "--model", "tiny-t2v", "--prompt", "a cat", "--height", "32", "--width", "48", "--steps", "2",
+       "--num-frames", "9", "--seed", "0"]
+BAD_CLI = ["t2v", "--model", "tiny-t2v", "--prompt", "a cat", "--height", "33", "--width", "48"]
 
 
 def generate(pipe, settings, **override):
     import torch
 
-    settings = {k: media(v) if k in ("image", "last_image", "video") else v for k, v in settings.items()}
+    settings = {k: MEDIA[v]() if k in ("image", "last_image", "video") else v for k, v in settings.items()}
     torch.manual_seed(7)  # re-noising draws from the global RNG
     return pipe.generate("a cat", negative_prompt="blurry", height=HEIGHT, width=WIDTH, num_inference_steps=3,
                          **{"seed": 0, **settings, **override})
@@ -70,7 +74,40 @@ def worker(folders, out):
     except ValueError as e:
         with open(os.path.join(out, f"mismatch{rank}.txt"), "w") as f:
             f.write(str(e))
+    # sample.main joins a process group of its own, and torch names a new group as it named the last one: on
+    # torchrun's store a second group would meet the first one's keys. So each run gets a store of its own, which
+    # rank 0 hosts on a port it picks now.
+    ports = [[free_port(), free_port()] if rank == 0 else None]
+    dist.broadcast_object_list(ports, src=0)
     dist.destroy_process_group()
+    runs = {}
+    for (run, argv), port in zip((("video", CLI + ["--out", os.path.join(out, "video", "v.mp4")]),
+                                  ("bad input", BAD_CLI + ["--out", os.path.join(out, "bad", "v.mp4")])), ports[0]):
+        os.environ.update(MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="False")
+        runs[run] = cli(argv)
+    with open(os.path.join(out, f"cli{rank}.json"), "w") as f:
+        json.dump(runs, f)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(argv):
+    """sample.main(argv) on this rank, as `torchrun sample.py ARGV` runs it: its exit code, stdout and stderr."""
+    import sample
+
+    os.makedirs(os.path.dirname(argv[-1]), exist_ok=True)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            sample.main(argv)
+            code = 0
+        except SystemExit as stop:
+            code = stop.code
+    return dict(code=code, out=out.getvalue(), err=err.getvalue())
 
 
 def torchrun(n, *argv, timeout=300):
@@ -79,12 +116,7 @@ def torchrun(n, *argv, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def one_process(tiny_folders):
-    import torch
-
-    import skyreels
-
-    pipes = {kind: skyreels.load(tiny_folders[kind], device="cpu", dtype=torch.float32) for kind in ("t2v", "i2v", "df")}
+def one_process(pipes):
     return {name: generate(pipes[kind], settings) for name, (kind, settings) in CASES.items()}
 
 
@@ -111,24 +143,27 @@ def test_ranks_given_other_seeds_all_stop_with_the_same_error(launch):
     assert len(messages) == 1 and "ranks [1" in messages.pop()
 
 
-def test_torchrun_sample_writes_one_video_with_world_size(tmp_path):
-    run = torchrun(2, "sample.py", "t2v", "--model", "tiny-t2v", "--prompt", "a cat", "--height", "32", "--width",
-                   "48", "--steps", "2", "--num-frames", "9", "--seed", "0", "--out", str(tmp_path / "v.mp4"))
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.split() == [str(tmp_path / "v.mp4")]  # rank 0 alone reports
-    assert sorted(os.listdir(tmp_path)) == ["v.json", "v.mp4"]
-    record = json.load(open(tmp_path / "v.json"))
-    assert record["world_size"] == 2 and record["seed"] == 0  # --seed 0 is a seed, not "none given"
+def cli_runs(out, n, run):
+    return [json.load(open(out / f"cli{rank}.json"))[run] for rank in range(n)]
 
 
-def test_a_bad_input_ends_every_rank_with_one_line(tmp_path):
-    run = torchrun(2, "sample.py", "t2v", "--model", "tiny-t2v", "--prompt", "a cat", "--height", "33", "--width",
-                   "48", "--out", str(tmp_path / "v.mp4"))
-    assert run.returncode != 0
-    ours = [line for line in run.stderr.splitlines() if line.startswith("error:") or line.startswith("[rank")]
-    assert ours == ["error: height and width must be multiples of 16, got 33x48"], run.stderr[-3000:]
-    assert "exitcode  : 2" in run.stderr  # every rank ended as a bad input does (torchrun's summary)
-    assert os.listdir(tmp_path) == []
+def test_torchrun_sample_writes_one_video_with_world_size(launch):
+    n, out, _ = launch
+    runs = cli_runs(out, n, "video")
+    assert [r["code"] for r in runs] == [0] * n, [r["err"][-3000:] for r in runs]
+    assert [r["out"].split() for r in runs] == [[str(out / "video" / "v.mp4")]] + [[]] * (n - 1)  # rank 0 alone reports
+    assert sorted(os.listdir(out / "video")) == ["v.json", "v.mp4"]
+    record = json.load(open(out / "video" / "v.json"))
+    assert record["world_size"] == n and record["seed"] == 0  # --seed 0 is a seed, not "none given"
+
+
+def test_a_bad_input_ends_every_rank_with_one_line(launch):
+    n, out, _ = launch
+    runs = cli_runs(out, n, "bad input")
+    ours = [line for r in runs for line in r["err"].splitlines() if line.startswith(("error:", "[rank"))]
+    assert ours == ["error: height and width must be multiples of 16, got 33x48"], [r["err"][-3000:] for r in runs]
+    assert [r["code"] for r in runs] == [2] * n  # every rank ended as a bad input does
+    assert os.listdir(out / "bad") == []
 
 
 if __name__ == "__main__":

@@ -17,13 +17,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import HEIGHT, WIDTH, diffusers_pipeline
+from conftest import HEIGHT, WIDTH, image, max_abs, parity_settings, run_both
 from safetensors.torch import load_file, save_file
 
 import model
-import sample
 import skyreels
-from test_pipeline import common, image, run_both
 
 RANK, ALPHA = 4, 8.0
 TARGETS = r".*blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|attn2\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.(0\.proj|2))"
@@ -84,13 +82,24 @@ def loras(tiny_folders, tmp_path_factory):
     return files
 
 
-def reference(folder, loras, scales, cls=None):
-    ref = diffusers_pipeline(folder, cls)
-    names = [f"l{i}" for i in range(len(loras))]
-    for name, path in zip(names, loras):
-        ref.load_lora_weights(path, adapter_name=name)
-    ref.set_adapters(names, scales)
-    return ref
+@pytest.fixture
+def reference(references):
+    """reference(kind, loras, scales): the module's diffusers pipeline for a tiny folder with LoRAs loaded as PEFT
+    layers at those scales; they are unloaded after the test, which leaves the pipeline as loaded."""
+    used = []
+
+    def with_loras(kind, loras, scales):
+        ref = references(kind)
+        names = [f"l{i}" for i in range(len(loras))]
+        for name, path in zip(names, loras):
+            ref.load_lora_weights(path, adapter_name=name)
+        ref.set_adapters(names, scales)
+        used.append(ref)
+        return ref
+
+    yield with_loras
+    for ref in used:
+        ref.unload_lora_weights()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -158,36 +167,32 @@ def test_original_names_agree_with_diffusers_single_file_converter(tiny_folders)
 
 
 @pytest.mark.parametrize("fmt", ["peft", "wan", "kohya"])
-def test_t2v_with_a_lora_matches_diffusers(tiny_folders, loras, fmt):
-    folder = tiny_folders["t2v"]
-    ours = skyreels.load(folder, device="cpu", dtype=torch.float32, loras=[(loras[fmt], 0.8)])
-    settings = common(num_frames=9)
-    err = run_both(reference(folder, [loras[fmt]], [0.8]), ours, settings, dict(settings, shift=8.0))
-    assert err <= TOL
+def test_t2v_with_a_lora_matches_diffusers(tiny_folders, pipes, loras, reference, fmt):
+    ours = skyreels.load(tiny_folders["t2v"], device="cpu", dtype=torch.float32, loras=[(loras[fmt], 0.8)])
+    settings = parity_settings(num_frames=9)
+    out, ref = run_both(reference("t2v", [loras[fmt]], [0.8]), ours, settings, dict(settings, shift=8.0))
+    assert max_abs(out, ref) <= TOL
     if fmt == "peft":  # and the LoRA matters
-        plain = skyreels.load(folder, device="cpu", dtype=torch.float32).generate(seed=0, **settings)
-        assert np.abs(ours.generate(seed=0, **settings) - plain).max() > 0.01
+        assert max_abs(out, pipes["t2v"].generate(seed=0, **settings)) > 0.01
 
 
-def test_two_loras_at_different_scales_match_diffusers_in_df(tiny_folders, loras):
-    folder = tiny_folders["df"]
-    ours = skyreels.load(folder, device="cpu", dtype=torch.float32, loras=[(loras["kohya"], 0.7)])
+def test_two_loras_at_different_scales_match_diffusers_in_df(tiny_folders, loras, reference):
+    ours = skyreels.load(tiny_folders["df"], device="cpu", dtype=torch.float32, loras=[(loras["kohya"], 0.7)])
     ours.load_lora(loras["other"], -0.5)  # LoRAs add up, loaded together or one after another
-    settings = common(num_frames=17, ar_step=1, causal_block_size=1)
-    err = run_both(reference(folder, [loras["peft"], loras["other"]], [0.7, -0.5]), ours, settings,
-                   dict(settings, shift=8.0))
-    assert err <= TOL
+    settings = parity_settings(num_frames=17, ar_step=1, causal_block_size=1)
+    out, ref = run_both(reference("df", [loras["peft"], loras["other"]], [0.7, -0.5]), ours, settings,
+                        dict(settings, shift=8.0))
+    assert max_abs(out, ref) <= TOL
 
 
-def test_t2v_lora_on_i2v_model_leaves_the_image_projections_alone_as_diffusers(tiny_folders, loras):
-    folder = tiny_folders["i2v"]
-    ours = skyreels.load(folder, device="cpu", dtype=torch.float32)
+def test_t2v_lora_on_i2v_model_leaves_the_image_projections_alone_as_diffusers(tiny_folders, loras, reference):
+    ours = skyreels.load(tiny_folders["i2v"], device="cpu", dtype=torch.float32)
     before = {k: v.clone() for k, v in ours.transformer.state_dict().items() if "add_" in k}
     ours.load_lora(loras["wan"])
     assert all(torch.equal(v, ours.transformer.state_dict()[k]) for k, v in before.items())
-    settings = common(num_frames=9, image=image(0, (50, 37)))
-    err = run_both(reference(folder, [loras["wan"]], [1.0]), ours, settings, dict(settings, shift=5.0))
-    assert err <= TOL
+    settings = parity_settings(num_frames=9, image=image(0, (50, 37)))
+    out, ref = run_both(reference("i2v", [loras["wan"]], [1.0]), ours, settings, dict(settings, shift=5.0))
+    assert max_abs(out, ref) <= TOL
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -275,25 +280,24 @@ def test_bad_lora_is_one_line_naming_file_and_key_and_changes_nothing(tiny_folde
 
 
 @pytest.mark.parametrize("case", ["key that matches no module", "LoRA for a wider model", "missing file"])
-def test_bad_lora_on_the_command_line_is_one_error_line_and_no_output(tiny_folders, tmp_path, capsys, case):
+def test_bad_lora_on_the_command_line_is_one_error_line_and_no_output(tiny_folders, tmp_path, cli, case):
     path, needle = (str(tmp_path / "nope.safetensors"),) * 2 if case == "missing file" else bad_lora(tmp_path, case)
-    out = tmp_path / "out.mp4"
-    with pytest.raises(SystemExit) as stop:
-        sample.main(["t2v", "--model", tiny_folders["t2v"], "--prompt", "a cat", "--lora", f"{path}:0.5",
-                     "--height", "32", "--width", "48", "--steps", "1", "--num-frames", "5", "--out", str(out)])
-    assert stop.value.code == 2
-    err = capsys.readouterr().err.strip()
+    run = cli(["t2v", "--model", tiny_folders["t2v"], "--prompt", "a cat", "--lora", f"{path}:0.5", "--height", "32",
+               "--width", "48", "--steps", "1", "--num-frames", "5", "--out", tmp_path / "out.mp4"])
+    assert run.code == 2
+    err = run.err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err, err
     assert sorted(os.listdir(tmp_path)) == (["bad.safetensors"] if case != "missing file" else [])
 
 
-def test_command_line_loras_and_transformer_load_and_are_recorded_beside_the_video(tiny_folders, loras, tmp_path):
+def test_command_line_loras_and_transformer_load_and_are_recorded_beside_the_video(tiny_folders, loras, tmp_path,
+                                                                                    cli):
     folder = tiny_folders["t2v"]
     single = original_file(folder, tmp_path, "diffusion_model.")
-    out = tmp_path / "v.mp4"
-    sample.main(["t2v", "--model", folder, "--prompt", "a cat", "--lora", loras["peft"],
-                 "--lora", f"{loras['wan']}:-0.5", "--transformer", single, "--height", "32", "--width", "48",
-                 "--steps", "1", "--num-frames", "5", "--seed", "0", "--out", str(out)])
+    run = cli(["t2v", "--model", folder, "--prompt", "a cat", "--lora", loras["peft"], "--lora", f"{loras['wan']}:-0.5",
+               "--transformer", single, "--height", "32", "--width", "48", "--steps", "1", "--num-frames", "5",
+               "--seed", "0", "--out", tmp_path / "v.mp4"])
+    assert run.code == 0, run.err
     settings = json.load(open(tmp_path / "v.json"))
     assert settings["loras"] == [[loras["peft"], 1.0], [loras["wan"], -0.5]] and settings["transformer"] == single
 
@@ -311,7 +315,7 @@ def original_file(folder, tmp_path, prefix):
 
 
 @pytest.mark.parametrize("kind", ["t2v", "i2v"])
-@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."], ids=["bare keys", "model.diffusion_model. keys"])
 def test_original_naming_file_loads_as_diffusers_from_single_file(tiny_folders, tmp_path, kind, prefix):
     """from_single_file knows no fps_projection / emb_pos names (see above) and cannot load the DF or first-last-frame
     DiTs, nor strip ComfyUI's bare diffusion_model. prefix: those are checked against the folder (next test)."""
@@ -326,19 +330,29 @@ def test_original_naming_file_loads_as_diffusers_from_single_file(tiny_folders, 
     assert set(ref) == set(ours) and all(torch.equal(ours[k], ref[k]) for k in ref)
 
 
-@pytest.mark.parametrize("kind", ["df", "flf2v"])
-@pytest.mark.parametrize("prefix", ["diffusion_model.", ""])
-def test_original_naming_file_generates_the_folder_frames(tiny_folders, tmp_path, kind, prefix):
-    folder = tiny_folders[kind]
-    path = original_file(folder, tmp_path, prefix)
-    pipe = skyreels.load(folder, device="cpu", dtype=torch.float32, transformer=path)
-    plain = skyreels.load(folder, device="cpu", dtype=torch.float32)
-    assert all(torch.equal(v, plain.transformer.state_dict()[k]) for k, v in pipe.transformer.state_dict().items())
+def folder_frames(pipe, kind):
     settings = dict(prompt="a cat", height=HEIGHT, width=WIDTH, num_frames=5, num_inference_steps=2, seed=0)
     if kind == "flf2v":
         settings.update(image=image(0), last_image=image(1))
+    return pipe.generate(**settings)
+
+
+@pytest.fixture(scope="module")
+def plain_frames(pipes):
+    """{kind: frames}: the oracle of the next test, the folder's own pipeline's run, made once a folder."""
+    return {kind: folder_frames(pipes[kind], kind) for kind in ("df", "flf2v")}
+
+
+@pytest.mark.parametrize("kind", ["df", "flf2v"])
+@pytest.mark.parametrize("prefix", ["diffusion_model.", ""], ids=["diffusion_model. keys", "bare keys"])
+def test_original_naming_file_generates_the_folder_frames(tiny_folders, pipes, plain_frames, tmp_path, kind, prefix):
+    folder = tiny_folders[kind]
+    path = original_file(folder, tmp_path, prefix)
+    pipe = skyreels.load(folder, device="cpu", dtype=torch.float32, transformer=path)
+    plain = pipes[kind].transformer.state_dict()
+    assert all(torch.equal(v, plain[k]) for k, v in pipe.transformer.state_dict().items())
     # Equal weights; only float32 noise (~1e-7) from where the tensors sit in memory (alignment picks the kernel).
-    assert np.abs(pipe.generate(**settings) - plain.generate(**settings)).max() <= 1e-5
+    assert max_abs(folder_frames(pipe, kind), plain_frames[kind]) <= 1e-5
 
 
 def test_single_file_is_loaded_strictly(tiny_folders, tmp_path):

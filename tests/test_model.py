@@ -10,8 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import CLIP_TOKENS, TINY_CLIP, TINY_TRANSFORMER
-from PIL import Image
+from conftest import CLIP_TOKENS, TINY_CLIP, TINY_TRANSFORMER, image
 
 import model
 import skyreels
@@ -79,7 +78,7 @@ def test_t2v_one_timestep_per_sample_matches_diffusers(tiny_folders):
     assert rel_err(load_transformer(folder, torch.float32)(x, t, context), ref) <= 1e-5
 
 
-@pytest.mark.parametrize("fps", [16, 24])
+@pytest.mark.parametrize("fps", [16, 24], ids=["fps 16", "fps 24"])
 @torch.no_grad()
 def test_diffusion_forcing_per_frame_timesteps_and_fps_match_diffusers(tiny_folders, fps):
     """Oracle: diffusers with enable_diffusion_forcing=True and its fps index (16 -> 0, else 1, as its DF pipeline
@@ -91,7 +90,7 @@ def test_diffusion_forcing_per_frame_timesteps_and_fps_match_diffusers(tiny_fold
     assert rel_err(load_transformer(folder, torch.float32)(x, PER_FRAME_T, context, fps=fps), ref) <= 1e-5
 
 
-@pytest.mark.parametrize("block", [2, 3])
+@pytest.mark.parametrize("block", [2, 3], ids=["blocks of 2", "blocks of 3"])
 @torch.no_grad()
 def test_block_causal_attention_matches_diffusers(tiny_folders, block):
     """Oracle: diffusers with _set_ar_attention(block) (a dense token mask); float32; tolerance 1e-5 relative."""
@@ -159,7 +158,8 @@ def test_one_timestep_per_sample_equals_that_timestep_on_every_frame(tiny_folder
     assert rel_err(dit(x, torch.full((1, FRAMES), 500.0), context, fps=16), per_sample) <= 1e-6
 
 
-@pytest.mark.parametrize("frames", [6, 5])  # 5: a trailing partial block (diffusers rejects it; we keep it a block)
+# 5 frames: a trailing partial block (diffusers rejects it; we keep it a block)
+@pytest.mark.parametrize("frames", [6, 5], ids=["whole blocks", "a trailing partial block"])
 @torch.no_grad()
 def test_block_causal_attention_hides_later_blocks(tiny_folders, frames):
     """Every op but self-attention is per token, so with blocks of 2 frames the output of frames 0-3 must not
@@ -232,12 +232,11 @@ def test_clip_preprocess_matches_transformers_exactly(tiny_folders):
     folder = os.path.join(tiny_folders["i2v"], "image_processor")
     processor = CLIPImageProcessor.from_pretrained(folder)
     config = json.load(open(os.path.join(folder, "preprocessor_config.json")))
-    rng = np.random.default_rng(0)
-    for size in [(50, 37), (37, 50)]:  # non-square both ways: which side is shortest matters
-        image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-        ref = processor(images=image, return_tensors="pt").pixel_values
-        assert torch.equal(model.clip_preprocess(image, config), ref)
-        assert torch.equal(model.clip_preprocess(np.asarray(image), config), ref)
+    for seed, size in enumerate([(50, 37), (37, 50)]):  # non-square both ways: which side is shortest matters
+        picture = image(seed, size)
+        ref = processor(images=picture, return_tensors="pt").pixel_values
+        assert torch.equal(model.clip_preprocess(picture, config), ref)
+        assert torch.equal(model.clip_preprocess(np.asarray(picture), config), ref)
 
 
 # ----------------------------------------------------------------------------------------------------------------

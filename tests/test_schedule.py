@@ -51,8 +51,8 @@ def test_30_steps_at_shift_8_give_the_seed_template():
     assert sigmas.dtype == torch.float32 and len(sigmas) == 31 and sigmas[-1] == 0
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 10, 30, 50])
-@pytest.mark.parametrize("shift", [1.0, 3.0, 5.0, 8.0])
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 30, 50], ids=lambda n: f"{n} steps")
+@pytest.mark.parametrize("shift", [1.0, 3.0, 5.0, 8.0], ids=lambda s: f"shift {s:g}")
 def test_timesteps_equal_diffusers_given_the_seed_sigmas(n, shift):
     """Oracle: diffusers' set_timesteps(sigmas=seed_sigmas(n)). Exact equality: the arithmetic is the same."""
     ref = diffusers_unipc(n, shift)
@@ -77,7 +77,7 @@ def test_worked_example_takes_50_iterations_over_25_frames(worked_example):
     (35, (0, 216, 666, 822, 901)),
     (42, (0, 0, 0, 551, 773)),
     (50, (0, 0, 0, 0, 216)),
-])
+], ids=lambda v: f"row {v}" if isinstance(v, int) else "blocks at " + "/".join(map(str, v)))
 def test_worked_example_rows_match_the_seed(worked_example, row, values):
     assert worked_example[0][row - 1].tolist() == blocks(*values)
 
@@ -94,9 +94,12 @@ def test_worked_example_row_6(worked_example):
 def test_step_matrix_equals_diffusers_over_a_sweep():
     """Oracle: diffusers' generate_timestep_matrix (shrink_interval_with_mask=False) with the window as its own base
     (base_num_latent_frames = num_latent_frames), as the pipeline uses it. Exact equality of the step matrix and the
-    update mask over step counts, frame counts, ar_step, prefixes and block sizes."""
+    update mask. Each value stands for a behaviour: 3 or 12 steps; 7 or 25 frames (a partial last block with blocks
+    of 2, and of 5 for 7); ar_step 0 (synchronous), 1 (blocks overlap) and 5 (blocks follow one another with 3 steps,
+    overlap with 12); no prefix, 3 frames (not whole blocks of 2 or 5) and 10; blocks of 1, 2 and 5. Longer videos
+    and larger ar_steps only repeat these behaviours, at many times the cost."""
     checked = 0
-    for n, frames, ar_step, pre, block in itertools.product((3, 12), (7, 25, 40), (0, 1, 5, 8), (0, 3, 10), (1, 2, 5)):
+    for n, frames, ar_step, pre, block in itertools.product((3, 12), (7, 25), (0, 1, 5), (0, 3, 10), (1, 2, 5)):
         if pre // block >= frames // block:
             continue  # nothing left to generate: both fail on an empty matrix
         ts, _ = schedule.timesteps(n, 8.0)
@@ -105,7 +108,7 @@ def test_step_matrix_equals_diffusers_over_a_sweep():
         for a, b in ((matrix, ref_matrix), (update, ref_update)):
             assert a.dtype == b.dtype and torch.equal(a, b), (n, frames, ar_step, pre, block)
         checked += 1
-    assert checked > 100
+    assert checked > 80
 
 
 # UniPC solver -----------------------------------------------------------------------------------------------------
@@ -114,8 +117,8 @@ STEPS = [1, 2, 3, 10, 30, 50]
 SHIFTS = [3.0, 5.0, 8.0]
 
 
-@pytest.mark.parametrize("n", STEPS)
-@pytest.mark.parametrize("shift", SHIFTS)
+@pytest.mark.parametrize("n", STEPS, ids=lambda n: f"{n} steps")
+@pytest.mark.parametrize("shift", SHIFTS, ids=lambda s: f"shift {s:g}")
 def test_lockstep_unipc_equals_diffusers(n, shift):
     """All frames update every step (T2V). Oracle: one diffusers UniPCMultistepScheduler over the whole tensor, fed
     the same random flow predictions. Tolerance 1e-5 max abs in float32 (measured: 0, the arithmetic is the same)."""
@@ -132,8 +135,8 @@ def test_lockstep_unipc_equals_diffusers(n, shift):
     assert state.step.tolist() == [n] * 6
 
 
-@pytest.mark.parametrize("n", STEPS)
-@pytest.mark.parametrize("shift", SHIFTS)
+@pytest.mark.parametrize("n", STEPS, ids=lambda n: f"{n} steps")
+@pytest.mark.parametrize("shift", SHIFTS, ids=lambda s: f"shift {s:g}")
 @pytest.mark.parametrize("in_place", [False, True], ids=["clean", "df-pipeline-aliasing"])
 def test_staggered_unipc_equals_one_diffusers_scheduler_per_frame(n, shift, in_place):
     """Frames staggered as diffusion forcing schedules them: 6 causal blocks of 2, each a quarter of the steps

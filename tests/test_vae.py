@@ -64,7 +64,7 @@ def test_load_fills_every_parameter_from_the_checkpoint(folder, ours):
     assert list(ours.buffers()) == []  # built on the meta device: only checkpoint tensors exist
 
 
-@pytest.mark.parametrize("frames", [1, 5, 9, 13])
+@pytest.mark.parametrize("frames", [1, 5, 9, 13], ids=lambda n: f"{n} frame{'s' * (n > 1)}")
 def test_encode_matches_diffusers(ours, reference, frames):
     """Oracle: diffusers' encode(x).latent_dist.mode() (the posterior mean the pipelines use), float32, same weights.
     Tolerance: relative L2 error <= 1e-5."""
@@ -76,7 +76,7 @@ def test_encode_matches_diffusers(ours, reference, frames):
     assert rel(got, expected) <= PARITY
 
 
-@pytest.mark.parametrize("frames", [1, 5, 9, 13])
+@pytest.mark.parametrize("frames", [1, 5, 9, 13], ids=lambda n: f"{n} frame{'s' * (n > 1)}")
 def test_decode_matches_diffusers(ours, reference, frames):
     """Oracle: diffusers' decode(z).sample (clamped to [-1, 1]), float32, same weights. Tolerance: relative L2
     error <= 1e-5."""
@@ -95,7 +95,7 @@ def four(ours):
     return z, ours.decode(z)
 
 
-@pytest.mark.parametrize("pieces", [(1, 3), (2, 2), (2, 1, 1)])
+@pytest.mark.parametrize("pieces", [(1, 3), (2, 2), (2, 1, 1)], ids=["1+3", "2+2", "2+1+1"])
 def test_decoding_in_pieces_with_the_cache_equals_one_decode(ours, four, pieces):
     """Oracle: one decode of all four latent frames. Tolerance: max abs 1e-6 (each latent frame takes the same path
     either way, so in practice the frames are bitwise equal)."""
@@ -106,7 +106,7 @@ def test_decoding_in_pieces_with_the_cache_equals_one_decode(ours, four, pieces)
     assert (torch.cat(parts, dim=2) - whole).abs().max() <= 1e-6
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_normalisation_is_the_pipelines_arithmetic(ours, reference, dtype):
     """Oracle: the lines of diffusers' SkyReels-V2 pipelines (prepare_latents before the DiT, the end of __call__
     before decoding), written out with the checkpoint's config. Tolerance: none, bitwise equal."""
@@ -138,7 +138,7 @@ def test_bfloat16_stays_close_to_float32(folder, ours):
     ("encode", (1, 3, 5, 36, 48), "multiples of 8, got 36x48"),
     ("encode", (3, 5, 32, 48), "shape \\(B, 3, F, H, W\\)"),
     ("decode", (1, 4, 2, 4, 6), "shape \\(B, 16, T, h, w\\)"),
-])
+], ids=["encode 4 frames", "encode 4 channels", "encode height 36", "encode without batch", "decode 4 channels"])
 def test_bad_input_raises_value_error(ours, call, shape, message):
     with pytest.raises(ValueError, match=message):
         getattr(ours, call)(torch.zeros(shape))
@@ -158,7 +158,7 @@ def test_wan22_config_is_rejected():
         V.VAEConfig.from_config({"base_dim": 160, "z_dim": 48, "is_residual": True, "patch_size": 2})
 
 
-@pytest.mark.parametrize("pieces", [(5,), (1, 4), (1, 1, 1, 2)])
+@pytest.mark.parametrize("pieces", [(5,), (1, 4), (1, 1, 1, 2)], ids=["5 at once", "1+4", "1+1+1+2"])
 def test_causal_conv_in_pieces_equals_one_zero_padded_conv3d(pieces):
     """Oracle: F.conv3d over the whole sequence with two zero frames in front (what diffusers computes). Our conv
     goes frame by frame, as a sum of 2D convolutions kept in the cache. Tolerance: 1e-5 relative (summation order)."""
