@@ -285,19 +285,22 @@ class Output:
         if not out.lower().endswith(".mp4"):
             raise ValueError(f"--out must name an .mp4 file: {out}")
         self.path, self.json, self.folder = out, out[:-4] + ".json", os.path.dirname(os.path.abspath(out))
-        self.partial, self.partial_json = out[:-4] + ".partial.mp4", out[:-4] + ".partial.json"
+
+        def beside(suffix):  # NAME + suffix, NAME cut so that the file name stays within the usual 255 bytes
+            return os.path.join(self.folder, os.path.basename(out[:-4]).encode()[:255 - len(suffix)]
+                                .decode(errors="ignore") + suffix)
+        self.partial, self.partial_json = beside(".partial.mp4"), beside(".partial.json")
         self.tmp = os.path.join(self.folder, f".sample-{os.getpid()}.mp4")  # short: out's name may be at the limit
         self.tmp_json = self.tmp[:-4] + ".json"
-        self.state = out[:-4] + ".state" if keeps_state else None
+        self.state = beside(".state") if keeps_state else None
 
     def check(self, inputs, probe=True):
         """Refuse now, not after the denoising, an output that would land on or in an input, or cannot be written."""
         if not os.path.isdir(self.folder):
             raise ValueError(f"cannot write {self.path}: {self.folder} "
                              f"{'is a file' if os.path.exists(self.folder) else 'does not exist'}")
-        for path in (self.json, self.partial_json):
-            if os.path.isdir(path) or len(os.path.basename(path).encode()) > 255:
-                raise ValueError(f"cannot write {path}: {'a folder' if os.path.isdir(path) else 'name too long'}")
+        if os.path.isdir(self.json) or len(os.path.basename(self.json).encode()) > 255:
+            raise ValueError(f"cannot write {self.json}: {'a folder' if os.path.isdir(self.json) else 'name too long'}")
         for path in filter(None, (self.path, self.json, self.partial, self.partial_json, self.tmp, self.state)):
             for given in filter(None, inputs):  # the same path, or one inside it
                 if (os.path.realpath(path) + os.sep).startswith(os.path.realpath(given) + os.sep):

@@ -8,6 +8,7 @@ Loading is name alignment: a component is built on the meta device and each tens
 placed as it is read, then assigned in place, so a 28 GB bf16 transformer never exists twice in memory.
 """
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -146,8 +147,9 @@ def check_state(s):
         raise ValueError(f"state, resume and redo_from are for diffusion forcing; {s.mode} makes one pass")
     if s.state is not None and not isinstance(s.state, (str, os.PathLike)):
         raise ValueError(f"state must be a folder's path, got {type(s.state).__name__}")
-    if (s.resume or s.redo_from) and s.seed in (None, -1):
-        s = dataclasses.replace(s, seed=read_json(os.path.join(s.state, "settings.json")).get("seed"))
+    if s.resume or s.redo_from:  # the earlier run's settings must be there; without a seed, its seed
+        recorded = read_json(os.path.join(s.state, "settings.json"))
+        s = dataclasses.replace(s, seed=recorded.get("seed") if s.seed in (None, -1) else s.seed)
     if s.seed == -1:  # as the original CLI and the UIs people use: a random seed, recorded
         s = dataclasses.replace(s, seed=random.randrange(2**31))
     if s.generator is None and s.seed is not None:
@@ -240,7 +242,6 @@ class Window:
 def plan_windows(s):
     """A diffusion-forcing run's windows, of base_num_frames frames at most, with their step matrices. Each later one
     (and v2v's first) begins with the last overlap_history frames made so far, known, in whole causal blocks."""
-    ts = schedule.timesteps(s.num_inference_steps, s.shift)[0]
     block, total, base = s.causal_block_size, latent_frames(s.num_frames), latent_frames(s.base_num_frames)
     if s.overlap_history is not None and (s.num_frames > s.base_num_frames or s.mode == "v2v"):
         overlap = latent_frames(s.overlap_history)
@@ -248,7 +249,7 @@ def plan_windows(s):
         sizes = [min(total - k * (base - overlap), base) for k in range(n)]
     else:
         overlap, sizes = 0, [total]
-    windows, matrices = [], {}  # a long video's windows are nearly all alike: one step matrix serves them
+    windows = []
     for k, size in enumerate(sizes):
         # Known frames: the overlap, in whole blocks (v2v's first window too), or df-i2v's image latent.
         prefix = overlap - overlap % block if k > 0 or s.mode == "v2v" else int(s.mode == "df-i2v")
@@ -257,14 +258,19 @@ def plan_windows(s):
         if frames % block:
             raise ValueError(f"a window of {frames} latent frames is not a whole number of causal blocks of "
                              f"{block}; choose num_frames / base_num_frames / causal_block_size to fit")
-        if (frames, prefix, end) not in matrices:
-            matrix, update = schedule.step_matrix(frames, ts, s.ar_step, prefix, block)
-            if end:  # the last image's latent is known from the start and never moves (as the original code)
-                matrix[:, -1], update[:, -1] = 0, False
-            matrices[frames, prefix, end] = matrix, update
         windows.append(Window(size, prefix, end, 0 if k == 0 else overlap, overlap,
-                              s.prompts[min(k, len(s.prompts) - 1)], *matrices[frames, prefix, end]))
+                              s.prompts[min(k, len(s.prompts) - 1)],
+                              *window_schedule(frames, s.num_inference_steps, s.shift, s.ar_step, prefix, block, end)))
     return windows
+
+
+@functools.lru_cache(maxsize=16)  # a long video's windows are nearly all alike: one step matrix serves them
+def window_schedule(frames, steps, shift, ar_step, prefix, block, end):
+    """A window's step matrix and update mask (shared by every window alike: read, never written)."""
+    matrix, update = schedule.step_matrix(frames, schedule.timesteps(steps, shift)[0], ar_step, prefix, block)
+    if end:  # the last image's latent is known from the start and never moves (as the original code)
+        matrix[:, -1], update[:, -1] = 0, False
+    return matrix, update
 
 
 def stop_unless_finite(x, finite, done=0):

@@ -7,6 +7,7 @@ are in test_inputs.py and test_distributed.py.
 """
 import json
 import os
+import signal
 
 import imageio.v2 as imageio
 import numpy as np
@@ -67,12 +68,12 @@ BAD = {
     "checkpoint kind that does not fit the mode": (["i2v", "--model", "{t2v}", "--image", "{m}/first.png"], "I2V"),
     "height not a multiple of 16": (["df", "--model", "tiny-df", "--height", "40", "--width", "48"], "16"),
     "num_frames above base_num_frames without overlap_history":
-        (["df", "--model", "tiny-df", "--num-frames", "33", "--base-num-frames", "17"], "overlap_history"),
+        (["df", "--model", "tiny-df", "--num-frames", "33", "--base-num-frames", "17"], "--overlap-history"),
     "overlap_history not below base_num_frames":
         (["df", "--model", "tiny-df", "--num-frames", "33", "--base-num-frames", "17", "--overlap-history", "17"],
-         "overlap_history"),
-    "ar_step too small": (["df", "--model", "tiny-df", "--ar-step", "-1"], "ar_step"),
-    "fewer than one step": (["df", "--model", "tiny-df", "--steps", "0"], "num_inference_steps"),
+         "--overlap-history"),
+    "ar_step too small": (["df", "--model", "tiny-df", "--ar-step", "-1"], "--ar-step"),
+    "fewer than one step": (["df", "--model", "tiny-df", "--steps", "0"], "--steps"),
     "missing image": (["df-i2v", "--model", "tiny-df", "--image", "{m}/nope.png"], "nope.png"),
     "unreadable image": (["df-i2v", "--model", "tiny-df", "--image", "{m}/broken.png"], "broken.png"),
     "missing video": (["v2v", "--model", "tiny-df", "--video", "{m}/nope.mp4", "--overlap-history", "5"], "nope.mp4"),
@@ -80,7 +81,7 @@ BAD = {
                          "broken.mp4"),
     "video shorter than overlap_history":
         (["v2v", "--model", "tiny-df", "--video", "{m}/clip.mp4", "--overlap-history", "17", "--base-num-frames",
-          "33"], "overlap_history"),
+          "33"], "--overlap-history"),
     "corrupt safetensors file": (["df", "--model", "{corrupt}"], "{corrupt_name}"),
     "output path that cannot be written": (["df", "--model", "tiny-df", "--out", "/no/such/dir/v.mp4"], "/no/such/dir"),
 }
@@ -105,18 +106,19 @@ def test_bad_input_gets_one_clear_line_and_no_output(tmp_path, tiny_folders, med
     assert sorted(os.listdir(tmp_path)) == sorted(["empty"] + (["corrupt"] if corrupt else []))  # nothing written
 
 
-def test_an_interrupted_run_keeps_the_finished_windows_as_a_playable_mp4(tmp_path, capsys):
-    """Ctrl-C in a later window leaves an mp4 of every window finished, a JSON that says so, and one line."""
+def test_an_interrupted_run_keeps_the_finished_windows_as_a_playable_partial_mp4(tmp_path, capsys):
+    """Ctrl-C in a later window leaves NAME.partial.mp4 of every window finished, a JSON that says so, and one line."""
     def windows():
         yield np.random.rand(9, 32, 48, 3).astype(np.float32)
         yield np.random.rand(8, 32, 48, 3).astype(np.float32)
+        sample.STOP["signal"] = signal.SIGINT
         raise KeyboardInterrupt
 
-    out, sidecar, tmp, tmp_json = sample.output_paths(str(tmp_path / "v.mp4"), [])
+    out = sample.Output(str(tmp_path / "v.mp4"), keeps_state=False)
     with pytest.raises(SystemExit) as stop:
-        sample.write(windows(), out, sidecar, tmp, tmp_json, 24, dict(seed=0))
+        out.write(windows(), 24, dict(seed=0))
     assert stop.value.code == 130
-    assert read_back(out) == (17, (32, 48))
-    assert json.load(open(sidecar)) == dict(seed=0, frames=17, partial=True)
+    assert read_back(tmp_path / "v.partial.mp4") == (17, (32, 48))
+    assert json.load(open(tmp_path / "v.partial.json")) == dict(seed=0, frames=17, partial=True)
     assert "17 frames" in capsys.readouterr().err
-    assert sorted(os.listdir(tmp_path)) == ["v.json", "v.mp4"]
+    assert sorted(os.listdir(tmp_path)) == ["v.partial.json", "v.partial.mp4"]

@@ -236,7 +236,7 @@ def test_a_writer_that_fails_leaves_nothing_and_an_older_video_untouched(tmp_pat
               + SMALL)
     err = run.err.strip()
     assert run.code == 2 and err.splitlines()[-1].startswith("error: writing") and "disk full" in err, err
-    assert sorted(os.listdir(tmp_path)) == ["v.mp4"] and (tmp_path / "v.mp4").read_bytes() == b"an older video"
+    assert sorted(os.listdir(tmp_path)) == ["v.mp4", "v.state"]  # the state: --resume writes the video again and (tmp_path / "v.mp4").read_bytes() == b"an older video"
 
 
 def test_no_ffmpeg_is_one_line_before_any_work(tmp_path, monkeypatch, cli):
@@ -257,7 +257,7 @@ def test_a_json_that_cannot_be_written_leaves_no_video_either(tmp_path, monkeypa
     run = cli(["df", "--model", "tiny-df", "--prompt", "a cat", "--num-frames", "5", "--out", tmp_path / "v.mp4"]
               + SMALL)
     assert run.code == 2 and "No space left" in run.err
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ["v.state"]  # no video; the finished windows, for --resume
 
 
 def test_out_of_gpu_memory_is_one_line_naming_what_helps_and_keeps_the_finished_windows(tmp_path, monkeypatch, cli):
@@ -275,7 +275,7 @@ def test_out_of_gpu_memory_is_one_line_naming_what_helps_and_keeps_the_finished_
     last = run.err.strip().splitlines()[-1]
     assert run.code == 1 and last.startswith("error: out of GPU memory"), last
     assert "--offload" in last and "--base-num-frames" in last and "--cache-budget 0" in last
-    record = json.load(open(tmp_path / "v.json"))
+    record = json.load(open(tmp_path / "v.partial.json"))
     assert record["partial"] and record["frames"] == 17
 
 
@@ -325,12 +325,13 @@ def interrupt(tmp_path, mode_args, sig, after_steps):
 def test_a_signal_mid_run_keeps_the_finished_windows_readable_with_a_partial_json(tmp_path, sig):
     code, out, lines = interrupt(tmp_path, ["df", "--num-frames", "1001", "--base-num-frames", "17",
                                             "--overlap-history", "5", "--steps", "1"], sig, 3)
-    assert code == 130
-    assert all(line.startswith("step ") for line in lines[:-1])  # plain lines when stderr is no terminal
+    assert code == 128 + sig
+    assert all(line.startswith("step ") for line in lines[1:-1])  # plain lines when stderr is no terminal
     assert lines[-1].startswith("stopped; ") and "frames finished" in lines[-1], lines[-1]
-    record = json.load(open(tmp_path / "v.json"))
-    assert record["partial"] and record["frames"] == len(imageio.mimread(out, memtest=False)) >= 17
-    assert sorted(os.listdir(tmp_path)) == ["v.json", "v.mp4"]
+    record = json.load(open(tmp_path / "v.partial.json"))
+    assert record["partial"] and record["frames"] == len(imageio.mimread(tmp_path / "v.partial.mp4",
+                                                                         memtest=False)) >= 17
+    assert sorted(os.listdir(tmp_path)) == ["v.partial.json", "v.partial.mp4", "v.state"]
 
 
 def test_ctrl_c_before_any_new_frame_writes_nothing_and_says_so(tmp_path, media):
@@ -340,4 +341,4 @@ def test_ctrl_c_before_any_new_frame_writes_nothing_and_says_so(tmp_path, media)
                                             "--num-frames", "401", "--base-num-frames", "17", "--steps", "50"],
                                  signal.SIGINT, 1)
     assert code == 130 and lines[-1].startswith("stopped") and "nothing written" in lines[-1], lines
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ["v.state"]  # the run's settings, no window finished: --resume starts it
