@@ -251,3 +251,8 @@ def test_a_long_run_says_its_windows_and_steps_first_and_when_decoding_starts(tm
                                  "--out", str(tmp_path / "v.mp4")])
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "2 windows, 2 denoising steps" and "decoding" in err[-1], err
+
+
+def test_the_clis_copy_of_the_mode_defaults_is_skyreels_own():
+    """sample.py repeats skyreels.DEFAULTS so that --help need not import torch; the copy must not drift."""
+    assert sample.DEFAULTS == skyreels.DEFAULTS
