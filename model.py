@@ -26,8 +26,7 @@ def gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
 
-def fields_from(cls, config):
-    """Dataclass cls from a config.json dict; keys that are not its fields (class names, versions) are ignored."""
+def fields_from(cls, config):  # from a config.json dict; keys not in cls (class names, versions) are ignored
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names})
 
@@ -78,8 +77,7 @@ class LayerNorm32(nn.LayerNorm):
     variance over thousands of channels of the residual stream are where bf16 rounding would hurt most."""
 
     def forward(self, x):
-        w = None if self.weight is None else self.weight.float()
-        b = None if self.bias is None else self.bias.float()
+        w, b = (None if p is None else p.float() for p in (self.weight, self.bias))
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
@@ -117,9 +115,8 @@ def timestep_embedding(t, dim):
 
 @functools.lru_cache(maxsize=32)  # the same grids recur at every step
 def rope_tables(head_dim, f, h, w, device, theta=10000.0):
-    """3D rotary angles for an f x h x w token grid: cos, sin (f*h*w, head_dim/2), float32. The head dimension is
-    split in a height and a width part of 2*(head_dim//6) channels each and a frame part of the rest; each part
-    rotates its channel pairs by its own axis position."""
+    """3D rotary angles of an f x h x w token grid, cos and sin (f*h*w, head_dim/2) float32: each axis rotates the
+    channel pairs of its own part of a head, height and width 2*(head_dim//6) channels each, frames the rest."""
     hw_dim = 2 * (head_dim // 6)
     pos = torch.meshgrid(*(torch.arange(n, dtype=torch.float64, device=device) for n in (f, h, w)), indexing="ij")
     angles = []
@@ -150,16 +147,14 @@ def attention(q, k, v):
 
 @torch.compiler.disable  # a CuTe DSL kernel cannot be traced: compiled blocks call it as it is
 def flash_attention(q, k, v):
-    out = FLASH(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))[0]  # the kernel takes (B, L, H, Dh)
-    return out.transpose(1, 2)
+    return FLASH(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))[0].transpose(1, 2)  # it takes (B, L, H, Dh)
 
 
 def block_causal_attention(q, k, v, block_tokens):
-    """Self-attention where the queries of block b see the keys of blocks 0..b. One SDPA call per block over its
-    prefix: exact, and each call can use the flash kernel, where a dense (L, L) mask costs L^2 memory (2.6 GB at
-    540P) and a slower kernel. A trailing partial block is a block of its own (diffusers cannot build its mask
-    when the frames are not a multiple of the block size). The queries are the last tokens of the keys: keys may
-    begin with cached whole blocks (KVCache) that have no queries here."""
+    """Self-attention where the queries of block b see the keys of blocks 0..b: one SDPA call per block over its
+    prefix, exact, and each call can use the flash kernel, where a dense (L, L) mask costs L^2 memory (2.6 GB at 540P)
+    and a slower kernel. A trailing partial block is a block of its own (diffusers cannot build its mask then). The
+    queries are the last tokens of the keys: keys may begin with cached whole blocks (KVCache) without queries here."""
     out, offset = torch.empty_like(q), k.shape[2] - q.shape[2]
     for start in range(0, q.shape[2], block_tokens):
         end = min(start + block_tokens, q.shape[2])
@@ -178,10 +173,9 @@ class KVCache:
 
 
 def extend_cache(kv, k, v, keep_tokens, capacity):
-    """The cached keys and values followed by k, v (B, H, L, Dh); the first keep_tokens of k, v join the cache.
-    kv holds one buffer of `capacity` tokens per layer, allocated once: while the new tokens fit behind the cached
-    ones they are written there and attention reads the buffer, so the cache is never copied; past the capacity
-    they are concatenated to it."""
+    """The cached keys and values followed by k, v (B, H, L, Dh); the first keep_tokens of k, v join the cache. kv,
+    a layer's slot, holds a buffer of `capacity` tokens, allocated once: new tokens that fit are written behind the
+    cached ones and attention reads the buffer, never a copy of the cache; tokens that do not fit are concatenated."""
     if not kv:  # the first call: this layer's two buffers
         shape = (*k.shape[:2], capacity, k.shape[3])  # (B, H, capacity, Dh)
         kv.update(n=0, k=k.new_empty(shape), v=v.new_empty(shape))
@@ -216,9 +210,8 @@ class SequenceParallel:
         return t[..., :h, :, :].flatten(-4, -2)
 
     def all_to_all(self, t):  # part i of t (N, ...) goes to rank i; part i of the result came from rank i
-        t = t.contiguous()
-        out = torch.empty_like(t)
-        dist.all_to_all_single(out, t, group=self.group)
+        out = torch.empty_like(t, memory_format=torch.contiguous_format)
+        dist.all_to_all_single(out, t.contiguous(), group=self.group)
         return out
 
     def to_heads(self, t):  # (S, B, H, L/N, Dh), this rank's tokens -> (S, B, Hp/N, L, Dh), this rank's heads
@@ -503,9 +496,8 @@ class CLIPLayer(nn.Module):
 
 
 class CLIPVision(nn.Module):
-    """transformers' CLIPVisionModelWithProjection, computed up to what SkyReels-V2 uses: the penultimate
-    hidden states. The last layer, post_layernorm and visual_projection are never run, so they are not built;
-    the loader skips their keys."""
+    """transformers' CLIPVisionModelWithProjection up to what SkyReels-V2 uses, the penultimate hidden states: the
+    last layer, post_layernorm and visual_projection are never run, so they are not built and the loader skips them."""
 
     def __init__(self, cfg):
         super().__init__()

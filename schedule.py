@@ -39,29 +39,24 @@ def step_matrix(num_latent_frames, step_template, ar_step=0, num_pre_ready=0, ca
     num_latent_frames rounded down to whole blocks: diffusers' generate_timestep_matrix with base_num_latent_frames =
     num_latent_frames, as the pipeline uses it (each window its own base: the valid interval is the whole window).
     """
-    n = len(step_template)
-    num_blocks = num_latent_frames // causal_block_size
+    n, num_blocks = len(step_template), num_latent_frames // causal_block_size
     template = torch.cat([torch.tensor([999]), step_template.long().cpu(), torch.tensor([0])])
     finished = n + 1
 
-    row = torch.zeros(num_blocks, dtype=torch.long)
-    row[:num_pre_ready // causal_block_size] = finished
-    rows, masks = [], []
-    while (row < n).any():
-        new = torch.zeros_like(row)
+    rows = [torch.zeros(num_blocks, dtype=torch.long)]  # the indices before the first iteration, then after each
+    rows[0][:num_pre_ready // causal_block_size] = finished
+    while (rows[-1] < n).any():
+        row, new = rows[-1], torch.zeros(num_blocks, dtype=torch.long)
         for b in range(num_blocks):
             if b == 0 or row[b - 1] >= n:  # nothing ahead of it is still denoising: advance one step
                 new[b] = row[b] + 1
             else:  # trail the block ahead by ar_step steps
                 new[b] = new[b - 1] - ar_step
-        new = new.clamp(0, finished)
-        masks.append((new != row) & (new != finished))
-        rows.append(new)
-        row = new
+        rows.append(new.clamp(0, finished))
 
-    step_index = torch.stack(rows).repeat_interleave(causal_block_size, dim=1)  # (iterations, F)
-    update_mask = torch.stack(masks).repeat_interleave(causal_block_size, dim=1)
-    return template[step_index].to(step_template.device), update_mask
+    index = torch.stack(rows).repeat_interleave(causal_block_size, dim=1)  # (1 + iterations, F)
+    update = (index[1:] != index[:-1]) & (index[1:] != finished)
+    return template[index[1:]].to(step_template.device), update
 
 
 @dataclass

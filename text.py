@@ -18,8 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def fields_from(cls, config):
-    """Dataclass cls from a config.json dict; keys that are not its fields (class names, versions) are ignored."""
+def fields_from(cls, config):  # from a config.json dict; keys not in cls (class names, versions) are ignored
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names})
 
@@ -75,15 +74,12 @@ def clean_prompt(text):
 
 
 class Tokenizer:
-    """UMT5's tokenizer. Prompts are cleaned as diffusers cleans them, then tokenized as transformers' T5Tokenizer
-    does with padding="max_length", truncation=True: the prompt's pieces, </s> (kept last when truncating), then
-    <pad> up to max_length; the mask covers up to </s>.
-
-    transformers normalises with the model's NFKC character map, splits on whitespace and prepends "▁" to each word;
-    SentencePiece's own encoder does the same. The one difference: transformers first matches the special tokens'
-    text ("</s>" in "<s>gone</s>", say) and emits their ids, so we split those out too. (T5's <extra_id_N> sentinels
-    are special to transformers as well, but are not in spiece.model and do not occur in prompts.)
-    """
+    """UMT5's tokenizer: prompts cleaned as diffusers cleans them, then tokenized as transformers' T5Tokenizer with
+    padding="max_length", truncation=True: the prompt's pieces, </s> (kept last when truncating), <pad> up to
+    max_length; the mask covers up to </s>. SentencePiece's own encoder normalises (NFKC) and splits words as
+    transformers does. The one difference: transformers first matches the special tokens' text ("</s>" in
+    "<s>gone</s>", say) and emits their ids, so we split those out too. (T5's <extra_id_N> sentinels are special to
+    transformers as well, but are not in spiece.model and do not occur in prompts.)"""
 
     def __init__(self, path):
         self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
@@ -132,41 +128,17 @@ class RMSNorm(nn.Module):
 
 
 def relative_position_buckets(length, num_buckets, max_distance, device):
-    """(L, L) bucket of key position j seen from query position i, bidirectional as in T5's encoder. Half the
-    buckets are for keys after the query, half for keys at or before it; within a half, distances below a quarter
-    of num_buckets get a bucket each, longer ones logarithmically wider buckets, and all from max_distance on the last.
-    """
+    """(L, L) bucket of key position j seen from query position i, bidirectional as in T5's encoder. Half the buckets
+    are for keys after the query, half for keys at or before it; within a half, distances below a quarter of
+    num_buckets get a bucket each, longer ones logarithmically wider buckets, and all from max_distance on the last."""
     pos = torch.arange(length, device=device)
     relative = pos[None, :] - pos[:, None]  # (L, L): key minus query
-    half = num_buckets // 2
-    exact = half // 2
+    half, exact = num_buckets // 2, num_buckets // 4  # a direction's buckets; those of one distance each
     distance = relative.abs()
     # The float operations in the reference's order, so that distances on a bucket boundary round the same way.
     log_ratio = torch.log(distance.clamp(min=exact).float() / exact) / math.log(max_distance / exact) * (half - exact)
     far = (exact + log_ratio.long()).clamp(max=half - 1)
     return half * (relative > 0).long() + torch.where(distance < exact, distance, far)
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        inner = cfg.num_heads * cfg.d_kv
-        self.q, self.k, self.v = (nn.Linear(cfg.d_model, inner, bias=False) for _ in range(3))
-        self.o = nn.Linear(inner, cfg.d_model, bias=False)
-        # UMT5 learns a position bias in every layer (T5 shares the first layer's).
-        self.relative_attention_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
-        self.num_heads = cfg.num_heads
-
-    def forward(self, x, buckets, keep):
-        """x (B, L, d_model), buckets (L, L) long, keep (B, L) bool: False at padding."""
-        B, L, _ = x.shape
-        q, k, v = (proj(x).view(B, L, self.num_heads, -1).transpose(1, 2) for proj in (self.q, self.k, self.v))
-        bias = self.relative_attention_bias(buckets).permute(2, 0, 1)  # (H, L, L)
-        # Padding keys get the lowest finite value, as in transformers, rather than -inf.
-        mask = torch.where(keep[:, None, None, :], bias, torch.finfo(bias.dtype).min)  # (B, H, L, L)
-        # No 1/sqrt(d_kv) scaling: T5 folds it into the initialisation of q.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # (B, H, L, d_kv)
-        return self.o(out.transpose(1, 2).reshape(B, L, -1))
 
 
 def gelu_new(x):
@@ -175,31 +147,37 @@ def gelu_new(x):
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
-class GatedFeedForward(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.wi_0, self.wi_1 = (nn.Linear(cfg.d_model, cfg.d_ff, bias=False) for _ in range(2))
-        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
-
-    def forward(self, x):
-        return self.wo(gelu_new(self.wi_0(x)) * self.wi_1(x))
-
-
 class Block(nn.Module):
-    """Pre-norm residual self-attention, then feed-forward, in plain containers named as the checkpoint's layers."""
+    """Pre-norm residual self-attention, then a gated feed-forward, in containers named as the checkpoint's layers."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.layer = nn.ModuleList([nn.Module(), nn.Module()])
-        self.layer[0].SelfAttention = Attention(cfg)
+        self.layer, self.heads = nn.ModuleList([nn.Module(), nn.Module()]), cfg.num_heads
+        attn, inner = nn.Module(), cfg.num_heads * cfg.d_kv
+        attn.q, attn.k, attn.v = (nn.Linear(cfg.d_model, inner, bias=False) for _ in range(3))
+        attn.o = nn.Linear(inner, cfg.d_model, bias=False)
+        # UMT5 learns a position bias in every layer (T5 shares the first layer's).
+        attn.relative_attention_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
+        self.layer[0].SelfAttention = attn
         self.layer[0].layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-        self.layer[1].DenseReluDense = GatedFeedForward(cfg)
+        ff = self.layer[1].DenseReluDense = nn.Module()
+        ff.wi_0, ff.wi_1 = (nn.Linear(cfg.d_model, cfg.d_ff, bias=False) for _ in range(2))
+        ff.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
         self.layer[1].layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
 
     def forward(self, x, buckets, keep):
-        attn, ff = self.layer
-        x = x + attn.SelfAttention(attn.layer_norm(x), buckets, keep)
-        return x + ff.DenseReluDense(ff.layer_norm(x))
+        """x (B, L, d_model), buckets (L, L) long, keep (B, L) bool: False at padding."""
+        attn, ff = self.layer[0].SelfAttention, self.layer[1].DenseReluDense
+        y = self.layer[0].layer_norm(x)
+        q, k, v = (p(y).unflatten(-1, (self.heads, -1)).transpose(1, 2) for p in (attn.q, attn.k, attn.v))
+        bias = attn.relative_attention_bias(buckets).permute(2, 0, 1)  # (H, L, L)
+        # Padding keys get the lowest finite value, as in transformers, rather than -inf.
+        mask = torch.where(keep[:, None, None, :], bias, torch.finfo(bias.dtype).min)  # (B, H, L, L)
+        # No 1/sqrt(d_kv) scaling: T5 folds it into the initialisation of q.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # (B, H, L, d_kv)
+        x = x + attn.o(out.transpose(1, 2).flatten(2))
+        y = self.layer[1].layer_norm(x)
+        return x + ff.wo(gelu_new(ff.wi_0(y)) * ff.wi_1(y))
 
 
 class UMT5Encoder(nn.Module):

@@ -1,12 +1,10 @@
 """The causal video VAE of Wan 2.1, which every SkyReels-V2 model uses (8x smaller in space, 4x in time, 16 channels).
 
 Every convolution is causal in time: an output frame sees only its own input frame and earlier ones. So a video can go
-through the network a piece at a time, each causal convolution keeping the last input frames of the previous piece in
-a cache, and the result is the result of one pass over the whole video. The official VAE relies on this: it encodes
-the first frame alone and then four frames at a time, and decodes one latent frame at a time.
-
-Here a cache is a plain dict, {layer: list of frames}, created by whoever starts a video and handed down to every layer,
-each of which reads and replaces its own entry. A video's first chunk is the one for which a layer finds no entry yet.
+through the network a piece at a time, each layer caching what it needs of the previous piece, with the result of one
+pass over the whole video; the official VAE encodes the first frame alone, then four frames at a time, and decodes one
+latent frame at a time. A cache is a plain dict, {layer: its state}, started empty for each video and handed to every
+layer: a video's first chunk is the one for which a layer finds no entry yet.
 
 Parameter names are diffusers' AutoencoderKLWan keys, so vae/ of an official -Diffusers folder loads strictly by name.
 Only inference is implemented (no dropout, no posterior sampling: the pipelines use the posterior mean).
@@ -18,8 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def fields_from(cls, config):
-    """Dataclass cls from a config.json dict; keys that are not its fields (class names, versions) are ignored."""
+def fields_from(cls, config):  # from a config.json dict; keys not in cls (class names, versions) are ignored
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names})
 
@@ -119,10 +116,9 @@ def upsample_conv(x, conv):
 
 
 class Resample(nn.Module):
-    """2x up- or downsampling in space, a frame at a time, and for the '3d' modes also in time: the upsampler turns
-    each frame into two with a causal convolution (except a video's first frame, which stays one); the downsampler
-    convolves with stride 2 over the previous chunk's last frame and this chunk (except a video's first chunk, which
-    passes through)."""
+    """2x up- or downsampling in space, a frame at a time; the '3d' modes also in time. The upsampler turns each frame
+    into two with a causal convolution (a video's first frame stays one); the downsampler convolves with stride 2 over
+    the previous chunk's last frame and this chunk (a video's first chunk passes through)."""
 
     def __init__(self, dim, mode):
         super().__init__()
@@ -209,13 +205,12 @@ class Encoder(nn.Module):
         super().__init__()
         dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
         self.conv_in = CausalConv3d(3, dims[0], 3, padding=1)
-        blocks = []
+        blocks = self.down_blocks = nn.ModuleList()
         for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
             for j in range(cfg.num_res_blocks):
                 blocks.append(ResidualBlock(d_in if j == 0 else d_out, d_out))
             if i < len(cfg.dim_mult) - 1:
                 blocks.append(Resample(d_out, "downsample3d" if cfg.temperal_downsample[i] else "downsample2d"))
-        self.down_blocks = nn.ModuleList(blocks)
         self.mid_block = MidBlock(dims[-1])
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, 3, padding=1)  # posterior mean and log-variance
@@ -254,12 +249,11 @@ class Decoder(nn.Module):
         temporal = cfg.temperal_downsample[::-1]
         self.conv_in = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
         self.mid_block = MidBlock(dims[0])
-        blocks = []
+        blocks = self.up_blocks = nn.ModuleList()
         for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
             mode = None if i == len(dims) - 2 else "upsample3d" if temporal[i] else "upsample2d"
             # every upsampler halves the channels, so each later block receives half its predecessor's width
             blocks.append(UpBlock(d_in if i == 0 else d_in // 2, d_out, cfg.num_res_blocks, mode))
-        self.up_blocks = nn.ModuleList(blocks)
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = CausalConv3d(dims[-1], 3, 3, padding=1)
 
@@ -340,10 +334,9 @@ class VAE(nn.Module):
     # The DiT works on normalised latents. The arithmetic follows the diffusers pipelines exactly (the statistics
     # cast to z's dtype, then the reciprocal of std; multiply to normalise, divide to undo): rounding shows at 1e-5.
 
-    def latent_stats(self, z):
-        shape = (1, self.cfg.z_dim, 1, 1, 1)
-        mean = torch.tensor(self.cfg.latents_mean, dtype=torch.float32).view(shape).to(z.device, z.dtype)
-        std = torch.tensor(self.cfg.latents_std, dtype=torch.float32).view(shape).to(z.device, z.dtype)
+    def latent_stats(self, z):  # mean, 1 / std, (1, z_dim, 1, 1, 1)
+        mean, std = (torch.tensor(s, dtype=torch.float32).view(1, -1, 1, 1, 1).to(z.device, z.dtype)
+                     for s in (self.cfg.latents_mean, self.cfg.latents_std))
         return mean, 1.0 / std
 
     def normalize(self, z):  # encoder latents -> what the DiT sees
