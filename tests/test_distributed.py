@@ -161,7 +161,7 @@ def test_a_bad_input_ends_every_rank_with_one_line(launch):
     n, out, _ = launch
     runs = cli_runs(out, n, "bad input")
     ours = [line for r in runs for line in r["err"].splitlines() if line.startswith(("error:", "[rank"))]
-    assert ours == ["error: height and width must be multiples of 16, got 33x48"], [r["err"][-3000:] for r in runs]
+    assert ours == ["error: --height and --width must be multiples of 16, got 33x48"], [r["err"][-3000:] for r in runs]
     assert [r["code"] for r in runs] == [2] * n  # every rank ended as a bad input does
     assert os.listdir(out / "bad") == []
 
