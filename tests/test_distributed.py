@@ -67,6 +67,7 @@ def worker(folders, out):
     rank = dist.get_rank()
     pipes = {kind: skyreels.load(path, device="cpu", dtype=torch.float32) for kind, path in folders.items()}
     frames = {name: generate(pipes[kind], settings) for name, (kind, settings) in CASES.items()}
+    frames["resumed"] = stop_and_resume(pipes["df"], os.path.join(out, "state"))
     if rank == 0:
         np.savez(os.path.join(out, "frames.npz"), **frames)
     try:
@@ -87,6 +88,25 @@ def worker(folders, out):
         runs[run] = cli(argv)
     with open(os.path.join(out, f"cli{rank}.json"), "w") as f:
         json.dump(runs, f)
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_and_resume(pipe, state):
+    """The long re-noised case, stopped on every rank half-way (rank 0 keeps the state), then resumed."""
+    import torch.distributed as dist
+
+    def stop_half_way(step, total):
+        if step == total // 2:
+            raise Stop
+    try:
+        generate(pipe, CASES["df, long, re-noised"][1], state=state, progress=stop_half_way)
+    except Stop:
+        pass
+    dist.barrier()  # rank 0's window files are written before any rank reads them
+    return generate(pipe, CASES["df, long, re-noised"][1], state=state, resume=True)
 
 
 def free_port():
@@ -135,6 +155,12 @@ def test_several_processes_make_the_video_of_one(launch, one_process, case):
     assert frames[case].shape == one_process[case].shape
     err = float(np.abs(frames[case] - one_process[case]).max())
     assert err <= TOL, err
+
+
+def test_a_run_resumed_under_torchrun_is_the_uninterrupted_run(launch):
+    _, out, frames = launch
+    assert np.array_equal(frames["resumed"], frames["df, long, re-noised"])
+    assert len([name for name in os.listdir(out / "state") if name.startswith("window-")]) == 3
 
 
 def test_ranks_given_other_seeds_all_stop_with_the_same_error(launch):
