@@ -33,6 +33,8 @@ CASES = {  # name: (tiny folder, settings)
                                        **BLOCKS)),
     "df-i2v, last image": ("df", dict(num_frames=17, image="first", last_image="last", **BLOCKS)),
     "v2v": ("df", dict(num_frames=25, base_num_frames=21, overlap_history=9, video="clip", **BLOCKS)),
+    "t2v, TeaCache": ("t2v", dict(num_frames=9, teacache=1e30)),  # the middle step skipped
+    "df, long, TeaCache": ("df", dict(num_frames=45, base_num_frames=21, overlap_history=9, teacache=1e30, **BLOCKS)),
 }
 
 
@@ -62,15 +64,30 @@ def worker(folders, out):
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     pipes = {kind: skyreels.load(path, device="cpu", dtype=torch.float32) for kind, path in folders.items()}
+    skips = {kind: record_skips(pipe) for kind, pipe in pipes.items()}  # TeaCache's decisions on this rank
     frames = {name: generate(pipes[kind], settings) for name, (kind, settings) in CASES.items()}
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, skips)
     if rank == 0:
         np.savez(os.path.join(out, "frames.npz"), **frames)
+        json.dump(every, open(os.path.join(out, "skips.json"), "w"))
     try:
         generate(pipes["t2v"], CASES["t2v"][1], seed=rank)  # ranks that disagree on the seed
     except ValueError as e:
         with open(os.path.join(out, f"mismatch{rank}.txt"), "w") as f:
             f.write(str(e))
     dist.destroy_process_group()
+
+
+def record_skips(pipe):
+    """Wrap the DiT to record, pass by pass, whether TeaCache had it skip the blocks."""
+    skips, forward = [], pipe.transformer.forward
+
+    def recording(*args):
+        skips.append(bool(args[6] and args[6]["skip"]))  # reuse: predict's last positional argument
+        return forward(*args)
+    pipe.transformer.forward = recording
+    return skips
 
 
 def torchrun(n, *argv, timeout=300):
@@ -103,6 +120,11 @@ def test_several_processes_make_the_video_of_one(launch, one_process, case):
     assert frames[case].shape == one_process[case].shape
     err = float(np.abs(frames[case] - one_process[case]).max())
     assert err <= TOL, err
+
+
+def test_teacache_decides_alike_on_every_rank(launch):
+    skips = json.load(open(launch[1] / "skips.json"))
+    assert all(rank == skips[0] for rank in skips) and any(skips[0]["t2v"]) and any(skips[0]["df"])
 
 
 def test_ranks_given_other_seeds_all_stop_with_the_same_error(launch):
