@@ -372,13 +372,14 @@ class DiT(nn.Module):
         # Some Wan-family checkpoints carry an unused query norm for the image tokens; diffusers skips it too.
         self.ignored_keys = tuple(f"blocks.{i}.attn2.norm_added_q." for i in range(cfg.num_layers))
 
-    def forward(self, x, t, context, image_context=None, fps=None, attention=None):
+    def forward(self, x, t, context, image_context=None, fps=None, attention=None, reuse=None):
         """The flow prediction (B, out_channels, F, H, W) for latents x (B, in_channels, F, H, W) at timesteps t:
         (B,) one per sample, or (B, F) one per latent frame (diffusion forcing). context (B, L, text_dim) is the
         text embedding; image_context (B, L_img, image_dim) the CLIP penultimate hidden states of the image (I2V),
         or of the first and the last image concatenated along the tokens (first-last frame). fps (int) is the video
         frame rate, for checkpoints with inject_sample_info. attention: an AttentionContext (None: full attention, no
-        cache, one process); with several ranks each calls this with the same arguments and gets the whole result."""
+        cache, one process); with several ranks each calls this with the same arguments and gets the whole result.
+        reuse (TeaCache): with reuse["skip"], reuse["residual"] replaces the blocks, else takes their output - input."""
         cfg, te = self.config, self.condition_embedder
         dtype = self.patch_embedding.weight.dtype
         if (image_context is None) != (te.image_embedder is None):
@@ -396,9 +397,15 @@ class DiT(nn.Module):
         attn = self.attention_context(attention or AttentionContext(), (f, h, w), x.device)
         if attn.parallel is not None:  # from here to proj_out this rank holds its rows of every frame
             x = attn.parallel.shard(x)
-        for i, block in enumerate(self.blocks):
-            kv = attn.cache and attn.cache.layers[i]
-            x = block(x, context, image_context, mod, dataclasses.replace(attn, kv=kv))
+        if reuse and reuse["skip"]:
+            x = x + reuse["residual"]
+        else:
+            start = x
+            for i, block in enumerate(self.blocks):
+                kv = attn.cache and attn.cache.layers[i]
+                x = block(x, context, image_context, mod, dataclasses.replace(attn, kv=kv))
+            if reuse is not None:
+                reuse["residual"] = x - start
         if attn.cache is not None:
             attn.cache.frames += attn.keep
 

@@ -104,6 +104,9 @@ def add_sampling(add, mode, kind):
         add("--redo-from", type=int, metavar="K", help="keep windows 1 .. K-1 of that run, make the others again")
         add("--keep-state", action="store_true", help="keep NAME.state once the video is written")
     add("--fps", type=int, default=24, help="the mp4's" + (" and the model's (16 or 24)" * (kind == "df")))
+    add("--teacache", "--teacache_thresh", nargs="?", type=float, const=0.2, metavar="T", help="TeaCache: skip DiT "
+        "steps, threshold T (bare: 0.2; or as the original: --teacache --teacache_thresh T)")
+    add("--use-ret-steps", "--use_ret_steps", action="store_true", help="TeaCache: the first 5 steps always run")
 
 
 def lora_arg(text):  # PATH[:SCALE]; a ':' not followed by a number (1e-3 is one) is part of the path
@@ -220,7 +223,7 @@ def run(args, rank=0):
     ffmpeg()
     pipe = skyreels.load(model, device=device, dtype=dtype, offload="offload" in a, compile="compile" in a,
                          loras=a.get("lora", []), transformer=a.get("transformer"))
-    chunks = pipe.run(dataclasses.replace(s, progress=Progress() if rank == 0 else None))
+    chunks = pipe.run(dataclasses.replace(s, progress=Progress(pipe.dit_passes) if rank == 0 else None))
     if rank > 0:  # the other ranks share the work; rank 0 alone writes
         for _ in chunks:
             pass
@@ -231,7 +234,7 @@ def run(args, rank=0):
                   image=a.get("image"), last_image=a.get("last_image"), video=a.get("video"))  # media as named
     if kind == "df":
         record.update(window_prompts=[w.prompt for w in windows], state=s.state if "keep_state" in a else None)
-    out.write(chunks, s.fps, record, len(s.video or []), keep_state="keep_state" in a)
+    out.write(chunks, s.fps, record, len(s.video or []), keep_state="keep_state" in a, passes=pipe.dit_passes)
     print(out.path)
 
 
@@ -312,10 +315,11 @@ class Output:
         except OSError as e:
             raise ValueError(f"cannot write {self.path}: {e.strerror}") from None
 
-    def write(self, chunks, fps, record, new_from=0, keep_state=False):
+    def write(self, chunks, fps, record, new_from=0, keep_state=False, passes=None):
         """Frame chunks to a temporary mp4, read back, renamed with `record` as JSON beside it: both or neither.
         Stopped part-way, the frames go to NAME.partial.mp4 (if past v2v's `new_from` input frames), never over a
-        complete video. A complete video makes an earlier partial one and (without --keep-state) the state unneeded."""
+        complete video. A complete video makes an earlier partial one and (without --keep-state) the state unneeded.
+        passes (the DiT passes made and skipped) join the record at the end."""
         written, stop = self.feed(chunks, fps)
         STOP["defer"] = True
         final = (self.path, self.json) if stop is None else (self.partial, self.partial_json)
@@ -324,7 +328,7 @@ class Output:
                 if frames_in(self.tmp) != written:  # ffmpeg failed (a full disk, say), and imageio does not tell
                     raise OSError(f"writing {final[0]} failed: ffmpeg made no readable video (is the disk full?)")
                 with open(self.tmp_json, "w") as f:
-                    json.dump(dict(record, frames=written, partial=stop is not None), f, indent=1)
+                    json.dump(dict(record, **passes or {}, frames=written, partial=stop is not None), f, indent=1)
                 os.replace(self.tmp, final[0])
                 os.replace(self.tmp_json, final[1])
                 if stop is None:
@@ -380,13 +384,15 @@ def say(message):  # a line on stderr, of its own even after a progress line
 class Progress:
     """progress(step, total): one line redrawn on a terminal, a line a step in a log file."""
 
-    def __init__(self):
-        self.start = time.time()
+    def __init__(self, passes=None):  # passes: the pipeline's DiT passes, computed and skipped, as they run
+        self.start, self.passes = time.time(), passes
 
     def __call__(self, step, total):
         now, done = time.time(), step + 1
         eta = f"{(now - self.start) / step * (total - done):.0f}s" if step else "?"
         line = f"step {done}/{total}  {now - self.start:.0f}s elapsed  ETA {eta}"
+        if self.passes and self.passes["dit_passes_skipped"]:  # TeaCache's
+            line += f"  {self.passes['dit_passes_skipped']}/{sum(self.passes.values())} DiT passes skipped"
         sys.stderr.write(f"\r{line}   " if sys.stderr.isatty() else line + "\n")  # a terminal: one line, redrawn
         if done == total:
             sys.stderr.write("\n" * sys.stderr.isatty() + "the last step is done: decoding and writing the video\n")

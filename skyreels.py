@@ -78,6 +78,8 @@ class Settings:
     state: str = None  # diffusion forcing: a folder that keeps every finished window (State), to resume from
     resume: bool = False  # continue the run kept in `state` from its last finished window
     redo_from: int = None  # keep windows 1 .. redo_from - 1 of the run kept in `state`, make the others again
+    teacache: float = None  # step caching (TeaCache): its threshold, 0.1 or 0.2 as the original; None: off
+    use_ret_steps: bool = False  # TeaCache with retention steps: the first 5 steps always computed
     mode: str = None  # t2v, i2v, df, df-i2v or v2v: from the checkpoint's kind and the inputs (check_settings)
 
     @property
@@ -95,7 +97,8 @@ INTEGERS = dict(height=(16, math.inf), width=(16, math.inf), num_frames=(1, 2**2
                 causal_block_size=(1, math.inf), base_num_frames=(1, math.inf), overlap_history=(1, math.inf),
                 max_sequence_length=(1, math.inf))
 # Real settings: the least and the most, bounds the math carries (a shift of 1e308 makes every sigma 1).
-REALS = dict(guidance_scale=(0, 1000), shift=(1e-3, 1000), addnoise_condition=(0, 999), cache_budget=(0, 2**20))
+REALS = dict(guidance_scale=(0, 1000), shift=(1e-3, 1000), addnoise_condition=(0, 999), cache_budget=(0, 2**20),
+             teacache=(0, 1e30))
 MAX_TOKENS = 2**20  # a window's tokens: 9x a 720P window's (31x45x80), about what one 80 GB GPU can attend over
 
 
@@ -126,13 +129,15 @@ def check_numbers(s):
     checked = {}
     for name, (low, high) in {**INTEGERS, **REALS}.items():
         v, integer = getattr(s, name), name in INTEGERS
-        if v is None and name in ("seed", "overlap_history", "height", "width", "cache_budget"):
+        if v is None and name in ("seed", "overlap_history", "height", "width", "cache_budget", "teacache"):
             continue
         kind = numbers.Integral if integer else numbers.Real
         if isinstance(v, bool) or not isinstance(v, kind) or not low <= v <= high:
             raise ValueError(f"{name} must be {'an integer' if integer else 'a number'} in [{low}, {high}], got {v!r}")
         checked[name] = int(v) if integer else float(v)
     checked["num_frames"] = (checked["num_frames"] - 1) // TEMPORAL * TEMPORAL + 1
+    if not isinstance(s.use_ret_steps, bool) or s.use_ret_steps and s.teacache is None:
+        raise ValueError(f"use_ret_steps must be True or False, and True needs teacache; got {s.use_ret_steps!r}")
     return dataclasses.replace(s, **checked)
 
 
@@ -302,6 +307,7 @@ class Pipeline:
         self.on_cpu = {}  # offload: component -> its parameters' CPU tensors while it is on the GPU
         self.parallel = self.cfg_parallel = None  # several processes: split_ranks
         self.lora_originals = {}  # fold_loras: {DiT parameter name: its CPU original}
+        self.dit_passes = dict(dit_passes=0, dit_passes_skipped=0)  # the last run's, computed and skipped (TeaCache)
         self.kind, self.tokenizer, self.text_encoder, self.transformer = kind, tokenizer, text_encoder, transformer
         self.vae, self.clip, self.clip_preprocess, self.device, self.offload = vae, clip, clip_preprocess, device, offload
         for m in (text_encoder, transformer, vae, clip):  # inference only: no autograd graph keeps activations
@@ -326,6 +332,7 @@ class Pipeline:
     def run(self, s):
         if self.parallel is not None:
             check_ranks_agree(s, self.device)
+        self.dit_passes.update(dit_passes=0, dit_passes_skipped=0)
         if self.kind != "df":
             return self.run_lockstep(s)
         windows = plan_windows(s)
@@ -342,9 +349,11 @@ class Pipeline:
         x = self.noise((1, 16, n, s.height // SPATIAL, s.width // SPATIAL), s.generator)
         ts, sigmas = schedule.timesteps(s.num_inference_steps, s.shift)
         state, every, finite = schedule.unipc_init(sigmas, n), torch.ones(n, dtype=torch.bool), []
+        teacache = TeaCache(self, s, len(ts)) if s.teacache is not None else None
         for i, t in enumerate(ts):
             inp = x if condition is None else torch.cat([x, condition], dim=1)
-            v = self.predict(inp.to(self.transformer_dtype), t.expand(1).to(self.device), s, texts, image_context)
+            v = self.predict(inp.to(self.transformer_dtype), t.expand(1).to(self.device), s, texts, image_context,
+                             teacache=teacache)
             x = schedule.unipc_step(state, v, x, every)
             finite.append(torch.isfinite(x).all())
             if s.progress:
@@ -400,10 +409,11 @@ class Pipeline:
         # Exact shortcuts, with block-causal attention (causal blocks of block > 1 frames): blocks not started yet
         # are left out, and finished blocks keep their keys and values in a cache (up to a memory budget). Re-noised
         # known frames change every iteration: no cache then.
-        shortcut = self.shortcuts and block > 1
+        shortcut = self.shortcuts and block > 1 and s.teacache is None  # TeaCache: whole windows (its note says why)
         limit = self.cache_frames(x, s) if shortcut and not noised else 0
         caches = [model.KVCache(len(self.transformer.blocks), limit) if limit else None for _ in range(2)]
         finite = []  # a flag a step, on the device: read once, when the window ends
+        teacache = TeaCache(self, s, len(w.matrix)) if s.teacache is not None else None  # anew for each window
         for i, (t, update) in enumerate(zip(w.matrix, w.update)):
             lo = caches[0].frames if limit else 0  # frames before lo are in the cache
             hi = blocks_started(update, block) if shortcut else x.shape[2]
@@ -417,7 +427,7 @@ class Pipeline:
                 inp[:, :, :p] = inp[:, :, :p] * (1.0 - a) + torch.randn_like(inp[:, :, :p]) * a
                 t[:, :p] = s.addnoise_condition
             attention = [model.AttentionContext(block, cache, keep, self.parallel) for cache in caches]
-            v = self.predict(inp, t, s, texts, attention=attention)
+            v = self.predict(inp, t, s, texts, attention=attention, teacache=teacache)
             v = F.pad(v, (0, 0, 0, 0, lo, x.shape[2] - hi))  # frames left out: not updated now
             x = schedule.unipc_step(state, v, x, update)
             finite.append(torch.isfinite(x).all())
@@ -427,15 +437,18 @@ class Pipeline:
 
     # -- the pieces every mode shares -----------------------------------------------------------------------------
 
-    def predict(self, x, t, s, texts, image_context=None, attention=None):
+    def predict(self, x, t, s, texts, image_context=None, attention=None, teacache=None):
         """The flow prediction, with classifier-free guidance when texts holds a negative prompt's embedding (in the
         model's dtype, as diffusers). attention: the AttentionContexts of the conditional and the unconditional
-        pass, which see different keys and values."""
+        pass, which see different keys and values. teacache: a TeaCache, which may skip this step's blocks."""
         attention = attention or [model.AttentionContext(parallel=self.parallel)] * 2
         transformer = self.on_device(self.transformer)
+        reuse = teacache.reuse(transformer, t, s.fps) if teacache else [None, None]  # each pass's
+        skipped = bool(reuse[0] and reuse[0]["skip"])
+        self.dit_passes["dit_passes_skipped" if skipped else "dit_passes"] += 1 + (texts[1] is not None)
 
-        def one_pass(context, attention):
-            return transformer(x, t, context, image_context, s.fps, attention)
+        def one_pass(context, attention):  # the unconditional pass is the one given texts[1]
+            return transformer(x, t, context, image_context, s.fps, attention, reuse[context is texts[1]])
         if texts[1] is None:
             return one_pass(texts[0], attention[0])
         if self.cfg_parallel is not None:
@@ -1218,11 +1231,6 @@ def check_ranks_agree(s, device):
         raise ValueError(f"ranks {differ} were given other settings, inputs or random state than rank 0")
 
 
-def note(message):  # a line on stderr, from one rank
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"note: {message}", file=sys.stderr)
-
-
 def use_flash_attention_4(device):
     """The DiT's attention through flash-attn-4 (optional) on Hopper and Blackwell GPUs: 1.2x faster than cuDNN's."""
     if torch.cuda.get_device_capability(device)[0] not in (9, 10):
@@ -1234,3 +1242,64 @@ def use_flash_attention_4(device):
         return
     model.FLASH = flash_attn_func
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Step caching (TeaCache): a step whose timestep modulation has barely moved reuses the blocks' last residual
+
+# {(name, use_ret_steps): TeaCache's polynomial}, fitted per checkpoint by its authors, as SkyReels-V2 lists them
+TEACACHE = {
+    ("1.3B", False): (2.39676752e+03, -1.31110545e+03, 2.01331979e+02, -8.29855975e+00, 1.37887774e-01),
+    ("1.3B", True): (-5.21862437e+04, 9.23041404e+03, -5.28275948e+02, 1.36987616e+01, -4.99875664e-02),
+    ("14B", False): (-5784.54975374, 5449.50911966, -1811.16591783, 256.27178429, -13.02252404),
+    ("14B", True): (-3.03318725e+05, 4.90537029e+04, -2.65530556e+03, 5.87365115e+01, -3.15583525e-01),
+    ("I2V-540P", False): (-3.02331670e+02, 2.23948934e+02, -5.25463970e+01, 5.87348440e+00, -2.01973289e-01),
+    ("I2V-540P", True): (2.57151496e+05, -3.54229917e+04, 1.40286849e+03, -1.35890334e+01, 1.32517977e-01),
+    ("I2V-720P", False): (-114.36346466, 65.26524496, -18.82220707, 4.91518089, -0.23412683),
+    ("I2V-720P", True): (8.10705460e+03, 2.13393892e+03, -3.72934672e+02, 1.66203073e+01, -4.17769401e-02),
+}
+
+
+class TeaCache:
+    """TeaCache (Liu et al., 2024) over `steps` denoising steps (a diffusion-forcing window's step-matrix rows). The
+    relative L1 change of the DiT's modulated input since the step before (the modulation with use_ret_steps, else the
+    time embedding), through the checkpoint's polynomial, adds to a sum; while it is below the threshold a step's
+    passes add each pass's residual of the last computed step instead of running the blocks, else they run and the sum
+    restarts. The first steps (5 with use_ret_steps, else 1) always run, and without use_ret_steps the last. TeaCache
+    sums per pass, but both see the same input (the timesteps'): one sum decides a step, on every rank alike."""
+
+    def __init__(self, pipe, s, steps):
+        self.coefficients = teacache_coefficients(pipe.transformer.config, min(s.height, s.width), s.use_ret_steps)
+        self.first, self.last = (5, steps) if s.use_ret_steps else (1, steps - 1)  # steps before, and from, always run
+        self.threshold, self.use_ret_steps, self.step = s.teacache, s.use_ret_steps, 0
+        self.previous, self.sum, self.passes = None, 0.0, [{}, {}]  # passes: DiT.forward's `reuse`, each pass's
+        if pipe.shortcuts and s.causal_block_size > 1:
+            note("TeaCache passes whole windows (a pass over some frames cannot reuse others'): no async shortcuts")
+
+    def reuse(self, transformer, t, fps):
+        """This step's `reuse` arguments of DiT.forward, [the conditional pass's, the unconditional pass's]."""
+        temb, mod = transformer.time_modulation(t.reshape(1, -1), t.numel(), fps)
+        now = (mod if self.use_ret_steps else temb).float()
+        # Threshold 0 skips nothing: the polynomials dip below 0 for small changes (14B's at 0.1: -0.6).
+        run = not self.first <= self.step < self.last or self.threshold == 0
+        if not run:
+            change = ((now - self.previous).abs().mean() / self.previous.abs().mean()).item()
+            self.sum += np.polyval(self.coefficients, change)
+            run = self.sum >= self.threshold
+        self.previous, self.step, self.sum = now, self.step + 1, 0.0 if run else self.sum
+        self.passes[0]["skip"] = self.passes[1]["skip"] = not run
+        return self.passes
+
+
+def teacache_coefficients(cfg, side, use_ret_steps):
+    """I2V's polynomial by resolution (by the short side: a portrait 960x544 is 540P), T2V's and DF's by size."""
+    size = min(("1.3B", "14B"), key=lambda name: abs(math.log(model.CONFIGS[name].dim / cfg.dim)))
+    name = ("I2V-540P" if side < 632 else "I2V-720P") if cfg.in_channels == 36 else size  # 632: between 544 and 720
+    if (cfg.num_layers, cfg.dim) != (model.CONFIGS[size].num_layers, model.CONFIGS[size].dim):
+        note(f"TeaCache: no coefficients fitted for a {cfg.num_layers}x{cfg.dim} DiT; {name}'s (the nearest) stand in")
+    return TEACACHE[name, use_ret_steps]
+
+
+@functools.lru_cache(maxsize=None)  # each note once in a process, as Python's warnings
+def note(message):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"note: {message}", file=sys.stderr)

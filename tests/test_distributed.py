@@ -37,6 +37,8 @@ CASES = {  # name: (tiny folder, settings)
                                        **BLOCKS)),
     "df-i2v, last image": ("df", dict(num_frames=17, image="first", last_image="last", **BLOCKS)),
     "v2v": ("df", dict(num_frames=25, base_num_frames=21, overlap_history=9, video="clip", **BLOCKS)),
+    "t2v, TeaCache": ("t2v", dict(num_frames=9, teacache=1e30)),  # the middle step skipped
+    "df, long, TeaCache": ("df", dict(num_frames=45, base_num_frames=21, overlap_history=9, teacache=1e30, **BLOCKS)),
 }
 
 
@@ -66,10 +68,14 @@ def worker(folders, out):
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     pipes = {kind: skyreels.load(path, device="cpu", dtype=torch.float32) for kind, path in folders.items()}
+    skips = {kind: record_skips(pipe) for kind, pipe in pipes.items()}  # TeaCache's decisions on this rank
     frames = {name: generate(pipes[kind], settings) for name, (kind, settings) in CASES.items()}
     frames["resumed"] = stop_and_resume(pipes["df"], os.path.join(out, "state"))
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, skips)
     if rank == 0:
         np.savez(os.path.join(out, "frames.npz"), **frames)
+        json.dump(every, open(os.path.join(out, "skips.json"), "w"))
     try:
         generate(pipes["t2v"], CASES["t2v"][1], seed=rank)  # ranks that disagree on the seed
     except ValueError as e:
@@ -130,6 +136,17 @@ def cli(argv):
     return dict(code=code, out=out.getvalue(), err=err.getvalue())
 
 
+def record_skips(pipe):
+    """Wrap the DiT to record, pass by pass, whether TeaCache had it skip the blocks."""
+    skips, forward = [], pipe.transformer.forward
+
+    def recording(*args):
+        skips.append(bool(args[6] and args[6]["skip"]))  # reuse: predict's last positional argument
+        return forward(*args)
+    pipe.transformer.forward = recording
+    return skips
+
+
 def torchrun(n, *argv, timeout=300):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
                            *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -161,6 +178,9 @@ def test_a_run_resumed_under_torchrun_is_the_uninterrupted_run(launch):
     _, out, frames = launch
     assert np.array_equal(frames["resumed"], frames["df, long, re-noised"])
     assert len([name for name in os.listdir(out / "state") if name.startswith("window-")]) == 3
+def test_teacache_decides_alike_on_every_rank(launch):
+    skips = json.load(open(launch[1] / "skips.json"))
+    assert all(rank == skips[0] for rank in skips) and any(skips[0]["t2v"]) and any(skips[0]["df"])
 
 
 def test_ranks_given_other_seeds_all_stop_with_the_same_error(launch):
