@@ -243,6 +243,7 @@ class AttentionContext:
     frame_tokens: int = 0  # tokens of one latent frame (h * w)
     rope: tuple = ()  # cos, sin (L, Dh/2) of this rank's tokens, at their positions after the cached frames
     kv: dict | None = None  # set for each layer: its slot of the cache
+    reuse: dict | None = None  # TeaCache (the caller's): with reuse["skip"], reuse["residual"] replaces the blocks
 
 
 class Attention(nn.Module):
@@ -372,14 +373,13 @@ class DiT(nn.Module):
         # Some Wan-family checkpoints carry an unused query norm for the image tokens; diffusers skips it too.
         self.ignored_keys = tuple(f"blocks.{i}.attn2.norm_added_q." for i in range(cfg.num_layers))
 
-    def forward(self, x, t, context, image_context=None, fps=None, attention=None, reuse=None):
+    def forward(self, x, t, context, image_context=None, fps=None, attention=None):
         """The flow prediction (B, out_channels, F, H, W) for latents x (B, in_channels, F, H, W) at timesteps t:
         (B,) one per sample, or (B, F) one per latent frame (diffusion forcing). context (B, L, text_dim) is the
         text embedding; image_context (B, L_img, image_dim) the CLIP penultimate hidden states of the image (I2V),
         or of the first and the last image concatenated along the tokens (first-last frame). fps (int) is the video
         frame rate, for checkpoints with inject_sample_info. attention: an AttentionContext (None: full attention, no
-        cache, one process); with several ranks each calls this with the same arguments and gets the whole result.
-        reuse (TeaCache): with reuse["skip"], reuse["residual"] replaces the blocks, else takes their output - input."""
+        cache, one process); with several ranks each calls this with the same arguments and gets the whole result."""
         cfg, te = self.config, self.condition_embedder
         dtype = self.patch_embedding.weight.dtype
         if (image_context is None) != (te.image_embedder is None):
@@ -397,17 +397,7 @@ class DiT(nn.Module):
         attn = self.attention_context(attention or AttentionContext(), (f, h, w), x.device)
         if attn.parallel is not None:  # from here to proj_out this rank holds its rows of every frame
             x = attn.parallel.shard(x)
-        if reuse and reuse["skip"]:
-            x = x + reuse["residual"]
-        else:
-            start = x
-            for i, block in enumerate(self.blocks):
-                kv = attn.cache and attn.cache.layers[i]
-                x = block(x, context, image_context, mod, dataclasses.replace(attn, kv=kv))
-            if reuse is not None:
-                reuse["residual"] = x - start
-        if attn.cache is not None:
-            attn.cache.frames += attn.keep
+        x = self.run_blocks(x, context, image_context, mod, attn)
 
         shift, scale = (self.scale_shift_table + temb[:, :, None, None]).unbind(-2)  # (B, G, 1, D) float32
         x = self.proj_out(modulate(self.norm_out, x, shift, scale))  # (B, f*h*w, pt*ph*pw*C)
@@ -415,6 +405,19 @@ class DiT(nn.Module):
             x = attn.parallel.gather(x)
         x = x.reshape(B, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, f, pt, h, ph, w, pw)
         return x.reshape(B, -1, f * pt, h * ph, w * pw)
+
+    def run_blocks(self, x, context, image_context, mod, attn):
+        """The block stack; with attn.reuse (TeaCache), its output - input is kept, or at a skipped step added."""
+        if attn.reuse and attn.reuse["skip"]:
+            return x + attn.reuse["residual"]
+        start = x
+        for i, block in enumerate(self.blocks):
+            x = block(x, context, image_context, mod, dataclasses.replace(attn, kv=attn.cache and attn.cache.layers[i]))
+        if attn.cache is not None:
+            attn.cache.frames += attn.keep
+        if attn.reuse is not None:
+            attn.reuse["residual"] = x - start
+        return x
 
     def time_modulation(self, t, f, fps):
         """Timesteps t (B, G), G = 1 or f frame groups -> time embedding (B, G, D), modulation (B, G, 1, 6, D)."""

@@ -448,7 +448,8 @@ class Pipeline:
         self.dit_passes["dit_passes_skipped" if skipped else "dit_passes"] += 1 + (texts[1] is not None)
 
         def one_pass(context, attention):  # the unconditional pass is the one given texts[1]
-            return transformer(x, t, context, image_context, s.fps, attention, reuse[context is texts[1]])
+            return transformer(x, t, context, image_context, s.fps,
+                               dataclasses.replace(attention, reuse=reuse[context is texts[1]]))
         if texts[1] is None:
             return one_pass(texts[0], attention[0])
         if self.cfg_parallel is not None:

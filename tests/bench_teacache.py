@@ -75,11 +75,11 @@ def main():
     # One pass: off (reuse None), computed with TeaCache (its residual kept), skipped (the residual added).
     reuse = {"skip": False}
     with torch.no_grad():
-        dit(x.bfloat16(), t, texts[0], None, 24, None, reuse)  # warm-up, and the residual to reuse
+        dit(x.bfloat16(), t, texts[0], None, 24, model.AttentionContext(reuse=reuse))  # warm-up, and the residual to reuse
         off, _ = timed(lambda: dit(x.bfloat16(), t, texts[0], None, 24), 3)
-        computed, _ = timed(lambda: dit(x.bfloat16(), t, texts[0], None, 24, None, reuse), 3)
+        computed, _ = timed(lambda: dit(x.bfloat16(), t, texts[0], None, 24, model.AttentionContext(reuse=reuse)), 3)
         reuse["skip"] = True
-        skipped, all_skipped = timed(lambda: dit(x.bfloat16(), t, texts[0], None, 24, None, reuse), 10)
+        skipped, all_skipped = timed(lambda: dit(x.bfloat16(), t, texts[0], None, 24, model.AttentionContext(reuse=reuse)), 10)
     log(f"one DiT pass: off {off * 1e3:.1f} ms, computed (residual kept) {computed * 1e3:.1f} ms, skipped "
         f"{skipped * 1e3:.2f} ms (runs {[round(s * 1e3, 2) for s in all_skipped]}): skipped/computed "
         f"{skipped / computed:.4f}")

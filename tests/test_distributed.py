@@ -141,7 +141,7 @@ def record_skips(pipe):
     skips, forward = [], pipe.transformer.forward
 
     def recording(*args):
-        skips.append(bool(args[6] and args[6]["skip"]))  # reuse: predict's last positional argument
+        skips.append(bool(args[5].reuse and args[5].reuse["skip"]))  # the AttentionContext: the last argument
         return forward(*args)
     pipe.transformer.forward = recording
     return skips

@@ -55,7 +55,7 @@ def skips_of(pipe, monkeypatch):
     skips, forward = [], pipe.transformer.forward
 
     def recording(*args):
-        reuse = args[6]  # predict hands DiT.forward its arguments by position; reuse is the last
+        reuse = args[5].reuse  # predict hands DiT.forward its arguments by position; the AttentionContext last
         skips.append(bool(reuse and reuse["skip"]))
         return forward(*args)
     monkeypatch.setattr(pipe.transformer, "forward", recording)
