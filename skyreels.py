@@ -1079,7 +1079,7 @@ def resident(module):
 
 SAME_ON_RESUME = ("mode", "negative_prompt", "height", "width", "num_frames", "num_inference_steps",
                   "guidance_scale", "shift", "ar_step", "causal_block_size", "base_num_frames", "overlap_history",
-                  "addnoise_condition", "fps", "max_sequence_length")
+                  "addnoise_condition", "fps", "max_sequence_length", "teacache", "use_ret_steps")
 
 
 class State:
