@@ -51,7 +51,8 @@ def parse_args(argv=None):
         add("--compile", action="store_true", help="torch.compile the DiT blocks (faster, slower start)")
         add("--lora", action="append", type=lora_arg, metavar="PATH[:SCALE]", help="fold a LoRA into the DiT "
             "(repeatable; scale 1 by default)")
-        add("--transformer", help="a one-file DiT (original Wan / ComfyUI or diffusers names) for the folder's")
+        add("--transformer", help="a one-file DiT (original Wan / ComfyUI or diffusers names, fp8 too) for the folder's")
+        add("--fp8", action="store_true", help="quantize the DiT's and text encoder's Linear weights to fp8 on load")
         add("--out", "--outdir", default="video.mp4", help="the mp4 (in a folder: video.mp4 there)")
     args = p.parse_args(argv)
     args.flags = {a.dest: a.option_strings[0] for a in modes.choices[args.mode]._actions if a.option_strings}
@@ -222,14 +223,14 @@ def run(args, rank=0):
         say(f"{len(windows)} windows, {sum(len(w.matrix) for w in windows)} denoising steps")
     ffmpeg()
     pipe = skyreels.load(model, device=device, dtype=dtype, offload="offload" in a, compile="compile" in a,
-                         loras=a.get("lora", []), transformer=a.get("transformer"))
+                         loras=a.get("lora", []), transformer=a.get("transformer"), fp8="fp8" in a)
     chunks = pipe.run(dataclasses.replace(s, progress=Progress(pipe.dit_passes) if rank == 0 else None))
     if rank > 0:  # the other ranks share the work; rank 0 alone writes
         for _ in chunks:
             pass
         return
     record = dict(mode=args.mode, model=args.model, dtype=str(dtype)[6:], loras=a.get("lora", []),
-                  transformer=a.get("transformer"), world_size=int(os.environ.get("WORLD_SIZE", "1")))
+                  transformer=a.get("transformer"), fp8=pipe.fp8, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     record.update({k: v for k, v in vars(s).items() if k not in ("generator", "progress", "mode", "resume")},
                   image=a.get("image"), last_image=a.get("last_image"), video=a.get("video"))  # media as named
     if kind == "df":

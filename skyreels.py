@@ -558,9 +558,13 @@ class Pipeline:
         fold_loras(self, [(path, scale)])
 
     def unload_loras(self):
-        """The DiT's weights exactly as before the first LoRA."""
+        """The DiT's weights exactly as before the first LoRA (fp8 weights: their fp8 values and scales)."""
+        self.on_device(None)  # offload: every parameter back in its home copy
         for name in list(self.lora_originals):
-            self.transformer.get_parameter(name).data.copy_(self.lora_originals.pop(name))
+            p = self.transformer.get_parameter(name)
+            p.data = self.lora_originals.pop(name).to(p.device)
+        if self.offload:
+            stream_blocks(self)
 
 
 # ================================================================================================================
@@ -589,19 +593,23 @@ def kind_of(path):
 
 
 def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch.float32, compile=False, loras=(),
-         transformer=None):
+         transformer=None, fp8=False):
     """A ready pipeline from an official -Diffusers folder (or a Hugging Face id, or tiny-t2v/i2v/df). loras: [(path,
-    scale), ...] (fold_loras). transformer: a one-file DiT (ours or the original naming) for the folder's weights.
+    scale), ...] (fold_loras). transformer: a one-file DiT (ours or the original naming, 16-bit or fp8: read_fp8) for
+    the folder's weights. fp8: the DiT's and UMT5's Linear weights quantized on load (use_fp8); pipe.fp8: the source.
     compile: torch.compile the DiT's blocks, ~20% faster on an H100 and half the activation memory (fused elementwise
     work), after ~10-30 s per new latent shape. Under torchrun every rank calls this alike, each with its own device
     (e.g. cuda:LOCAL_RANK), and the ranks share the DiT's work (split_ranks)."""
     check_load(path, dtype, loras, transformer)
     device = check_device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     pipe = tiny_pipeline(path, device, dtype) if path in TINY else \
-        load_folder(path, device, dtype, offload, vae_dtype, transformer)
+        load_folder(path, device, dtype, offload, vae_dtype, transformer, fp8)
+    for module in (pipe.transformer, pipe.text_encoder) if fp8 and path in TINY else ():
+        use_fp8(module, device)  # built in memory: quantized now
+    pipe.fp8 = (transformer and fp8_layout(transformer)) or ("quantized on load" if fp8 else None)
     fold_loras(pipe, loras)
     pipe.checkpoint = dict(model=path, transformer=transformer, loras=[list(lora) for lora in loras],
-                           dtype=str(dtype)[6:], vae_dtype=str(vae_dtype)[6:])
+                           dtype=str(dtype)[6:], vae_dtype=str(vae_dtype)[6:], fp8=fp8)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         pipe.parallel, pipe.cfg_parallel = split_ranks()
     if device.type == "cuda":
@@ -648,15 +656,15 @@ def rope_limit(path):  # the DiT's rotary table length per axis, without its wei
 
 
 
-def load_folder(path, device, dtype, offload, vae_dtype, transformer_file=None):
+def load_folder(path, device, dtype, offload, vae_dtype, transformer_file=None, fp8=False):
     if not os.path.isdir(path):
         path = download(path)
     kind = kind_of(path)
     home = torch.device("cpu") if offload else device  # offloaded components wait on the CPU
     sub = lambda name: os.path.join(path, name)  # noqa: E731
     if device.type == "cuda" and not offload:  # say so now, not as an out-of-memory error after minutes of loading
-        need = sum(weights_bytes(sub(c), dtype) for c in ("text_encoder", "transformer", "image_encoder")
-                   if os.path.isdir(sub(c)))
+        need = sum(weights_bytes(sub(c), FP8[0] if fp8 else dtype)  # fp8: a little under (embeddings stay 16-bit)
+                   for c in ("text_encoder", "transformer", "image_encoder") if os.path.isdir(sub(c)))
         have = torch.cuda.get_device_properties(device).total_memory
         if need > 0.9 * have:
             raise ValueError(f"{path} takes {need / 2**30:.1f} GiB in {str(dtype)[6:]} and {device} has "
@@ -675,8 +683,8 @@ def load_folder(path, device, dtype, offload, vae_dtype, transformer_file=None):
         if not isinstance(preprocess.get("size"), dict) or not isinstance(preprocess.get("crop_size"), dict):
             raise CheckpointError(f"{sub('image_processor/preprocessor_config.json')} lacks size or crop_size")
     return Pipeline(kind, tokenizer,
-                    load_component(text.UMT5Encoder, text.UMT5Config, sub("text_encoder"), dtype, home),
-                    load_component(model.DiT, model.DiTConfig, sub("transformer"), dtype, home, transformer_file),
+                    load_component(text.UMT5Encoder, text.UMT5Config, sub("text_encoder"), dtype, home, fp8=fp8),
+                    load_component(model.DiT, model.DiTConfig, sub("transformer"), dtype, home, transformer_file, fp8),
                     load_component(vae.VAE, vae.VAEConfig, sub("vae"), vae_dtype, home), clip, preprocess, device,
                     offload)
 
@@ -750,18 +758,21 @@ def place(module, device, dtype):
     return module
 
 
-def load_component(cls, config_cls, folder, dtype=torch.float32, device="cpu", single_file=None):
+def load_component(cls, config_cls, folder, dtype=torch.float32, device="cpu", single_file=None, fp8=False):
     """A component (model.DiT, model.CLIPVision, vae.VAE, text.UMT5Encoder) sized by `folder`'s config.json and
-    filled from its safetensors, strictly, or from `single_file`, one .safetensors DiT in our or the original naming."""
+    filled from its safetensors, strictly, or from `single_file`, one .safetensors DiT in our or the original naming
+    (16-bit or fp8: read_fp8). fp8: its Linear weights under QUANTIZED are quantized as they are read (use_fp8)."""
     cfg = read_config(config_cls, os.path.join(folder, "config.json"))
     with torch.device("meta"):
         module = cls(cfg)
+    if fp8:
+        use_fp8(module, device)
     if single_file is None:
         return load_weights(module, folder, weight_files(folder), dtype, device).eval()
     with _open(single_file) as f:
-        names, keys = dit_names(module), list(f.keys())
-    aliases = {k: names.get(canonical(k), k) for k in keys}  # to our naming, whichever the file's
-    return load_weights(module, single_file, dict.fromkeys(keys, single_file), dtype, device, aliases).eval()
+        names, keys, read = dit_names(module), list(f.keys()), read_fp8(single_file, f, module, device)
+    aliases = {k: names.get(canonical(k), k) for k in keys if k not in read}  # to our naming, whichever the file's
+    return load_weights(module, single_file, dict.fromkeys(aliases, single_file), dtype, device, aliases).eval()
 
 
 def load_weights(module, where, files, dtype, device, aliases=None):
@@ -769,7 +780,7 @@ def load_weights(module, where, files, dtype, device, aliases=None):
     A module may declare checkpoint_aliases ({checkpoint key: our key}, used only where our key is not in the
     checkpoint: UMT5 files tie shared.weight and encoder.embed_tokens.weight either way), ignored_keys (checkpoint
     keys, or prefixes ending in '.', known and unused) and keep_fp32 (see param_dtype)."""
-    expected = module.state_dict(keep_vars=True)
+    expected = {k: v for k, v in module.state_dict(keep_vars=True).items() if v.is_meta}  # not fp8 scales already set
     aliases = aliases or getattr(module, "checkpoint_aliases", {})
     ignored = tuple(getattr(module, "ignored_keys", ()))
     plan = {}  # our key -> checkpoint key
@@ -793,7 +804,10 @@ def load_weights(module, where, files, dtype, device, aliases=None):
                                           f"{tuple(expected[ours].shape)}")
                 if t.is_floating_point() != expected[ours].is_floating_point():
                     raise CheckpointError(f"{path}: {key} is {t.dtype}, but {expected[ours].dtype} belongs there")
-                state[ours] = t.to(device, param_dtype(module, ours, dtype) if t.is_floating_point() else t.dtype)
+                if expected[ours].dtype in FP8 and t.dtype not in FP8:  # --fp8: quantized as it is read
+                    t, state[ours.removesuffix("weight") + "scale"] = quantize(t.to(device))
+                keep = t.dtype in FP8 or not t.is_floating_point()  # fp8 weights stay fp8
+                state[ours] = t.to(device, t.dtype if keep else param_dtype(module, ours, dtype))
         module.load_state_dict(state, strict=False, assign=True)
     return module
 
@@ -920,7 +934,14 @@ def fold_loras(pipe, loras):
             up = up.to(p.device, torch.float32)
             delta += coefficient * (up if down is None else (up.flatten(1) @ down.to(up).flatten(1)).view(p.shape))
         pipe.lora_originals.setdefault(name, p.data.to("cpu", copy=True))
-        p.data.copy_(p.data.float() + delta)
+        w, dtype, layer = p.data.float(), p.dtype, pipe.transformer.get_submodule(name.rpartition(".")[0])
+        if isinstance(layer, FP8Linear) and name.endswith(".weight"):  # an fp8 weight: dequantized, and from now on
+            pipe.lora_originals.setdefault(name[:-6] + "scale", layer.scale.data.to("cpu", copy=True))
+            w, dtype = w * layer.scale, pipe.transformer_dtype  # held in the compute dtype, with scale 1
+            layer.scale.data = torch.ones_like(layer.scale.data)
+        p.data = (w + delta).to(dtype)
+    if pipe.offload:  # blocks a LoRA touched have new weights (fp8 ones in another dtype): new host copies and slots
+        stream_blocks(pipe)
 
 
 
@@ -1027,13 +1048,14 @@ class StreamedBlocks(torch.nn.ModuleList):
     def __init__(self, blocks, device):
         super().__init__(blocks)
         self.cuda = device.type == "cuda"
-        self.host = [[p.data.pin_memory() if self.cuda else p.data for p in b.parameters()] for b in blocks]
-        self.slots = [[torch.empty_like(t, device=device) for t in self.host[0]] for _ in range(2)]  # every block's
-        self.ready = [None, None]  # parameters have the same shapes: two slots, used by turns
+        for p in self.parameters():  # pinned once: made anew (stream_blocks), it keeps the pinned copies it finds
+            p.data = p.data.pin_memory() if self.cuda and not p.data.is_pinned() else p.data
+        self.host = [[p.data for p in b.parameters()] for b in blocks]
+        # Two slots, used by turns: bytes for each parameter's largest copy (blocks a LoRA touched hold 16-bit weights)
+        sizes = [max(t.nbytes for t in copies) for copies in zip(*self.host)]
+        self.slots = [[torch.empty(n, dtype=torch.uint8, device=device) for n in sizes] for _ in range(2)]
+        self.ready = [None, None]
         self.copier = torch.cuda.Stream(device) if self.cuda else None
-        for block, host in zip(blocks, self.host):
-            for p, data in zip(block.parameters(), host):
-                p.data = data
 
     def fetch(self, i):
         """Start copying block i into its slot, once the block that used the slot before (i - 2) has finished."""
@@ -1041,7 +1063,7 @@ class StreamedBlocks(torch.nn.ModuleList):
             self.copier.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.copier):  # no side stream on the CPU (None): a plain copy
             for slot, data in zip(self.slots[i % 2], self.host[i]):
-                slot.copy_(data, non_blocking=self.cuda)
+                in_slot(slot, data).copy_(data, non_blocking=self.cuda)
         if self.cuda:
             self.ready[i % 2] = self.copier.record_event()
 
@@ -1053,18 +1075,22 @@ class StreamedBlocks(torch.nn.ModuleList):
                 self.fetch(i + 1)
             if self.cuda:
                 torch.cuda.current_stream().wait_event(self.ready[i % 2])
-            for p, slot in zip(block.parameters(), self.slots[i % 2]):
-                p.data = slot
+            for p, slot, data in zip(block.parameters(), self.slots[i % 2], self.host[i]):
+                p.data = in_slot(slot, data)
             yield block  # the caller runs it: its kernels are queued before we go on
             for p, data in zip(block.parameters(), self.host[i]):
                 p.data = data
 
 
+def in_slot(slot, data):  # a slot's first bytes as a tensor of data's dtype and shape
+    return slot[:data.nbytes].view(data.dtype).view(data.shape)
+
+
 def stream_blocks(pipe):
     """--offload: the DiT's blocks and the text encoder's layers stream through the GPU (UMT5-XXL is 11 GB in bf16,
-    a 14B DiT 27 GB); the rest of a component goes to the GPU for its turn (Pipeline.on_device)."""
-    pipe.transformer.blocks = StreamedBlocks(pipe.transformer.blocks, pipe.device)
-    pipe.text_encoder.encoder["block"] = StreamedBlocks(pipe.text_encoder.encoder["block"], pipe.device)
+    a 14B DiT 27 GB); the rest of a component goes to the GPU for its turn (Pipeline.on_device). Again after LoRAs."""
+    for owner, name in ((pipe.transformer, "blocks"), (pipe.text_encoder.encoder, "block")):
+        setattr(owner, name, StreamedBlocks(list(getattr(owner, name).children()), pipe.device))
 
 
 def resident(module):
@@ -1304,3 +1330,79 @@ def teacache_coefficients(cfg, side, use_ret_steps):
 def note(message):
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"note: {message}", file=sys.stderr)
+
+
+# fp8 weights: a Linear's weight in float8_e4m3fn or float8_e5m2 times one float32 scale for the whole matrix. Shared
+# one-file DiTs come in three layouts: plain (scale 1); ComfyUI's scaled one (a `scaled_fp8` marker, .scale_weight,
+# optional .scale_input); its newer one (.weight_scale, optional .input_scale, .comfy_quant: JSON as uint8 bytes).
+
+FP8, FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2), ("F8_E4M3", "F8_E5M2")  # safetensors' names for them
+QUANTIZED = ("blocks.", "fps_projection.", "encoder.block.")  # --fp8's Linears (DiT, UMT5), as in the shared files
+SCALE_KEY = re.compile(r"\.(scale_weight|weight_scale|scale_input|input_scale)$")
+
+
+class FP8Linear(torch.nn.Module):
+    """A Linear whose weight waits in fp8 (half of bf16's bytes, on the GPU and in --offload's pinned copies) and is
+    dequantized as it runs: float32 times the scale, rounded once to the input's dtype, for the ordinary F.linear."""
+
+    def __init__(self, weight, scale, bias):
+        super().__init__()
+        self.weight, self.scale, self.bias = torch.nn.Parameter(weight, False), torch.nn.Parameter(scale, False), bias
+
+    def forward(self, x):
+        return F.linear(x, (self.weight.float() * self.scale).to(x.dtype), self.bias)
+
+
+def quantize(w):
+    """A 16/32-bit matrix -> float8_e4m3fn, float32 scale: its largest magnitude over 448, e4m3's largest value."""
+    scale = (w.abs().max().float() / 448).clamp(min=torch.finfo(torch.float32).tiny)  # all zeros: any scale
+    return (w.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def use_fp8(module, device, layers=None, scaled=False):
+    """Swap a component's nn.Linear modules `layers` (default: --fp8's, under QUANTIZED) for FP8Linear: on the meta
+    device for the loader (load_weights quantizes a 16-bit weight as it reads it), or quantized now (tiny-*, bench)."""
+    for name in layers or [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear) and
+                           n.startswith(QUANTIZED)]:
+        linear = module.get_submodule(name)
+        if linear.weight.is_meta:  # the loader fills the weight, and the scale if the file has one (`scaled`)
+            weight = torch.empty_like(linear.weight, dtype=FP8[0])
+            scale = torch.ones((), device="meta" if scaled else device)
+        else:
+            weight, scale = quantize(linear.weight.data)
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent), child, FP8Linear(weight, scale, linear.bias))
+
+
+def fp8_layout(path):
+    """A one-file DiT's fp8 layout, from its keys and dtypes: 'comfyui-quant', 'comfyui-scaled', 'plain', or None."""
+    with _open(path) as f:
+        dtypes = {key: f.get_slice(key).get_dtype() for key in f.keys()}
+    marks = {"comfyui-quant": (".weight_scale", ".comfy_quant"), "comfyui-scaled": (".scale_weight", "scaled_fp8")}
+    found = [name for name, ends in marks.items() if any(key.endswith(ends) for key in dtypes)]
+    return found[0] if found else "plain" if any(d in FP8_DTYPES for d in dtypes.values()) else None
+
+
+def read_fp8(path, f, dit, device):
+    """A one-file DiT's fp8 weights (f: open): each a Linear's, made an FP8Linear, its scale checked and set. Input
+    scales (for fp8 activations; we dequantize weights) are checked, unused; comfy_quant is unread. Returns keys read."""
+    names, scaled = dit_names(dit), fp8_layout(path) != "plain"
+    for key in f.keys():
+        ours = names.get(canonical(key), "")  # an unknown key is the loader's to name
+        layer = ours.removesuffix(".weight")
+        if f.get_slice(key).get_dtype() in FP8_DTYPES and ours:
+            if layer == ours or not isinstance(dit.get_submodule(layer), (torch.nn.Linear, FP8Linear)):
+                raise CheckpointError(f"{path}: {key} is fp8, but only a Linear's weight may be ({ours} is not one)")
+            use_fp8(dit, device, [layer], scaled)
+    read = [key for key in f.keys() if SCALE_KEY.search(key) or key.endswith((".comfy_quant", "scaled_fp8"))]
+    for key in filter(SCALE_KEY.search, read):
+        t = _tensor(f, path, key)
+        if not (t.numel() == 1 and t.is_floating_point() and 0 < float(t) < math.inf):
+            raise CheckpointError(f"{path}: {key} must be one finite scale > 0 for the whole matrix, got {t.dtype} "
+                                  f"{tuple(t.shape)}{f' {float(t)}' if t.numel() == 1 else ''}")
+        layer = dit.get_submodule(names.get(canonical(SCALE_KEY.sub(".weight", key)), "").removesuffix(".weight"))
+        if key.endswith(("scale_weight", "weight_scale")):  # the weight's
+            if not isinstance(layer, FP8Linear):
+                raise CheckpointError(f"{path}: {key} is the scale of no fp8 weight")
+            layer.scale = torch.nn.Parameter(t.float().reshape(()).to(device), False)
+    return read

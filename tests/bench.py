@@ -176,9 +176,10 @@ def random_dit(cfg, home=None):
         return randomize(M.DiT(M.DiTConfig.from_config(cfg)), home)
 
 
-def random_pipeline(dit_cfg, offload):
+def random_pipeline(dit_cfg, offload, fp8=False):
     """A DF pipeline at the official sizes (UMT5-XXL, the DiT of dit_cfg, the Wan VAE) with random weights, built
-    in memory: offloaded components wait on the CPU as load(offload=True) leaves them."""
+    in memory: offloaded components wait on the CPU as load(offload=True) leaves them. fp8: the DiT's and the text
+    encoder's Linears quantized as load(..., fp8=True) quantizes them (skyreels.use_fp8, on the GPU, layer by layer)."""
     import skyreels
     import text as T
 
@@ -187,8 +188,71 @@ def random_pipeline(dit_cfg, offload):
     with torch.device("meta"):
         te = T.UMT5Encoder(T.CONFIGS["tiny" if TINY else "umt5-xxl"])
         vae = V.VAE(V.CONFIGS["tiny" if TINY else "wan2.1"])
-    return skyreels.Pipeline("df", tok, randomize(te, home), random_dit(dit_cfg, home), randomize(vae, home),
-                             None, None, torch.device(DEV), offload)
+    if not fp8:
+        return skyreels.Pipeline("df", tok, randomize(te, home), random_dit(dit_cfg, home), randomize(vae, home),
+                                 None, None, torch.device(DEV), offload)
+    te, dit = randomize(te), random_dit(dit_cfg)
+    for m in (te, dit):
+        skyreels.use_fp8(m, torch.device(DEV))
+    return skyreels.Pipeline("df", tok, te.to(home), dit.to(home), randomize(vae, home), None, None,
+                             torch.device(DEV), offload)
+
+
+def bench_fp8():
+    """fp8 weights against bf16, DF-14B at 540P x 97 frames, 2 steps with CFG, end to end (text, DiT, VAE decode),
+    random weights at the official sizes: resident (all on the GPU); the DiT and the VAE resident with the text encoder
+    streamed as --offload streams it (a mode the pipeline has no switch for: built here); --offload. GPU peak and each
+    phase's, time, PSNR of the fp8 video against the bf16 one, and the host memory of the offloaded DiT."""
+    import skyreels
+
+    hh, ww, nf, steps = (544, 960, 97, 2) if not TINY else (32, 48, 17, 2)
+    log(f"== fp8 vs bf16: DF-14B {hh}x{ww}x{nf}, {steps} steps, CFG, end to end")
+    videos, times = {}, {}
+    runs = (("bf16 resident", False, False, False), ("fp8 resident", False, True, False),
+            ("fp8 offload", True, True, False), ("bf16 offload", True, False, False),
+            ("fp8 resident, text encoder streamed", False, True, True))
+    only = os.environ.get("BENCH_FP8_RUNS")  # e.g. "bf16 resident,fp8 resident"
+    for name, offload, fp8, text_only in [r for r in runs if not only or r[0] in only.split(",")]:
+        t0 = time.perf_counter()
+        pipe = random_pipeline(DF14B, offload, fp8)
+        if text_only:
+            blocks = pipe.text_encoder.encoder["block"]
+            pipe.text_encoder.to("cpu")
+            pipe.text_encoder.encoder["block"] = skyreels.StreamedBlocks(list(blocks.children()), pipe.device)
+            pipe.offload = True  # on_device: the text encoder's turn; the DiT and the VAE never leave the GPU
+        built = time.perf_counter() - t0
+        dit = pipe.transformer
+        host = ""
+        if offload:
+            pinned = sum(t.nbytes for copies in dit.blocks.host for t in copies)
+            rest = sum(p.nbytes for p in skyreels.resident(dit))
+            host = f", DiT host memory: pinned blocks {pinned / 2**30:.2f} GiB + the rest {rest / 2**30:.2f} GiB"
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**30 if DEV == "cuda" else 0.0
+        with torch.no_grad():  # warm-up: the first CUDA work of a process (handles, kernel choices) not timed
+            pipe.generate("a cat", height=64, width=96, num_frames=5, num_inference_steps=1, seed=0)
+        peaks = phase_peaks(pipe)
+        with torch.no_grad():
+            tt, out = wall(lambda: pipe.generate("a cat", height=hh, width=ww, num_frames=nf, base_num_frames=nf,
+                                                 num_inference_steps=steps, seed=0))
+        # phase_peaks resets the peak at each phase: the run's peak is the largest phase's
+        mem = max([torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0, *peaks.values()])
+        videos[name], times[name] = out, tt
+        note = ", ".join(f"{k} {v:.2f}" for k, v in peaks.items())
+        other = {"fp8 resident": "bf16 resident", "fp8 offload": "bf16 offload", "bf16 offload": "fp8 offload",
+                 "fp8 resident, text encoder streamed": "bf16 resident"}.get(name)
+        if other in times:
+            mse = float(((out - videos[other]) ** 2).mean())
+            note += (f"; time {tt / times[other]:.3f}x of {other}, PSNR vs {other} "
+                     f"{10 * math.log10(1 / max(mse, 1e-20)):.1f} dB")
+        row(f"DF-14B {name}", None, f"{tt:.1f}s, GPU peak {mem:.2f} GiB (weights {base:.2f} GiB){host}",
+            f"built in {built:.0f}s; phase peaks GiB: {note}")
+        del pipe, dit, peaks
+        gc.collect()
+        torch.cuda.empty_cache() if DEV == "cuda" else None
 
 
 def phase_peaks(pipe):
@@ -913,7 +977,7 @@ def main():
              "accuracy": lambda: bench_accuracy(args.quick), "resume": lambda: bench_resume(args.quick),
              "fa4dit": lambda: bench_fa4_dit(args.quick), "fa4e2e": bench_fa4_e2e,
              "fa4tiles": bench_fa4_tiles, "profile": bench_profile,
-             "fa4": bench_fa4, "budget": bench_budget}[part]()
+             "fa4": bench_fa4, "budget": bench_budget, "fp8": bench_fp8}[part]()
         except Exception as e:  # noqa: BLE001  one failing part should not hide the others
             import traceback
 
