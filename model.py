@@ -242,9 +242,8 @@ class AttentionContext:
 
 
 class Attention(nn.Module):
-    """Multi-head attention with q and k RMS-normed across all heads. Self-attention over x (B, L, D) gets attn, the
-    layer's AttentionContext; cross-attention gets the text tokens (B, L_ctx, D), and in I2V also the image tokens
-    (B, L_img, D) through their own key/value projections, whose attention output is added to the text's."""
+    """Multi-head attention, q and k RMS-normed across all heads: self-attention (attn: the layer's AttentionContext),
+    or cross-attention to the text tokens plus, in I2V, the image tokens through their own key/value projections."""
 
     def __init__(self, dim, heads, eps, added_kv_dim=None):
         super().__init__()

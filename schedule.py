@@ -31,9 +31,8 @@ def step_matrix(num_latent_frames, step_template, ar_step=0, num_pre_ready=0, ca
     Progress is an index into [999, *step_template, 0]: 0 is pure noise, n+1 finished. A frame is updated at an
     iteration when its index moved there and it is not finished.
 
-    Returns the timesteps (iterations, F) int64 and the update mask (iterations, F) bool, F being num_latent_frames
-    in whole blocks: diffusers' generate_timestep_matrix with base_num_latent_frames = num_latent_frames (each
-    window is its own base)."""
+    Returns the timesteps and the update mask, (iterations, F) int64 and bool, F being num_latent_frames in whole
+    blocks: diffusers' generate_timestep_matrix with base_num_latent_frames = num_latent_frames (a window per base)."""
     n, num_blocks = len(step_template), num_latent_frames // causal_block_size
     template = torch.cat([torch.tensor([999]), step_template.long().cpu(), torch.tensor([0])])
     finished = n + 1
