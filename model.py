@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 
-def gelu_tanh(x):
-    return F.gelu(x, approximate="tanh")
+gelu_tanh = functools.partial(F.gelu, approximate="tanh")
 
 
 def fields_from(cls, config):  # from a config.json dict; keys not in cls (class names, versions) are ignored
@@ -151,10 +150,9 @@ def flash_attention(q, k, v):
 
 
 def block_causal_attention(q, k, v, block_tokens):
-    """Self-attention where the queries of block b see the keys of blocks 0..b: one SDPA call per block over its
-    prefix, exact, and each call can use the flash kernel, where a dense (L, L) mask costs L^2 memory (2.6 GB at 540P)
-    and a slower kernel. A trailing partial block is a block of its own (diffusers cannot build its mask then). The
-    queries are the last tokens of the keys: keys may begin with cached whole blocks (KVCache) without queries here."""
+    """Self-attention where the queries of block b see the keys of blocks 0..b: one exact SDPA call per block over its
+    prefix, each able to use the flash kernel, where a dense (L, L) mask costs L^2 memory (2.6 GB at 540P). A trailing
+    partial block is a block of its own. The keys may begin with cached blocks (KVCache) that have no queries here."""
     out, offset = torch.empty_like(q), k.shape[2] - q.shape[2]
     for start in range(0, q.shape[2], block_tokens):
         end = min(start + block_tokens, q.shape[2])
@@ -164,18 +162,16 @@ def block_causal_attention(q, k, v, block_tokens):
 
 class KVCache:
     """Self-attention keys and values of the leading latent frames, per layer, kept from earlier calls. Under
-    block-causal attention a frame never sees later frames, so once its latent and timestep stop changing its keys
-    and values are the same at every later call: later calls pass only the frames after `frames`. At most `limit`
-    frames are kept (a memory budget); frames past it are recomputed at every call, as without a cache."""
+    block-causal attention a frame never sees later ones, so once its latent and timestep stop changing its keys and
+    values do too: later calls pass only the frames after `frames`. At most `limit` frames are kept (memory budget)."""
 
     def __init__(self, num_layers, limit):
         self.frames, self.limit, self.layers = 0, limit, [{} for _ in range(num_layers)]
 
 
 def extend_cache(kv, k, v, keep_tokens, capacity):
-    """The cached keys and values followed by k, v (B, H, L, Dh); the first keep_tokens of k, v join the cache. kv,
-    a layer's slot, holds a buffer of `capacity` tokens, allocated once: new tokens that fit are written behind the
-    cached ones and attention reads the buffer, never a copy of the cache; tokens that do not fit are concatenated."""
+    """The cached keys and values followed by k, v (B, H, L, Dh); the first keep_tokens of k, v join the cache. The
+    layer's slot kv holds a buffer of `capacity` tokens, which attention reads in place; tokens past it are joined."""
     if not kv:  # the first call: this layer's two buffers
         shape = (*k.shape[:2], capacity, k.shape[3])  # (B, H, capacity, Dh)
         kv.update(n=0, k=k.new_empty(shape), v=v.new_empty(shape))
@@ -190,12 +186,11 @@ def extend_cache(kv, k, v, keep_tokens, capacity):
 
 @dataclasses.dataclass(frozen=True)
 class SequenceParallel:
-    """Ulysses sequence parallelism: the N ranks of a torch.distributed `group` share one forward pass. Each rank
-    holds 1/N of the token rows of every latent frame (the rows padded to a multiple of N), so the per-frame
-    modulation still sees equal frame groups. All in a block is per token but self-attention, around which an
-    all-to-all trades token shards for head shards: each rank attends over all tokens with 1/N of the heads, so
-    block-causal attention and the KVCache (holding this rank's heads: N times less) work unchanged. Heads that N
-    does not divide are padded with zero heads: exact, at the cost of the extra heads (12 on 8 ranks compute 16)."""
+    """Ulysses sequence parallelism: the N ranks of a torch.distributed `group` share one forward. Each rank holds
+    1/N of the token rows of every latent frame (rows padded to a multiple of N), so the per-frame modulation still
+    sees equal frame groups. Around self-attention, the one step not per token, an all-to-all trades token shards for
+    head shards, so block-causal attention and the KVCache (N times smaller) work unchanged. Heads that N does not
+    divide are padded with zero heads (exact: 12 heads on 8 ranks compute 16)."""
     group: object
     grid: tuple = ()  # this forward's token grid (f, h, w)
 
@@ -247,9 +242,8 @@ class AttentionContext:
 
 
 class Attention(nn.Module):
-    """Multi-head attention with q and k RMS-normed across all heads. Self-attention over x (B, L, D) gets attn, the
-    layer's AttentionContext; cross-attention gets the text tokens (B, L_ctx, D), and in I2V also the image tokens
-    (B, L_img, D) through their own key/value projections, whose attention output is added to the text's."""
+    """Multi-head attention, q and k RMS-normed across all heads: self-attention (attn: the layer's AttentionContext),
+    or cross-attention to the text tokens plus, in I2V, the image tokens through their own key/value projections."""
 
     def __init__(self, dim, heads, eps, added_kv_dim=None):
         super().__init__()
@@ -277,8 +271,7 @@ class Attention(nn.Module):
         return self.to_out[0](out.transpose(1, 2).flatten(2))  # (B, L, D)
 
     def self_attention(self, q, k, v, attn):
-        """Heads q, k, v (B, H, L, Dh) of this rank's tokens: rotated, traded for all tokens of this rank's heads
-        (sequence parallelism), appended to the cache, attended over, and traded back."""
+        """q, k, v (B, H, L, Dh) of this rank's tokens -> the attention output (B, H, L, Dh) of the same tokens."""
         q, k = apply_rope(q, *attn.rope), apply_rope(k, *attn.rope)
         if attn.parallel is not None:  # this rank's tokens of every head -> every token of this rank's heads
             q, k, v = attn.parallel.to_heads(torch.stack([q, k, v])).unbind(0)
@@ -290,9 +283,8 @@ class Attention(nn.Module):
 
 
 def modulate(norm, x, shift, scale):
-    """norm(x) * (1 + scale) + shift, with x (B, L, D) and shift, scale (B, G, 1, D) for G groups of frames (one
-    group: a timestep per sample; F groups: a timestep per latent frame). Broadcast per group, so no (L, D)
-    modulation tensor is built; float32 as the reference, rounded once to x's dtype."""
+    """norm(x) * (1 + scale) + shift, x (B, L, D), shift and scale (B, G, 1, D) for G frame groups (1, or one per
+    latent frame), broadcast per group: no (L, D) tensor is built. Float32 as the reference, rounded once."""
     y = norm(x.float()).unflatten(1, (shift.shape[1], -1))  # (B, G, L/G, D)
     return (y * (1 + scale) + shift).flatten(1, 2).type_as(x)
 
@@ -374,12 +366,11 @@ class DiT(nn.Module):
         self.ignored_keys = tuple(f"blocks.{i}.attn2.norm_added_q." for i in range(cfg.num_layers))
 
     def forward(self, x, t, context, image_context=None, fps=None, attention=None):
-        """The flow prediction (B, out_channels, F, H, W) for latents x (B, in_channels, F, H, W) at timesteps t:
-        (B,) one per sample, or (B, F) one per latent frame (diffusion forcing). context (B, L, text_dim) is the
-        text embedding; image_context (B, L_img, image_dim) the CLIP penultimate hidden states of the image (I2V),
-        or of the first and the last image concatenated along the tokens (first-last frame). fps (int) is the video
-        frame rate, for checkpoints with inject_sample_info. attention: an AttentionContext (None: full attention, no
-        cache, one process); with several ranks each calls this with the same arguments and gets the whole result."""
+        """The flow prediction (B, out_channels, F, H, W) for latents x (B, in_channels, F, H, W) at timesteps t, (B,)
+        or (B, F) one per latent frame. context (B, L, text_dim): the text embedding; image_context (B, L_img,
+        image_dim): the CLIP penultimate hidden states of the image (I2V), or of both images concatenated (first-last
+        frame); fps: 16 or 24, for inject_sample_info. attention: an AttentionContext (None: full attention, no cache,
+        one process); with several ranks, each passes the same arguments and gets the whole result."""
         cfg, te = self.config, self.condition_embedder
         dtype = self.patch_embedding.weight.dtype
         if (image_context is None) != (te.image_embedder is None):
@@ -536,30 +527,27 @@ class CLIPVision(nn.Module):
         return x
 
 
-def clip_preprocess(images, config):
-    """A PIL image or (H, W, 3) uint8 array, or a list of them -> (N, 3, crop, crop) float32 pixels, exactly as
-    transformers' CLIPImageProcessor (PIL backend) with `config` the parsed image_processor/preprocessor_config.json:
-    RGB (alpha over white), shortest side resized with the configured PIL filter, center crop, rescale, normalise."""
+def clip_preprocess(image, config):
+    """A PIL image or (H, W, 3) uint8 array -> (1, 3, crop, crop) float32 pixels, exactly as transformers'
+    CLIPImageProcessor (PIL backend) with `config` the parsed image_processor/preprocessor_config.json: RGB (alpha
+    over white), shortest side resized with the configured PIL filter, center crop, rescale, normalise."""
     if not all(config.get(f"do_{step}", True) for step in ("resize", "center_crop", "rescale", "normalize")):
         raise ValueError("CLIP preprocessing is supported with every step on (resize, crop, rescale, normalize)")
-    out = []
-    for image in images if isinstance(images, (list, tuple)) else [images]:
-        if not isinstance(image, Image.Image):
-            image = Image.fromarray(np.asarray(image, dtype=np.uint8))
-        if "A" in image.getbands() or image.info.get("transparency") is not None:
-            image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
-        image = image.convert("RGB")
-        w, h = image.size
-        short = config["size"]["shortest_edge"]
-        # transformers truncates the long side: int(), not round()
-        size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)  # PIL (width, height)
-        image = image.resize(size, resample=config.get("resample", 3))
-        ch, cw = config["crop_size"]["height"], config["crop_size"]["width"]
-        top, left = (image.height - ch) // 2, (image.width - cw) // 2
-        if top < 0 or left < 0:
-            raise ValueError(f"crop {ch}x{cw} is larger than the resized image {image.height}x{image.width}")
-        x = np.asarray(image)[top:top + ch, left:left + cw]  # (crop, crop, 3) uint8
-        x = (x.astype(np.float64) * config["rescale_factor"]).astype(np.float32)
-        x = (x - np.array(config["image_mean"], np.float32)) / np.array(config["image_std"], np.float32)
-        out.append(x.transpose(2, 0, 1))
-    return torch.from_numpy(np.stack(out))
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
+    image = image.convert("RGB")
+    w, h = image.size
+    short = config["size"]["shortest_edge"]
+    # transformers truncates the long side: int(), not round()
+    size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)  # PIL (width, height)
+    image = image.resize(size, resample=config.get("resample", 3))
+    ch, cw = config["crop_size"]["height"], config["crop_size"]["width"]
+    top, left = (image.height - ch) // 2, (image.width - cw) // 2
+    if top < 0 or left < 0:
+        raise ValueError(f"crop {ch}x{cw} is larger than the resized image {image.height}x{image.width}")
+    x = np.asarray(image)[top:top + ch, left:left + cw]  # (crop, crop, 3) uint8
+    x = (x.astype(np.float64) * config["rescale_factor"]).astype(np.float32)
+    x = (x - np.array(config["image_mean"], np.float32)) / np.array(config["image_std"], np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)[None]))  # (1, 3, crop, crop)

@@ -12,11 +12,9 @@ import torch
 def timesteps(num_inference_steps, shift):
     """The timesteps the model sees, (n,) int64, and the sigmas the solver walks, (n+1,) float32 ending in 0.
 
-    The spacing is the original SkyReels-V2's: linspace(0.999, 0, n+1)[:-1], then the flow shift. diffusers >= 0.37
-    spaces flow sigmas as linspace(1, 1/1000, n+1)[:-1] instead, which no longer reproduces the original step table
-    (999, 995, 991, ... for 30 steps at shift 8). The arithmetic (float64 in numpy, timesteps truncated, sigmas then
-    rounded to float32) is diffusers' own, so both give identical values for the same spacing.
-    """
+    The spacing is the original SkyReels-V2's, linspace(0.999, 0, n+1)[:-1]: diffusers >= 0.37 spaces flow sigmas
+    otherwise and no longer gives the original table (999, 995, 991, ... for 30 steps at shift 8). The arithmetic
+    (float64, timesteps truncated, sigmas rounded to float32) is diffusers' own, so the values are identical."""
     s = np.linspace(0.999, 0.0, num_inference_steps + 1)[:-1]
     sigmas = shift * s / (1 + (shift - 1) * s)  # a shift > 1 spends more steps at high noise
     ts = torch.from_numpy(sigmas * 1000).long()
@@ -26,19 +24,15 @@ def timesteps(num_inference_steps, shift):
 def step_matrix(num_latent_frames, step_template, ar_step=0, num_pre_ready=0, causal_block_size=1):
     """Diffusion forcing's schedule: which timestep every latent frame is at, iteration by iteration.
 
-    Frames are grouped in causal blocks of `causal_block_size` that always share a timestep. Each block walks the
-    same template, but starts `ar_step` iterations after the block before it, so earlier frames are always cleaner
-    than later ones (ar_step=0: all blocks in lock-step). The first `num_pre_ready` frames (a video prefix) are
-    already clean and never updated.
+    Frames form causal blocks of `causal_block_size` that share a timestep. Each block walks the template, starting
+    `ar_step` iterations after the block before it (0: lock-step), so earlier frames are always cleaner. The first
+    `num_pre_ready` frames (a video prefix) are already clean and never updated.
 
-    Progress is an index into the padded template [999, *step_template, 0]: index 0 is "not started" (pure noise,
-    999), index i in 1..n is "at step_template[i-1]", and index n+1 is "finished" (clean, 0). A frame is updated at
-    an iteration when its index moved there and it is not finished; updating it denoises from that timestep on.
+    Progress is an index into [999, *step_template, 0]: 0 is pure noise, n+1 finished. A frame is updated at an
+    iteration when its index moved there and it is not finished.
 
-    Returns the step matrix (iterations, F) int64 timesteps and the update mask (iterations, F) bool, F being
-    num_latent_frames rounded down to whole blocks: diffusers' generate_timestep_matrix with base_num_latent_frames =
-    num_latent_frames, as the pipeline uses it (each window its own base: the valid interval is the whole window).
-    """
+    Returns the timesteps and the update mask, (iterations, F) int64 and bool, F being num_latent_frames in whole
+    blocks: diffusers' generate_timestep_matrix with base_num_latent_frames = num_latent_frames (a window per base)."""
     n, num_blocks = len(step_template), num_latent_frames // causal_block_size
     template = torch.cat([torch.tensor([999]), step_template.long().cpu(), torch.tensor([0])])
     finished = n + 1
@@ -71,10 +65,9 @@ class UniPC:
 
 
 def unipc_init(sigmas, num_frames, alias_first_step=False):
-    """alias_first_step=True reproduces the diffusion-forcing loops of the original SkyReels-V2 and of diffusers. They
-    write each frame's step result into the very tensor its scheduler kept as "last sample", which at a frame's
-    first step is a view of the latents. So the corrector at the frame's second step starts from the first step's
-    output instead of its input. The lock-step (T2V, I2V) pipelines do not do this."""
+    """alias_first_step=True reproduces the diffusion-forcing loops of the original and of diffusers: they write a
+    frame's first step result into the latents their scheduler kept a view of as "last sample", so the corrector at
+    its second step starts from the first step's output, not its input. The T2V and I2V pipelines do not."""
     return UniPC(sigmas=sigmas, step=torch.zeros(num_frames, dtype=torch.long), alias_first_step=alias_first_step)
 
 
@@ -89,11 +82,9 @@ def _log_snr(sigma):
 def _uni_bh2(x, m0, m1, sigma_t, sigma_s0, sigma_s1, order, model_t=None):
     """One UniPC update (B(h) = e^h - 1, "bh2") from sigma_s0 to sigma_t, in the x0 (data) parameterisation.
 
-    x is the sample at sigma_s0; m0 and m1 are x0 predictions at sigma_s0 and at sigma_s1, the step before, and m1
-    is used where order == 2. Without model_t this is the predictor UniP. With model_t, the x0 prediction at
-    sigma_t, it is the corrector UniC, which recomputes the sample at sigma_t using that prediction too.
-    sigma_* and order are (F,): each frame has its own coefficients.
-    """
+    x is the sample at sigma_s0; m0, m1 the x0 predictions at sigma_s0 and at the step before, sigma_s1 (order 2
+    only). Without model_t this is the predictor UniP; with model_t, the x0 prediction at sigma_t, the corrector UniC.
+    sigma_* and order are (F,): each frame has its own coefficients."""
     second = order == 2
     lam_s0 = _log_snr(sigma_s0)
     h = _log_snr(sigma_t) - lam_s0
@@ -118,9 +109,8 @@ def _uni_bh2(x, m0, m1, sigma_t, sigma_s0, sigma_s1, order, model_t=None):
 def unipc_step(state, model_output, latents, update):
     """Step the frames in `update` ((F,) bool) one sigma along their own schedules; the rest stay as they are.
 
-    model_output is the flow prediction (noise - x0) for all frames of latents, (B, C, F, H, W). This is diffusers'
-    UniPCMultistepScheduler (flow_prediction, solver_order=2, bh2, lower_order_final) with one scheduler per frame.
-    """
+    model_output: the flow prediction (noise - x0), (B, C, F, H, W). This is diffusers' UniPCMultistepScheduler
+    (flow_prediction, solver_order=2, bh2, lower_order_final) with one scheduler per frame."""
     f = update.cpu().nonzero()[:, 0]  # the frames that step now
     n, sig, k = len(state.sigmas) - 1, state.sigmas.to(latents.device), state.step[f].to(latents.device)  # k: (f,)
     if (k >= n).any():

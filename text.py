@@ -53,10 +53,9 @@ CONFIGS = {  # named sizes; the tests' tiny encoder has the tiny test tokenizer'
 # ----------------------------------------------------------------------------------------------------------------
 # Prompts to token ids
 
-# diffusers runs ftfy.fix_text before unescaping HTML twice and collapsing whitespace. ftfy is not a dependency
-# here. Of its fixes, two change the tokens of ordinary prompts and are done here: curly quotes made straight,
-# invisible control characters dropped. Its width, ligature and NFC fixes are redone by the tokenizer's NFKC
-# normaliser. Its mojibake repair ("Ã©" -> "é") and terminal-escape removal only touch broken text: skipped.
+# diffusers runs ftfy.fix_text first; ftfy is not a dependency here. Two of its fixes change ordinary prompts' tokens
+# and are done here: curly quotes made straight, invisible control characters dropped. The tokenizer's NFKC redoes
+# its width, ligature and NFC fixes; its mojibake and terminal-escape repairs only touch broken text: skipped.
 _FTFY_FIXES = {
     **dict.fromkeys([0x02BC, *range(0x2018, 0x201C)], "'"),
     **dict.fromkeys(range(0x201C, 0x2020), '"'),
@@ -74,12 +73,10 @@ def clean_prompt(text):
 
 
 class Tokenizer:
-    """UMT5's tokenizer: prompts cleaned as diffusers cleans them, then tokenized as transformers' T5Tokenizer with
-    padding="max_length", truncation=True: the prompt's pieces, </s> (kept last when truncating), <pad> up to
-    max_length; the mask covers up to </s>. SentencePiece's own encoder normalises (NFKC) and splits words as
-    transformers does. The one difference: transformers first matches the special tokens' text ("</s>" in
-    "<s>gone</s>", say) and emits their ids, so we split those out too. (T5's <extra_id_N> sentinels are special to
-    transformers as well, but are not in spiece.model and do not occur in prompts.)"""
+    """UMT5's tokenizer: prompts cleaned as diffusers does, then tokenized as transformers' T5Tokenizer with
+    padding="max_length", truncation=True: the pieces, </s> (kept when truncating), <pad>; the mask covers up to </s>.
+    SentencePiece normalises (NFKC) and splits words as transformers does, but transformers first matches the special
+    tokens' text ("</s>" in "<s>gone</s>") and emits their ids, so we split those out too."""
 
     def __init__(self, path):
         self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
@@ -114,8 +111,8 @@ class Tokenizer:
 
 
 class RMSNorm(nn.Module):
-    """T5's layer norm: scale by the root mean square, no mean, no bias. The mean square is taken in float32, as
-    in the reference: a bf16 mean of 4096 squares, with its 8 significant bits, would make the scale itself noisy."""
+    """T5's layer norm: no mean, no bias. The mean square is taken in float32, as in the reference: a bf16 mean of
+    4096 squares would make the scale itself noisy."""
 
     def __init__(self, dim, eps):
         super().__init__()
@@ -128,9 +125,8 @@ class RMSNorm(nn.Module):
 
 
 def relative_position_buckets(length, num_buckets, max_distance, device):
-    """(L, L) bucket of key position j seen from query position i, bidirectional as in T5's encoder. Half the buckets
-    are for keys after the query, half for keys at or before it; within a half, distances below a quarter of
-    num_buckets get a bucket each, longer ones logarithmically wider buckets, and all from max_distance on the last."""
+    """(L, L) bucket of key j seen from query i, as T5's encoder: half the buckets for keys after the query, half for
+    the others; short distances get a bucket each, longer ones logarithmically wider buckets up to max_distance."""
     pos = torch.arange(length, device=device)
     relative = pos[None, :] - pos[:, None]  # (L, L): key minus query
     half, exact = num_buckets // 2, num_buckets // 4  # a direction's buckets; those of one distance each
@@ -193,7 +189,7 @@ class UMT5Encoder(nn.Module):
             final_layer_norm=RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)))
 
     def forward(self, ids, mask):
-        """ids, mask (B, L) -> last hidden state (B, L, d_model), where the parameters are; padding rows meaningless."""
+        """ids, mask (B, L) -> last hidden state (B, L, d_model); padding rows meaningless."""
         if ids.ndim != 2 or ids.shape != mask.shape:
             raise ValueError(f"ids and mask must be (batch, length), got {tuple(ids.shape)} and {tuple(mask.shape)}")
         c, device = self.config, self.shared.weight.device
@@ -208,10 +204,9 @@ class UMT5Encoder(nn.Module):
 
 @torch.no_grad()
 def encode_prompts(tokenizer, encoder, prompts, max_length=512, device=None):
-    """The DiT's text condition, (B, max_length, d_model), on `device` (default: where it was computed): each
-    prompt's encoder output over its own tokens (</s> included), then zeros. The DiT's cross-attention reads all
-    max_length rows, so the padding rows must be these exact zeros, as in diffusers' _get_t5_prompt_embeds and the
-    original code."""
+    """The DiT's text condition, (B, max_length, d_model), on `device` (default: where computed): the encoder output
+    over each prompt's tokens (</s> included), then zeros. The DiT's cross-attention reads all max_length rows, so
+    the padding rows must be exact zeros, as in diffusers and the original code."""
     ids, mask = tokenizer(prompts, max_length)
     hidden = encoder(ids, mask)
     hidden = hidden.masked_fill(~mask.to(hidden.device).bool()[..., None], 0.0)  # ones, then zeros: a trim

@@ -2,9 +2,8 @@
 
 Every convolution is causal in time: an output frame sees only its own input frame and earlier ones. So a video can go
 through the network a piece at a time, each layer caching what it needs of the previous piece, with the result of one
-pass over the whole video; the official VAE encodes the first frame alone, then four frames at a time, and decodes one
-latent frame at a time. A cache is a plain dict, {layer: its state}, started empty for each video and handed to every
-layer: a video's first chunk is the one for which a layer finds no entry yet.
+pass over the whole video. A cache is a plain dict, {layer: its state}, new for each video and handed to every layer:
+a layer that finds no entry yet is at the video's first chunk.
 
 Parameter names are diffusers' AutoencoderKLWan keys, so vae/ of an official -Diffusers folder loads strictly by name.
 Only inference is implemented (no dropout, no posterior sampling: the pipelines use the posterior mean).
@@ -308,11 +307,9 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def decode(self, latents, cache=None):
-        """Latents (B, z_dim, T, h, w), not normalised -> video (B, 3, F, 8h, 8w) in [-1, 1].
-
-        A video's first latent frame decodes to one frame, each later one to four. To decode a video in pieces, pass
-        each piece in order with the same `cache` dict (initially empty; see decoder_stream): the pieces give exactly
-        the frames one decode of the whole sequence gives, in memory that does not grow with the video's length."""
+        """Latents (B, z_dim, T, h, w), not normalised -> video (B, 3, F, 8h, 8w) in [-1, 1]: a video's first latent
+        frame decodes to one frame, each later one to four. Pieces of a video passed in order with one `cache` dict
+        (see decoder_stream) give exactly the frames of one whole decode, in memory that does not grow with length."""
         if latents.ndim != 5 or latents.shape[1] != self.cfg.z_dim:
             raise ValueError(f"decode expects latents of shape (B, {self.cfg.z_dim}, T, h, w), "
                              f"got {tuple(latents.shape)}")
