@@ -595,10 +595,9 @@ def kind_of(path):
 def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch.float32, compile=False, loras=(),
          transformer=None, fp8=False):
     """A ready pipeline from an official -Diffusers folder, a Hugging Face id, or tiny-t2v/i2v/df. loras: [(path,
-    scale), ...]. transformer: a one-file DiT (ours or the original naming, 16-bit or fp8) for the folder's. fp8: the
-    DiT's and UMT5's Linear weights quantized on load. compile: torch.compile the DiT's blocks, ~20% faster on an H100
-    and half the activation memory, after ~10-30 s per new latent shape. Under torchrun each rank calls this with its
-    own device (cuda:LOCAL_RANK) and the ranks share the DiT's work."""
+    scale), ...]. transformer: a one-file DiT (ours or the original naming, 16-bit or fp8) for the folder's. fp8:
+    Linear weights quantized on load. compile: torch.compile the DiT's blocks, ~20% faster on an H100, half the
+    activations, after ~10-30 s per new shape. Under torchrun every rank calls this, each with cuda:LOCAL_RANK."""
     check_load(path, dtype, loras, transformer)
     device = check_device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     pipe = tiny_pipeline(path, device, dtype) if path in TINY else \
@@ -678,7 +677,7 @@ def load_folder(path, device, dtype, offload, vae_dtype, transformer_file=None, 
     if kind == "i2v":
         clip = load_component(model.CLIPVision, model.CLIPVisionConfig, sub("image_encoder"), dtype, home)
         preprocess = read_json(sub("image_processor/preprocessor_config.json"))
-        if not isinstance(preprocess.get("size"), dict) or not isinstance(preprocess.get("crop_size"), dict):
+        if not all(isinstance(preprocess.get(k), dict) for k in ("size", "crop_size")):
             raise CheckpointError(f"{sub('image_processor/preprocessor_config.json')} lacks size or crop_size")
     umt5 = load_component(text.UMT5Encoder, text.UMT5Config, sub("text_encoder"), dtype, home, fp8=fp8)
     dit = load_component(model.DiT, model.DiTConfig, sub("transformer"), dtype, home, transformer_file, fp8)
@@ -822,21 +821,17 @@ def _tensor(f, path, key):
 
 # Ours (diffusers') -> the original name: at the top level by name prefix, inside blocks.N segment by segment.
 CE = "condition_embedder."
-WAN_TOP = {
-    "proj_out": "head.head", "scale_shift_table": "head.modulation", CE + "time_proj": "time_projection.1",
-    CE + "text_embedder.linear_1": "text_embedding.0", CE + "text_embedder.linear_2": "text_embedding.2",
-    CE + "time_embedder.linear_1": "time_embedding.0", CE + "time_embedder.linear_2": "time_embedding.2",
-    CE + "image_embedder.norm1": "img_emb.proj.0", CE + "image_embedder.ff.net.0.proj": "img_emb.proj.1",
-    CE + "image_embedder.ff.net.2": "img_emb.proj.3", CE + "image_embedder.norm2": "img_emb.proj.4",
-    CE + "image_embedder.pos_embed": "img_emb.emb_pos", "fps_projection.net.0.proj": "fps_projection.0",
-    "fps_projection.net.2": "fps_projection.2",
-}
-WAN_BLOCK = {
-    "attn1": "self_attn", "attn2": "cross_attn", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "o",
-    "add_k_proj": "k_img", "add_v_proj": "v_img", "norm_added_k": "norm_k_img",
-    "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2", "scale_shift_table": "modulation",
-    "norm2": "norm3",  # the original's norm3 is the cross-attention norm; its norm2 (the FFN's) has no weights
-}
+WAN_TOP = {"proj_out": "head.head", "scale_shift_table": "head.modulation", CE + "time_proj": "time_projection.1",
+           CE + "text_embedder.linear_1": "text_embedding.0", CE + "text_embedder.linear_2": "text_embedding.2",
+           CE + "time_embedder.linear_1": "time_embedding.0", CE + "time_embedder.linear_2": "time_embedding.2",
+           CE + "image_embedder.norm1": "img_emb.proj.0", CE + "image_embedder.ff.net.0.proj": "img_emb.proj.1",
+           CE + "image_embedder.ff.net.2": "img_emb.proj.3", CE + "image_embedder.norm2": "img_emb.proj.4",
+           CE + "image_embedder.pos_embed": "img_emb.emb_pos", "fps_projection.net.0.proj": "fps_projection.0",
+           "fps_projection.net.2": "fps_projection.2"}
+# In a block, the original's norm3 is the cross-attention norm; its norm2 (the FFN's) has no weights.
+WAN_BLOCK = {"attn1": "self_attn", "attn2": "cross_attn", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "o",
+             "add_k_proj": "k_img", "add_v_proj": "v_img", "norm_added_k": "norm_k_img", "ffn.net.0.proj": "ffn.0",
+             "ffn.net.2": "ffn.2", "scale_shift_table": "modulation", "norm2": "norm3"}
 PREFIX = re.compile(r"^(model\.diffusion_model\.|diffusion_model\.|transformer\.|base_model\.model\.|lora_unet_)")
 
 
