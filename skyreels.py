@@ -594,12 +594,10 @@ def kind_of(path):
 
 def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch.float32, compile=False, loras=(),
          transformer=None, fp8=False):
-    """A ready pipeline from an official -Diffusers folder (or a Hugging Face id, or tiny-t2v/i2v/df). loras: [(path,
-    scale), ...] (fold_loras). transformer: a one-file DiT (ours or the original naming, 16-bit or fp8: read_fp8) for
-    the folder's weights. fp8: the DiT's and UMT5's Linear weights quantized on load (use_fp8); pipe.fp8: the source.
-    compile: torch.compile the DiT's blocks, ~20% faster on an H100 and half the activation memory (fused elementwise
-    work), after ~10-30 s per new latent shape. Under torchrun every rank calls this alike, each with its own device
-    (e.g. cuda:LOCAL_RANK), and the ranks share the DiT's work (split_ranks)."""
+    """A ready pipeline from an official -Diffusers folder, a Hugging Face id, or tiny-t2v/i2v/df. loras: [(path,
+    scale), ...]. transformer: a one-file DiT (ours or the original naming, 16-bit or fp8) for the folder's. fp8:
+    Linear weights quantized on load. compile: torch.compile the DiT's blocks, ~20% faster on an H100, half the
+    activations, after ~10-30 s per new shape. Under torchrun every rank calls this, each with cuda:LOCAL_RANK."""
     check_load(path, dtype, loras, transformer)
     device = check_device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     pipe = tiny_pipeline(path, device, dtype) if path in TINY else \
@@ -636,7 +634,6 @@ def check_load(path, dtype, loras, transformer):
 
 
 def check_device(device):
-    """A torch.device this machine has, or one ValueError."""
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
@@ -680,13 +677,12 @@ def load_folder(path, device, dtype, offload, vae_dtype, transformer_file=None, 
     if kind == "i2v":
         clip = load_component(model.CLIPVision, model.CLIPVisionConfig, sub("image_encoder"), dtype, home)
         preprocess = read_json(sub("image_processor/preprocessor_config.json"))
-        if not isinstance(preprocess.get("size"), dict) or not isinstance(preprocess.get("crop_size"), dict):
+        if not all(isinstance(preprocess.get(k), dict) for k in ("size", "crop_size")):
             raise CheckpointError(f"{sub('image_processor/preprocessor_config.json')} lacks size or crop_size")
-    return Pipeline(kind, tokenizer,
-                    load_component(text.UMT5Encoder, text.UMT5Config, sub("text_encoder"), dtype, home, fp8=fp8),
-                    load_component(model.DiT, model.DiTConfig, sub("transformer"), dtype, home, transformer_file, fp8),
-                    load_component(vae.VAE, vae.VAEConfig, sub("vae"), vae_dtype, home), clip, preprocess, device,
-                    offload)
+    umt5 = load_component(text.UMT5Encoder, text.UMT5Config, sub("text_encoder"), dtype, home, fp8=fp8)
+    dit = load_component(model.DiT, model.DiTConfig, sub("transformer"), dtype, home, transformer_file, fp8)
+    autoencoder = load_component(vae.VAE, vae.VAEConfig, sub("vae"), vae_dtype, home)
+    return Pipeline(kind, tokenizer, umt5, dit, autoencoder, clip, preprocess, device, offload)
 
 
 
@@ -759,9 +755,8 @@ def place(module, device, dtype):
 
 
 def load_component(cls, config_cls, folder, dtype=torch.float32, device="cpu", single_file=None, fp8=False):
-    """A component (model.DiT, model.CLIPVision, vae.VAE, text.UMT5Encoder) sized by `folder`'s config.json and
-    filled from its safetensors, strictly, or from `single_file`, one .safetensors DiT in our or the original naming
-    (16-bit or fp8: read_fp8). fp8: its Linear weights under QUANTIZED are quantized as they are read (use_fp8)."""
+    """A component (model.DiT, model.CLIPVision, vae.VAE, text.UMT5Encoder) sized by `folder`'s config.json and filled
+    from its safetensors or from `single_file`, a one-file DiT (read_fp8). fp8: Linear weights quantized (use_fp8)."""
     cfg = read_config(config_cls, os.path.join(folder, "config.json"))
     with torch.device("meta"):
         module = cls(cfg)
@@ -776,10 +771,9 @@ def load_component(cls, config_cls, folder, dtype=torch.float32, device="cpu", s
 
 
 def load_weights(module, where, files, dtype, device, aliases=None):
-    """Fill `module` from `files` ({checkpoint key: safetensors path}), strictly; `where` names them in errors.
-    A module may declare checkpoint_aliases ({checkpoint key: our key}, used only where our key is not in the
-    checkpoint: UMT5 files tie shared.weight and encoder.embed_tokens.weight either way), ignored_keys (checkpoint
-    keys, or prefixes ending in '.', known and unused) and keep_fp32 (see param_dtype)."""
+    """Fill `module` from `files` ({checkpoint key: safetensors path}), strictly; `where` names them in errors. A module
+    may declare checkpoint_aliases ({checkpoint key: our key}, used where our key is absent: UMT5 files tie its two
+    embeddings either way), ignored_keys (keys, or prefixes ending in '.', known and unused) and keep_fp32."""
     expected = {k: v for k, v in module.state_dict(keep_vars=True).items() if v.is_meta}  # not fp8 scales already set
     aliases = aliases or getattr(module, "checkpoint_aliases", {})
     ignored = tuple(getattr(module, "ignored_keys", ()))
@@ -825,33 +819,27 @@ def _tensor(f, path, key):
 
 # -- The original Wan 2.1 / SkyReels-V2 naming (also ComfyUI's and most LoRAs'), for whole DiT files and LoRAs --
 
-# Original name -> ours (diffusers'): at the top level by name prefix, inside blocks.N segment by segment.
+# Ours (diffusers') -> the original name: at the top level by name prefix, inside blocks.N segment by segment.
 CE = "condition_embedder."
-WAN_TOP = {
-    "head.head": "proj_out", "head.modulation": "scale_shift_table", "time_projection.1": CE + "time_proj",
-    "text_embedding.0": CE + "text_embedder.linear_1", "text_embedding.2": CE + "text_embedder.linear_2",
-    "time_embedding.0": CE + "time_embedder.linear_1", "time_embedding.2": CE + "time_embedder.linear_2",
-    "img_emb.proj.0": CE + "image_embedder.norm1", "img_emb.proj.1": CE + "image_embedder.ff.net.0.proj",
-    "img_emb.proj.3": CE + "image_embedder.ff.net.2", "img_emb.proj.4": CE + "image_embedder.norm2",
-    "img_emb.emb_pos": CE + "image_embedder.pos_embed", "fps_projection.0": "fps_projection.net.0.proj",
-    "fps_projection.2": "fps_projection.net.2",
-}
-WAN_BLOCK = {
-    "self_attn": "attn1", "cross_attn": "attn2", "q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0",
-    "k_img": "add_k_proj", "v_img": "add_v_proj", "norm_k_img": "norm_added_k",
-    "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2", "modulation": "scale_shift_table",
-    "norm3": "norm2",  # the original's norm3 is the cross-attention norm; its norm2 (the FFN's) has no weights
-}
+WAN_TOP = {"proj_out": "head.head", "scale_shift_table": "head.modulation", CE + "time_proj": "time_projection.1",
+           CE + "text_embedder.linear_1": "text_embedding.0", CE + "text_embedder.linear_2": "text_embedding.2",
+           CE + "time_embedder.linear_1": "time_embedding.0", CE + "time_embedder.linear_2": "time_embedding.2",
+           CE + "image_embedder.norm1": "img_emb.proj.0", CE + "image_embedder.ff.net.0.proj": "img_emb.proj.1",
+           CE + "image_embedder.ff.net.2": "img_emb.proj.3", CE + "image_embedder.norm2": "img_emb.proj.4",
+           CE + "image_embedder.pos_embed": "img_emb.emb_pos", "fps_projection.net.0.proj": "fps_projection.0",
+           "fps_projection.net.2": "fps_projection.2"}
+# In a block, the original's norm3 is the cross-attention norm; its norm2 (the FFN's) has no weights.
+WAN_BLOCK = {"attn1": "self_attn", "attn2": "cross_attn", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "o",
+             "add_k_proj": "k_img", "add_v_proj": "v_img", "norm_added_k": "norm_k_img", "ffn.net.0.proj": "ffn.0",
+             "ffn.net.2": "ffn.2", "scale_shift_table": "modulation", "norm2": "norm3"}
 PREFIX = re.compile(r"^(model\.diffusion_model\.|diffusion_model\.|transformer\.|base_model\.model\.|lora_unet_)")
 
 
 def wan_name(name):
     """Our DiT parameter name in the original naming."""
-    table = WAN_BLOCK if name.startswith("blocks.") else WAN_TOP
-    ours = {v: k for k, v in table.items()}
-    segments = "|".join(map(re.escape, ours))
-    start = r"(?<![^.])" if table is WAN_BLOCK else "^"  # whole dotted segments; top-level names from the start
-    return re.sub(rf"{start}({segments})(?![^.])", lambda m: ours[m[1]], name)
+    table, start = (WAN_BLOCK, r"(?<![^.])") if name.startswith("blocks.") else (WAN_TOP, "^")
+    segments = "|".join(map(re.escape, table))  # whole dotted segments; top-level names from the start
+    return re.sub(rf"{start}({segments})(?![^.])", lambda m: table[m[1]], name)
 
 
 def canonical(key):
@@ -886,13 +874,12 @@ def read_lora(path, dit):
         raise CheckpointError(f"{path}: its lora_adapter_metadata is not a JSON object") from None
     if not isinstance(peft.get("lora_alpha", 1), numbers.Real) or isinstance(peft.get("lora_alpha"), bool):
         raise CheckpointError(f"{path}: lora_alpha in its metadata is {peft['lora_alpha']!r}, not a number")
-    for key, t in tensors.items():  # integers would be used as raw numbers
-        if not t.is_floating_point():
-            raise CheckpointError(f"{path}: {key} is {t.dtype}; a LoRA holds floating-point tensors")
     if peft.get("alpha_pattern") or peft.get("use_rslora") or peft.get("use_dora"):
         raise CheckpointError(f"{path}: PEFT alpha_pattern, rSLoRA and DoRA adapters are not supported")
     parts = {}  # our parameter name -> {part: (key, tensor)}
     for key, t in tensors.items():
+        if not t.is_floating_point():  # integers would be used as raw numbers
+            raise CheckpointError(f"{path}: {key} is {t.dtype}; a LoRA holds floating-point tensors")
         m = LORA_KEY.match(key)
         ours = m and names.get(canonical(m[1]) + ("_bias" if m[2] in BIAS_PARTS else "_weight"))
         if ours is None:
@@ -917,9 +904,8 @@ def read_lora(path, dit):
 
 
 def fold_loras(pipe, loras):
-    """W += sum of scale * delta over [(path, scale), ...], in float32 on W's device, rounded once to W's dtype, after
-    every file is read and checked. A weight's original is kept on the CPU (pipe.lora_originals) the first time a
-    LoRA touches it, so that unload_loras restores it exactly: in bf16, W + d - d is not W."""
+    """W += sum of scale * delta over [(path, scale), ...] in float32, rounded once to W's dtype, after every file is
+    checked. W's original stays on the CPU (pipe.lora_originals) for unload_loras: in bf16, W + d - d is not W."""
     terms = {}
     for path, scale in loras:
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
