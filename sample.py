@@ -3,9 +3,8 @@
   python sample.py {t2v,i2v,df,df-i2v,v2v} --model PATH --prompt TEXT [options] --out video.mp4
 
 `python sample.py MODE --help` lists a mode's options; the original spellings (--model_id, --num_frames, ...) work
-too. All is checked before any weight is read: bad input gets one `error:` line, exit code 2, and nothing is written.
-The mp4 is written as frames finish, read back, and renamed with its settings' JSON beside it. A diffusion-forcing run
-keeps each finished window in NAME.state; stopped, its frames go to NAME.partial.mp4 and `--resume` continues it.
+too. Bad input gets one `error:` line and exit code 2 before any weight is read. The mp4 and its JSON appear whole or
+not at all; a stopped run leaves NAME.partial.mp4, and a diffusion-forcing one NAME.state for --resume (README.md).
 """
 import argparse
 import dataclasses
@@ -27,7 +26,8 @@ MODES = {  # mode: (the checkpoint kind it needs, what it makes)
 DEFAULTS = {"t2v": (50, 6.0, 8.0), "i2v": (50, 5.0, 5.0), "df": (30, 6.0, 8.0), "df-i2v": (30, 5.0, 5.0),
             "v2v": (30, 5.0, 5.0)}
 DTYPES = dict(bf16="bfloat16", fp16="float16", fp32="float32", **{t: t for t in ("bfloat16", "float16", "float32")})
-RANK = int(os.environ.get("RANK", "0"))  # torchrun's ranks all get the same input: rank 0 alone reports it
+# Under torchrun, every rank gets the same input and shares the work: rank 0 alone reports and writes.
+RANK, WORLD = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each ends a run: exit 128 + its number
 STOP = {"defer": False, "signal": None}  # a signal waits while ffmpeg is fed and while files are renamed (write)
 
@@ -64,8 +64,7 @@ def add_inputs(m, mode, kind):
     add = m.add_argument
     add("--model", "--model_id", required=True, help="a -Diffusers folder, a Hugging Face id, or tiny-t2v/i2v/df")
     text = m.add_mutually_exclusive_group(required=True)
-    text.add_argument("--prompt", action="append", help="what the video shows" + "; repeated: a window each" * (
-        kind == "df"))
+    text.add_argument("--prompt", action="append", help="repeated: a prompt a window" if kind == "df" else None)
     text.add_argument("--prompt-file", help="a prompt a line" + ", a window each" * (kind == "df"))
     add("--negative-prompt", "--negative_prompt", help="what it should not show")
     if "i2v" in mode:
@@ -80,11 +79,9 @@ def add_inputs(m, mode, kind):
 
 def add_sampling(add, mode, kind):
     steps, guidance, shift = DEFAULTS[mode]
-    add("--num-frames", "--num_frames", type=int, default=97, help="rounded down to 1 + 4k" + (
-        "; they begin with the video's last overlap_history: num_frames - overlap_history frames are new" * (
-            mode == "v2v")))
-    add("--steps", "--inference_steps", "--num_inference_steps", dest="num_inference_steps", type=int,
-        default=steps, help="denoising steps")
+    v2v = "; the video's last overlap_history frames come first: num_frames - overlap_history frames are new"
+    add("--num-frames", "--num_frames", type=int, default=97, help="rounded down to 1 + 4k" + v2v * (mode == "v2v"))
+    add("--steps", "--inference_steps", "--num_inference_steps", dest="num_inference_steps", type=int, default=steps)
     add("--guidance-scale", "--guidance_scale", type=float, default=guidance, help="1 or less: none")
     add("--shift", type=float, default=shift, help="flow shift")
     add("--seed", type=int, help="default: random, recorded in the JSON beside the video")
@@ -92,8 +89,7 @@ def add_sampling(add, mode, kind):
         add("--ar-step", "--ar_step", type=int, default=0, help="0: synchronous; 5: asynchronous")
         add("--causal-block-size", "--causal_block_size", type=int, default=1, help="5 with --ar-step 5")
         add("--base-num-frames", "--base_num_frames", type=int, help="frames a window holds: 97 (121 at 720P)")
-        add("--overlap-history", "--overlap_history", type=int, required=mode == "v2v",
-            help="frames each window continues (17 or 37)")
+        add("--overlap-history", "--overlap_history", type=int, required=mode == "v2v", help="17 or 37")
         add("--addnoise-condition", "--addnoise_condition", type=float, default=0, help="20: smoother joins")
         add("--cache-budget", type=float, help="GiB for the asynchronous key/value cache (default: the GPU's free)")
         add("--plan", nargs="?", const="", metavar="PNG", help="print the windows (and draw them), load nothing")
@@ -101,8 +97,7 @@ def add_sampling(add, mode, kind):
         add("--redo-from", type=int, metavar="K", help="keep windows 1 .. K-1 of that run, make the others again")
         add("--keep-state", action="store_true", help="keep NAME.state once the video is written")
     add("--fps", type=int, default=24, help="the mp4's" + " and the model's (16 or 24)" * (kind == "df"))
-    add("--teacache", "--teacache_thresh", nargs="?", type=float, const=0.2, metavar="T",
-        help="TeaCache: skip DiT steps, threshold T (bare: 0.2)")
+    add("--teacache", "--teacache_thresh", nargs="?", type=float, const=0.2, metavar="T", help="TeaCache (bare: 0.2)")
     add("--use-ret-steps", "--use_ret_steps", action="store_true", help="TeaCache: the first 5 steps always run")
 
 
@@ -118,12 +113,9 @@ def main(argv=None):
     STOP.update(defer=False, signal=None)
     for sig in SIGNALS:
         signal.signal(sig, on_signal)
-    dist, args = None, argparse.Namespace(flags={})
+    args = argparse.Namespace(flags={})
     try:
         args = parse_args(argv)
-        import torch.distributed as dist  # noqa: F811  (torch only now: --help and bad flags are instant)
-
-        dist = join_ranks(args) and dist
         run(args)
     except KeyboardInterrupt:
         say("stopped before any frame was finished; nothing written")
@@ -132,17 +124,18 @@ def main(argv=None):
         if RANK == 0:
             print(f"error: {as_flags((str(e) or type(e).__name__).splitlines()[0], args.flags)}", file=sys.stderr)
         leave(2)
-    except Exception as e:
-        why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-        if type(e).__name__ == "OutOfMemoryError":  # finished windows are already kept (write)
-            why = f"out of GPU memory ({str(e).splitlines()[0]}): try --offload, a smaller --base-num-frames, or " \
-                  f"--cache-budget 0"
-        elif not dist:
+    except Exception as e:  # under torchrun, each failing rank says why in one line; torchrun then stops the others
+        why = (str(e).splitlines() or [""])[0]
+        if type(e).__name__ == "OutOfMemoryError":  # the finished windows are already kept (write)
+            why = f"out of GPU memory ({why}): try --offload, a smaller --base-num-frames, or --cache-budget 0"
+        elif WORLD == 1:
             raise
-        print(f"error: {f'rank {RANK}: ' * bool(dist)}{why}", file=sys.stderr)  # torchrun then stops the others
+        else:
+            why = f"{type(e).__name__}: {why}"
+        print(f"error: {f'rank {RANK}: ' * (WORLD > 1)}{why}", file=sys.stderr)
         leave(1)
-    finally:
-        if dist:
+    finally:  # join_ranks' group, if it was joined
+        if WORLD > 1 and (dist := sys.modules.get("torch.distributed")) and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -168,9 +161,7 @@ def as_flags(message, flags):
 
 
 def join_ranks(args):
-    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPU LOCAL_RANK, or gloo), take rank 0's seed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        return False
+    """Join torchrun's process group (NCCL on GPU LOCAL_RANK, or gloo) and take rank 0's seed."""
     import torch
     import torch.distributed as dist
 
@@ -183,15 +174,16 @@ def join_ranks(args):
         seed = [a.get("seed", random.randrange(2**31))]  # --seed 0 is a seed
         dist.broadcast_object_list(seed, src=0)
         args.seed = seed[0]
-    return True
 
 
 def run(args):
     """Check everything, then load, generate and write (rank 0; the other ranks share the work)."""
-    import torch
+    import torch  # only now: --help and bad flags are instant
 
     import skyreels
 
+    if WORLD > 1:
+        join_ranks(args)
     a = vars(args)  # the flags given, and those with a default
     device = skyreels.check_device(a.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, DTYPES[a.get("dtype", "fp32" if device.type == "cpu" else "bf16")])
@@ -215,12 +207,12 @@ def run(args):
     pipe = skyreels.load(model, device=device, dtype=dtype, offload="offload" in a, compile="compile" in a,
                          loras=a.get("lora", []), transformer=a.get("transformer"), fp8="fp8" in a)
     chunks = pipe.run(dataclasses.replace(s, progress=Progress(pipe.dit_passes) if RANK == 0 else None))
-    if RANK > 0:  # the other ranks share the work; rank 0 alone writes
+    if RANK > 0:
         for _ in chunks:
             pass
         return
     record = dict(mode=args.mode, model=args.model, dtype=str(dtype)[6:], loras=a.get("lora", []),
-                  transformer=a.get("transformer"), fp8=pipe.fp8, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+                  transformer=a.get("transformer"), fp8=pipe.fp8, world_size=WORLD)
     record.update({k: v for k, v in vars(s).items() if k not in ("generator", "progress", "mode", "resume")}, **media)
     if kind == "df":
         record.update(window_prompts=[w.prompt for w in windows], state=s.state if "keep_state" in a else None)
@@ -288,9 +280,6 @@ class Output:
 
     def check(self, inputs):
         """Refuse now, not after the denoising, an output that would land on or in an input, or cannot be written."""
-        if not os.path.isdir(self.folder):
-            raise ValueError(f"cannot write {self.path}: {self.folder} "
-                             f"{'is a file' if os.path.exists(self.folder) else 'does not exist'}")
         if os.path.isdir(self.json) or len(os.path.basename(self.json).encode()) > 255:
             raise ValueError(f"cannot write {self.json}: {'a folder' if os.path.isdir(self.json) else 'name too long'}")
         for path in filter(None, (self.path, self.json, self.partial, self.partial_json, self.tmp, self.state)):
@@ -301,7 +290,8 @@ class Output:
             open(self.tmp_json, "w").close()
             os.remove(self.tmp_json)
         except OSError as e:
-            raise ValueError(f"cannot write {self.path}: {e.strerror}") from None
+            why = "is a file" if os.path.isfile(self.folder) else e.strerror.lower()
+            raise ValueError(f"cannot write {self.path}: {self.folder}: {why}") from None
 
     def write(self, chunks, fps, record, new_from=0, keep_state=False, passes=None):
         """Frame chunks to a temporary mp4, read back, renamed with `record` as JSON beside it: both or neither.
@@ -322,13 +312,11 @@ class Output:
                     remove(self.partial, self.partial_json)
                     if self.state and not keep_state and os.path.isdir(self.state):
                         shutil.rmtree(self.state)
-        finally:
-            STOP["defer"] = stop is not None
+        finally:  # signals wait from here on: the run is done, or stopping
             remove(self.tmp, self.tmp_json)
         if stop is not None:  # an error (not a signal) then gets its own line
-            resume = f"; --resume continues it from {self.state}" if self.state else ""
-            say("stopped; " + (f"{final[0]} holds the {written} frames finished" if written > new_from else
-                               "nothing written") + resume)
+            kept = f"{final[0]} holds the {written} frames finished" if written > new_from else "nothing written"
+            say(f"stopped; {kept}" + (f"; --resume continues it from {self.state}" if self.state else ""))
             raise SystemExit(128 + STOP["signal"]) if isinstance(stop, KeyboardInterrupt) else stop
 
     def feed(self, chunks, fps):
@@ -392,7 +380,7 @@ def ffmpeg():  # the mp4s are read and written by imageio-ffmpeg's binary: witho
 
         return imageio_ffmpeg.get_ffmpeg_exe()
     except (ImportError, RuntimeError) as e:
-        raise OSError(f"no ffmpeg to write the mp4 with ({type(e).__name__}: {e}): pip install imageio-ffmpeg") from None
+        raise OSError(f"no ffmpeg to write mp4s with ({type(e).__name__}: {e}): pip install imageio-ffmpeg") from None
 
 
 def frames_in(path):  # the frames an mp4 holds as ffmpeg decodes it (out of Ctrl-C's reach); 0 if it cannot
