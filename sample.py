@@ -81,7 +81,8 @@ def add_sampling(add, mode, kind):
     steps, guidance, shift = DEFAULTS[mode]
     v2v = "; the video's last overlap_history frames come first: num_frames - overlap_history frames are new"
     add("--num-frames", "--num_frames", type=int, default=97, help="rounded down to 1 + 4k" + v2v * (mode == "v2v"))
-    add("--steps", "--inference_steps", "--num_inference_steps", dest="num_inference_steps", type=int, default=steps)
+    add("--steps", "--inference_steps", "--num_inference_steps", dest="num_inference_steps", type=int, default=steps,
+        help="denoising steps")
     add("--guidance-scale", "--guidance_scale", type=float, default=guidance, help="1 or less: none")
     add("--shift", type=float, default=shift, help="flow shift")
     add("--seed", type=int, help="default: random, recorded in the JSON beside the video")
@@ -206,14 +207,14 @@ def run(args):
     ffmpeg()
     pipe = skyreels.load(model, device=device, dtype=dtype, offload="offload" in a, compile="compile" in a,
                          loras=a.get("lora", []), transformer=a.get("transformer"), fp8="fp8" in a)
-    chunks = pipe.run(dataclasses.replace(s, progress=Progress(pipe.dit_passes) if RANK == 0 else None))
+    chunks = pipe.run(dataclasses.replace(s, progress=progress(pipe.dit_passes) if RANK == 0 else None))
     if RANK > 0:
         for _ in chunks:
             pass
         return
-    record = dict(mode=args.mode, model=args.model, dtype=str(dtype)[6:], loras=a.get("lora", []),
-                  transformer=a.get("transformer"), fp8=pipe.fp8, world_size=WORLD)
-    record.update({k: v for k, v in vars(s).items() if k not in ("generator", "progress", "mode", "resume")}, **media)
+    record = {k: v for k, v in vars(s).items() if k not in ("generator", "progress", "resume")}
+    record.update(model=args.model, dtype=str(dtype)[6:], loras=a.get("lora", []), transformer=a.get("transformer"),
+                  fp8=pipe.fp8, world_size=WORLD, **media)
     if kind == "df":
         record.update(window_prompts=[w.prompt for w in windows], state=s.state if "keep_state" in a else None)
     out.write(chunks, s.fps, record, len(s.video or []), keep_state="keep_state" in a, passes=pipe.dit_passes)
@@ -269,14 +270,11 @@ class Output:
         if not out.lower().endswith(".mp4"):
             raise ValueError(f"--out must name an .mp4 file: {out}")
         self.path, self.json, self.folder = out, out[:-4] + ".json", os.path.dirname(os.path.abspath(out))
-
-        def beside(suffix):  # NAME + suffix, NAME cut so that the file name stays within the usual 255 bytes
-            return os.path.join(self.folder, os.path.basename(out[:-4]).encode()[:255 - len(suffix)]
-                                .decode(errors="ignore") + suffix)
-        self.partial, self.partial_json = beside(".partial.mp4"), beside(".partial.json")
-        self.tmp = os.path.join(self.folder, f".sample-{os.getpid()}.mp4")  # short: out's name may be at the limit
-        self.tmp_json = self.tmp[:-4] + ".json"
-        self.state = beside(".state") if keeps_state else None
+        stem = os.path.join(self.folder, os.path.basename(out[:-4]).encode()[:242].decode(errors="ignore"))
+        self.partial, self.partial_json = stem + ".partial.mp4", stem + ".partial.json"  # within the usual 255 bytes
+        self.state = stem + ".state" if keeps_state else None
+        tmp = os.path.join(self.folder, f".sample-{os.getpid()}")  # short: out's name may be at the limit
+        self.tmp, self.tmp_json = tmp + ".mp4", tmp + ".json"
 
     def check(self, inputs):
         """Refuse now, not after the denoising, an output that would land on or in an input, or cannot be written."""
@@ -356,22 +354,21 @@ def say(message):  # a line on stderr, of its own even after a progress line
     print(("\n" if sys.stderr.isatty() else "") + message, file=sys.stderr)
 
 
-class Progress:
-    """progress(step, total): one line redrawn on a terminal, a line a step in a log file."""
+def progress(passes):
+    """progress(step, total): one line redrawn on a terminal, a line a step in a log file; passes: the DiT's."""
+    start = time.time()
 
-    def __init__(self, passes=None):  # passes: the pipeline's DiT passes, computed and skipped, as they run
-        self.start, self.passes = time.time(), passes
-
-    def __call__(self, step, total):
+    def show(step, total):
         now, done = time.time(), step + 1
-        eta = f"{(now - self.start) / step * (total - done):.0f}s" if step else "?"
-        line = f"step {done}/{total}  {now - self.start:.0f}s elapsed  ETA {eta}"
-        if self.passes and self.passes["dit_passes_skipped"]:  # TeaCache's
-            line += f"  {self.passes['dit_passes_skipped']}/{sum(self.passes.values())} DiT passes skipped"
+        eta = f"{(now - start) / step * (total - done):.0f}s" if step else "?"
+        line = f"step {done}/{total}  {now - start:.0f}s elapsed  ETA {eta}"
+        if passes["dit_passes_skipped"]:  # TeaCache's
+            line += f"  {passes['dit_passes_skipped']}/{sum(passes.values())} DiT passes skipped"
         sys.stderr.write(f"\r{line}   " if sys.stderr.isatty() else line + "\n")  # a terminal: one line, redrawn
         if done == total:
             sys.stderr.write("\n" * sys.stderr.isatty() + "the last step is done: decoding and writing the video\n")
         sys.stderr.flush()
+    return show
 
 
 def ffmpeg():  # the mp4s are read and written by imageio-ffmpeg's binary: without it, say so before any work
