@@ -111,12 +111,11 @@ def lora_arg(text):  # PATH[:SCALE]; a ':' not followed by a number (1e-3 is one
 
 
 def main(argv=None):
+    args = parse_args(argv)  # instant: a Ctrl-C meanwhile is Python's own, as while this file is imported
     STOP.update(defer=False, signal=None)
     for sig in SIGNALS:
         signal.signal(sig, on_signal)
-    args = argparse.Namespace(flags={})
     try:
-        args = parse_args(argv)
         run(args)
     except KeyboardInterrupt:
         say("stopped before any frame was finished; nothing written")
@@ -292,10 +291,9 @@ class Output:
             raise ValueError(f"cannot write {self.path}: {self.folder}: {why}") from None
 
     def write(self, chunks, fps, record, new_from=0, keep_state=False, passes=None):
-        """Frame chunks to a temporary mp4, read back, renamed with `record` as JSON beside it: both or neither.
-        Stopped part-way, the frames go to NAME.partial.mp4 (if past v2v's `new_from` input frames), never over a
-        complete video. A complete video makes an earlier partial one and (without --keep-state) the state unneeded.
-        passes (the DiT passes made and skipped) join the record at the end."""
+        """Frame chunks to a temporary mp4, read back, renamed with `record` and `passes` as JSON beside it: both or
+        neither. Stopped part-way, the frames (past v2v's `new_from` input frames) go to NAME.partial.mp4, never over a
+        complete video; a complete one makes the partial one and (without keep_state) the state unneeded."""
         written, stop = self.feed(chunks, fps)
         final = (self.path, self.json) if stop is None else (self.partial, self.partial_json)
         try:
