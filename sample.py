@@ -3,9 +3,8 @@
   python sample.py {t2v,i2v,df,df-i2v,v2v} --model PATH --prompt TEXT [options] --out video.mp4
 
 `python sample.py MODE --help` lists a mode's options; the original spellings (--model_id, --num_frames, ...) work
-too. All is checked before any weight is read: bad input gets one `error:` line, exit code 2, and nothing is written.
-The mp4 is written as frames finish, read back, and renamed with its settings' JSON beside it. A diffusion-forcing run
-keeps each finished window in NAME.state; stopped, its frames go to NAME.partial.mp4 and `--resume` continues it.
+too. Bad input gets one `error:` line and exit code 2 before any weight is read. The mp4 and its JSON appear whole or
+not at all; a stopped run leaves NAME.partial.mp4, and a diffusion-forcing one NAME.state for --resume (README.md).
 """
 import argparse
 import dataclasses
@@ -19,20 +18,23 @@ import subprocess
 import sys
 import time
 
-MODES = {"t2v": ("t2v", "text to video"), "i2v": ("i2v", "image to video (a first, and optionally a last, frame)"),
-         "df": ("df", "text to video of any length, by diffusion forcing"), "df-i2v": ("df", "image to video, by "
-         "diffusion forcing"), "v2v": ("df", "video extension, by diffusion forcing")}  # mode -> checkpoint kind
+MODES = {  # mode: (the checkpoint kind it needs, what it makes)
+    "t2v": ("t2v", "text to video"), "i2v": ("i2v", "image to video (a first, and optionally a last, frame)"),
+    "df": ("df", "text to video of any length, by diffusion forcing"),
+    "df-i2v": ("df", "image to video, by diffusion forcing"), "v2v": ("df", "video extension, by diffusion forcing")}
 # skyreels.DEFAULTS (steps, guidance, shift), repeated here so that --help need not import torch (a test compares).
 DEFAULTS = {"t2v": (50, 6.0, 8.0), "i2v": (50, 5.0, 5.0), "df": (30, 6.0, 8.0), "df-i2v": (30, 5.0, 5.0),
             "v2v": (30, 5.0, 5.0)}
 DTYPES = dict(bf16="bfloat16", fp16="float16", fp32="float32", **{t: t for t in ("bfloat16", "float16", "float32")})
+# Under torchrun, every rank gets the same input and shares the work: rank 0 alone reports and writes.
+RANK, WORLD = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each ends a run: exit 128 + its number
 STOP = {"defer": False, "signal": None}  # a signal waits while ffmpeg is fed and while files are renamed (write)
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, as for every other bad input
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n" if RANK == 0 else None)
 
 
 def parse_args(argv=None):
@@ -42,51 +44,45 @@ def parse_args(argv=None):
     for mode, (kind, about) in MODES.items():
         m = modes.add_parser(mode, help=about, description=f"{about}, with a {kind.upper()} checkpoint",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
-        add_inputs(m, mode)
+        add_inputs(m, mode, kind)
         add_sampling(m.add_argument, mode, kind)
         add = m.add_argument
         add("--dtype", choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
         add("--device", help="cpu, cuda, cuda:1 (default: cuda if there is one)")
         add("--offload", action="store_true", help="keep only the component in use on the GPU")
         add("--compile", action="store_true", help="torch.compile the DiT blocks (faster, slower start)")
-        add("--lora", action="append", type=lora_arg, metavar="PATH[:SCALE]", help="fold a LoRA into the DiT "
-            "(repeatable; scale 1 by default)")
-        add("--transformer", help="a one-file DiT (original Wan / ComfyUI or diffusers names, fp8 too) for the folder's")
-        add("--fp8", action="store_true", help="quantize the DiT's and text encoder's Linear weights to fp8 on load")
+        add("--lora", action="append", type=lora_arg, metavar="PATH[:SCALE]", help="fold a LoRA into the DiT")
+        add("--transformer", help="a one-file DiT (original Wan / ComfyUI or diffusers names, fp8 too)")
+        add("--fp8", action="store_true", help="quantize the DiT's and text encoder's Linear weights to fp8")
         add("--out", "--outdir", default="video.mp4", help="the mp4 (in a folder: video.mp4 there)")
     args = p.parse_args(argv)
     args.flags = {a.dest: a.option_strings[0] for a in modes.choices[args.mode]._actions if a.option_strings}
     return args
 
 
-def add_inputs(m, mode):
+def add_inputs(m, mode, kind):
     add = m.add_argument
-    add("--model", "--model_id", required=True, help="an official -Diffusers folder, a Hugging Face id (owner/name), "
-        "or tiny-t2v / tiny-i2v / tiny-df")
+    add("--model", "--model_id", required=True, help="a -Diffusers folder, a Hugging Face id, or tiny-t2v/i2v/df")
     text = m.add_mutually_exclusive_group(required=True)
-    text.add_argument("--prompt", action="append", help="what the video shows" + (
-        "; repeat it for a prompt a window, in order (the last carries on)" * (MODES[mode][0] == "df")))
-    text.add_argument("--prompt-file", help="a prompt a line (blank lines skipped)" + ", a prompt a window" * (
-        MODES[mode][0] == "df"))
+    text.add_argument("--prompt", action="append", help="repeated: a prompt a window" if kind == "df" else None)
+    text.add_argument("--prompt-file", help="a prompt a line" + ", a window each" * (kind == "df"))
     add("--negative-prompt", "--negative_prompt", help="what it should not show")
     if "i2v" in mode:
         add("--image", required=True, help="the first frame")
         add("--last-image", "--end_image", "--last_image", help="the last frame")
     if mode == "v2v":
         add("--video", "--video_path", required=True, help="the video to extend")
-    add("--resolution", help="without --height/--width: 540P is 544x960, 720P 720x1280, tiny 64x96" +
-        " at the image's aspect" * ("i2v" in mode) + " (default: 540P; tiny for tiny-*)")
+    add("--resolution", help="540P, 720P or tiny, without --height/--width (default: 540P; tiny for tiny-*)")
     add("--height", type=int, help="a multiple of 16, with --width")
     add("--width", type=int, help="a multiple of 16, with --height")
 
 
 def add_sampling(add, mode, kind):
     steps, guidance, shift = DEFAULTS[mode]
-    add("--num-frames", "--num_frames", type=int, default=97, help="rounded down to 1 + 4k" + (
-        "; the frames after the input video, which begin with its last overlap_history frames again: num_frames "
-        "- overlap_history frames are new" if mode == "v2v" else ""))
-    add("--steps", "--inference_steps", "--num_inference_steps", dest="num_inference_steps", type=int,
-        default=steps, help="denoising steps")
+    v2v = "; the video's last overlap_history frames come first: num_frames - overlap_history frames are new"
+    add("--num-frames", "--num_frames", type=int, default=97, help="rounded down to 1 + 4k" + v2v * (mode == "v2v"))
+    add("--steps", "--inference_steps", "--num_inference_steps", dest="num_inference_steps", type=int, default=steps,
+        help="denoising steps")
     add("--guidance-scale", "--guidance_scale", type=float, default=guidance, help="1 or less: none")
     add("--shift", type=float, default=shift, help="flow shift")
     add("--seed", type=int, help="default: random, recorded in the JSON beside the video")
@@ -94,19 +90,15 @@ def add_sampling(add, mode, kind):
         add("--ar-step", "--ar_step", type=int, default=0, help="0: synchronous; 5: asynchronous")
         add("--causal-block-size", "--causal_block_size", type=int, default=1, help="5 with --ar-step 5")
         add("--base-num-frames", "--base_num_frames", type=int, help="frames a window holds: 97 (121 at 720P)")
-        add("--overlap-history", "--overlap_history", type=int, required=mode == "v2v",
-            help="frames each window continues (17 or 37); needed above --base-num-frames")
+        add("--overlap-history", "--overlap_history", type=int, required=mode == "v2v", help="17 or 37")
         add("--addnoise-condition", "--addnoise_condition", type=float, default=0, help="20: smoother joins")
-        add("--cache-budget", type=float, help="GiB for the asynchronous shortcuts' key/value cache (0: none; "
-            "default: what the GPU has free)")
-        add("--plan", nargs="?", const="", metavar="PNG", help="print the windows (and draw their step matrices to "
-            "PNG), then exit without loading any weight")
-        add("--resume", action="store_true", help="continue the run whose state is beside --out (NAME.state)")
+        add("--cache-budget", type=float, help="GiB for the asynchronous key/value cache (default: the GPU's free)")
+        add("--plan", nargs="?", const="", metavar="PNG", help="print the windows (and draw them), load nothing")
+        add("--resume", action="store_true", help="continue the run kept beside --out in NAME.state")
         add("--redo-from", type=int, metavar="K", help="keep windows 1 .. K-1 of that run, make the others again")
         add("--keep-state", action="store_true", help="keep NAME.state once the video is written")
-    add("--fps", type=int, default=24, help="the mp4's" + (" and the model's (16 or 24)" * (kind == "df")))
-    add("--teacache", "--teacache_thresh", nargs="?", type=float, const=0.2, metavar="T", help="TeaCache: skip DiT "
-        "steps, threshold T (bare: 0.2; or as the original: --teacache --teacache_thresh T)")
+    add("--fps", type=int, default=24, help="the mp4's" + " and the model's (16 or 24)" * (kind == "df"))
+    add("--teacache", "--teacache_thresh", nargs="?", type=float, const=0.2, metavar="T", help="TeaCache (bare: 0.2)")
     add("--use-ret-steps", "--use_ret_steps", action="store_true", help="TeaCache: the first 5 steps always run")
 
 
@@ -119,35 +111,31 @@ def lora_arg(text):  # PATH[:SCALE]; a ':' not followed by a number (1e-3 is one
 
 
 def main(argv=None):
-    rank = int(os.environ.get("RANK", "0"))  # torchrun's ranks all get the same input: rank 0 alone reports it
+    args = parse_args(argv)  # instant: a Ctrl-C meanwhile is Python's own, as while this file is imported
     STOP.update(defer=False, signal=None)
     for sig in SIGNALS:
         signal.signal(sig, on_signal)
-    dist, args = None, argparse.Namespace(flags={})
     try:
-        args = parse_args(argv) if rank == 0 else quietly(parse_args, argv)
-        import torch.distributed as dist  # noqa: F811  (torch only now: --help and bad flags are instant)
-
-        dist = join_ranks(args) and dist
-        run(args, rank)
+        run(args)
     except KeyboardInterrupt:
         say("stopped before any frame was finished; nothing written")
         leave(128 + (STOP["signal"] or signal.SIGINT))
     except (ValueError, OSError, FloatingPointError) as e:  # skyreels.CheckpointError is a ValueError
-        if rank == 0:
+        if RANK == 0:
             print(f"error: {as_flags((str(e) or type(e).__name__).splitlines()[0], args.flags)}", file=sys.stderr)
         leave(2)
-    except Exception as e:
-        if type(e).__name__ == "OutOfMemoryError":  # finished windows are already kept (write)
-            print(f"error: {f'rank {rank}: ' * bool(dist)}out of GPU memory ({str(e).splitlines()[0]}): try "
-                  f"--offload, a smaller --base-num-frames, or --cache-budget 0", file=sys.stderr)
-        elif dist:  # each failing rank says why in one line; torchrun then stops the others
-            print(f"error: rank {rank}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}", file=sys.stderr)
-        else:
+    except Exception as e:  # under torchrun, each failing rank says why in one line; torchrun then stops the others
+        why = (str(e).splitlines() or [""])[0]
+        if type(e).__name__ == "OutOfMemoryError":  # the finished windows are already kept (write)
+            why = f"out of GPU memory ({why}): try --offload, a smaller --base-num-frames, or --cache-budget 0"
+        elif WORLD == 1:
             raise
+        else:
+            why = f"{type(e).__name__}: {why}"
+        print(f"error: {f'rank {RANK}: ' * (WORLD > 1)}{why}", file=sys.stderr)
         leave(1)
-    finally:
-        if dist:
+    finally:  # join_ranks' group, if it was joined
+        if WORLD > 1 and (dist := sys.modules.get("torch.distributed")) and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -172,38 +160,30 @@ def as_flags(message, flags):
     return re.sub(r"\b([a-z]+(?:_[a-z]+)*)\b( must| and| differs|:)?", flag, message)
 
 
-def quietly(function, *args):  # the other ranks' argparse errors: rank 0 says them once
-    stderr, sys.stderr = sys.stderr, open(os.devnull, "w")
-    try:
-        return function(*args)
-    finally:
-        sys.stderr = stderr
-
-
 def join_ranks(args):
-    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPU LOCAL_RANK, or gloo), take rank 0's seed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        return False
+    """Join torchrun's process group (NCCL on GPU LOCAL_RANK, or gloo) and take rank 0's seed."""
     import torch
     import torch.distributed as dist
 
-    if torch.cuda.is_available() and getattr(args, "device", "cuda").startswith("cuda"):
+    a = vars(args)
+    if torch.cuda.is_available() and a.get("device", "cuda").startswith("cuda"):
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if getattr(args, "device", "cpu").startswith("cuda") else "gloo")
-    if not (getattr(args, "resume", False) or getattr(args, "redo_from", None)):  # resuming: the state's seed
-        seed = [getattr(args, "seed", random.randrange(2**31))]  # --seed 0 is a seed
+    dist.init_process_group("nccl" if a.get("device", "cpu").startswith("cuda") else "gloo")
+    if not ("resume" in a or "redo_from" in a):  # resuming: the state's seed
+        seed = [a.get("seed", random.randrange(2**31))]  # --seed 0 is a seed
         dist.broadcast_object_list(seed, src=0)
         args.seed = seed[0]
-    return True
 
 
-def run(args, rank=0):
+def run(args):
     """Check everything, then load, generate and write (rank 0; the other ranks share the work)."""
-    import torch
+    import torch  # only now: --help and bad flags are instant
 
     import skyreels
 
+    if WORLD > 1:
+        join_ranks(args)
     a = vars(args)  # the flags given, and those with a default
     device = skyreels.check_device(a.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, DTYPES[a.get("dtype", "fp32" if device.type == "cpu" else "bf16")])
@@ -212,27 +192,28 @@ def run(args, rank=0):
     if kind != MODES[args.mode][0]:
         raise ValueError(f"{args.mode} needs a {MODES[args.mode][0].upper()} checkpoint; {model} is {kind.upper()}")
     out = Output(args.out, kind == "df" and "plan" not in a)
-    out.check([model if os.path.isdir(model) else None, a.get("transformer"), a.get("image"), a.get("last_image"),
-               a.get("video"), a.get("prompt_file")] + [path for path, _ in a.get("lora", [])], probe=rank == 0)
+    media = {k: a.get(k) for k in ("image", "last_image", "video")}  # the JSON names them as given
+    out.check([model if os.path.isdir(model) else None, a.get("transformer"), a.get("prompt_file"), *media.values()]
+              + [path for path, _ in a.get("lora", [])])
     s = skyreels.check_settings(kind, skyreels.rope_limit(model), settings_of(args, out, skyreels))
+    windows = skyreels.plan_windows(s) if kind == "df" else []
     if "plan" in a:
-        return show_plan(s, skyreels, a["plan"])
+        return show_plan(s, windows, skyreels, a["plan"])
     if s.num_frames != args.num_frames:
         say(f"num_frames {args.num_frames} is rounded down to {s.num_frames} (the VAE makes 1 + 4k frames)")
-    if kind == "df" and len(windows := skyreels.plan_windows(s)) > 1:  # a long run says how long, first
+    if len(windows) > 1:  # a long run says how long, first
         say(f"{len(windows)} windows, {sum(len(w.matrix) for w in windows)} denoising steps")
     ffmpeg()
     pipe = skyreels.load(model, device=device, dtype=dtype, offload="offload" in a, compile="compile" in a,
                          loras=a.get("lora", []), transformer=a.get("transformer"), fp8="fp8" in a)
-    chunks = pipe.run(dataclasses.replace(s, progress=Progress(pipe.dit_passes) if rank == 0 else None))
-    if rank > 0:  # the other ranks share the work; rank 0 alone writes
+    chunks = pipe.run(dataclasses.replace(s, progress=progress(pipe.dit_passes) if RANK == 0 else None))
+    if RANK > 0:
         for _ in chunks:
             pass
         return
-    record = dict(mode=args.mode, model=args.model, dtype=str(dtype)[6:], loras=a.get("lora", []),
-                  transformer=a.get("transformer"), fp8=pipe.fp8, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    record.update({k: v for k, v in vars(s).items() if k not in ("generator", "progress", "mode", "resume")},
-                  image=a.get("image"), last_image=a.get("last_image"), video=a.get("video"))  # media as named
+    record = {k: v for k, v in vars(s).items() if k not in ("generator", "progress", "resume")}
+    record.update(model=args.model, dtype=str(dtype)[6:], loras=a.get("lora", []), transformer=a.get("transformer"),
+                  fp8=pipe.fp8, world_size=WORLD, **media)
     if kind == "df":
         record.update(window_prompts=[w.prompt for w in windows], state=s.state if "keep_state" in a else None)
     out.write(chunks, s.fps, record, len(s.video or []), keep_state="keep_state" in a, passes=pipe.dit_passes)
@@ -262,9 +243,8 @@ def read_prompts(path):
     return prompts
 
 
-def show_plan(s, skyreels, picture):
+def show_plan(s, windows, skyreels, picture):
     """--plan: the windows, the frames each makes and its prompt; with a PNG, the step matrices drawn."""
-    windows = skyreels.plan_windows(s)
     first = len(s.video) if s.mode == "v2v" else 0  # v2v's output begins with the input video
     print(f"{len(windows)} windows, {sum(len(w.matrix) for w in windows)} iterations of the step matrices")
     for k, w in enumerate(windows):
@@ -289,20 +269,14 @@ class Output:
         if not out.lower().endswith(".mp4"):
             raise ValueError(f"--out must name an .mp4 file: {out}")
         self.path, self.json, self.folder = out, out[:-4] + ".json", os.path.dirname(os.path.abspath(out))
+        stem = os.path.join(self.folder, os.path.basename(out[:-4]).encode()[:242].decode(errors="ignore"))
+        self.partial, self.partial_json = stem + ".partial.mp4", stem + ".partial.json"  # within the usual 255 bytes
+        self.state = stem + ".state" if keeps_state else None
+        tmp = os.path.join(self.folder, f".sample-{os.getpid()}")  # short: out's name may be at the limit
+        self.tmp, self.tmp_json = tmp + ".mp4", tmp + ".json"
 
-        def beside(suffix):  # NAME + suffix, NAME cut so that the file name stays within the usual 255 bytes
-            return os.path.join(self.folder, os.path.basename(out[:-4]).encode()[:255 - len(suffix)]
-                                .decode(errors="ignore") + suffix)
-        self.partial, self.partial_json = beside(".partial.mp4"), beside(".partial.json")
-        self.tmp = os.path.join(self.folder, f".sample-{os.getpid()}.mp4")  # short: out's name may be at the limit
-        self.tmp_json = self.tmp[:-4] + ".json"
-        self.state = beside(".state") if keeps_state else None
-
-    def check(self, inputs, probe=True):
+    def check(self, inputs):
         """Refuse now, not after the denoising, an output that would land on or in an input, or cannot be written."""
-        if not os.path.isdir(self.folder):
-            raise ValueError(f"cannot write {self.path}: {self.folder} "
-                             f"{'is a file' if os.path.exists(self.folder) else 'does not exist'}")
         if os.path.isdir(self.json) or len(os.path.basename(self.json).encode()) > 255:
             raise ValueError(f"cannot write {self.json}: {'a folder' if os.path.isdir(self.json) else 'name too long'}")
         for path in filter(None, (self.path, self.json, self.partial, self.partial_json, self.tmp, self.state)):
@@ -310,19 +284,17 @@ class Output:
                 if (os.path.realpath(path) + os.sep).startswith(os.path.realpath(given) + os.sep):
                     raise ValueError(f"--out {self.path} would overwrite: it writes {path}, over the input {given}")
         try:  # prove that the folder takes files
-            if probe:
-                open(self.tmp_json, "w").close()
-                os.remove(self.tmp_json)
+            open(self.tmp_json, "w").close()
+            os.remove(self.tmp_json)
         except OSError as e:
-            raise ValueError(f"cannot write {self.path}: {e.strerror}") from None
+            why = "is a file" if os.path.isfile(self.folder) else e.strerror.lower()
+            raise ValueError(f"cannot write {self.path}: {self.folder}: {why}") from None
 
     def write(self, chunks, fps, record, new_from=0, keep_state=False, passes=None):
-        """Frame chunks to a temporary mp4, read back, renamed with `record` as JSON beside it: both or neither.
-        Stopped part-way, the frames go to NAME.partial.mp4 (if past v2v's `new_from` input frames), never over a
-        complete video. A complete video makes an earlier partial one and (without --keep-state) the state unneeded.
-        passes (the DiT passes made and skipped) join the record at the end."""
+        """Frame chunks to a temporary mp4, read back, renamed with `record` and `passes` as JSON beside it: both or
+        neither. Stopped part-way, the frames (past v2v's `new_from` input frames) go to NAME.partial.mp4, never over a
+        complete video; a complete one makes the partial one and (without keep_state) the state unneeded."""
         written, stop = self.feed(chunks, fps)
-        STOP["defer"] = True
         final = (self.path, self.json) if stop is None else (self.partial, self.partial_json)
         try:
             if written > new_from:
@@ -336,17 +308,15 @@ class Output:
                     remove(self.partial, self.partial_json)
                     if self.state and not keep_state and os.path.isdir(self.state):
                         shutil.rmtree(self.state)
-        finally:
-            STOP["defer"] = stop is not None
+        finally:  # signals wait from here on: the run is done, or stopping
             remove(self.tmp, self.tmp_json)
         if stop is not None:  # an error (not a signal) then gets its own line
-            resume = f"; --resume continues it from {self.state}" if self.state else ""
-            say("stopped; " + (f"{final[0]} holds the {written} frames finished" if written > new_from else
-                               "nothing written") + resume)
+            kept = f"{final[0]} holds the {written} frames finished" if written > new_from else "nothing written"
+            say(f"stopped; {kept}" + (f"; --resume continues it from {self.state}" if self.state else ""))
             raise SystemExit(128 + STOP["signal"]) if isinstance(stop, KeyboardInterrupt) else stop
 
     def feed(self, chunks, fps):
-        """(frames written to the temporary mp4, the exception that stopped it or None)."""
+        """(frames written to the temporary mp4, the exception that stopped it or None), with signals deferred."""
         import imageio.v2 as imageio
         import numpy as np
 
@@ -382,22 +352,21 @@ def say(message):  # a line on stderr, of its own even after a progress line
     print(("\n" if sys.stderr.isatty() else "") + message, file=sys.stderr)
 
 
-class Progress:
-    """progress(step, total): one line redrawn on a terminal, a line a step in a log file."""
+def progress(passes):
+    """progress(step, total): one line redrawn on a terminal, a line a step in a log file; passes: the DiT's."""
+    start = time.time()
 
-    def __init__(self, passes=None):  # passes: the pipeline's DiT passes, computed and skipped, as they run
-        self.start, self.passes = time.time(), passes
-
-    def __call__(self, step, total):
+    def show(step, total):
         now, done = time.time(), step + 1
-        eta = f"{(now - self.start) / step * (total - done):.0f}s" if step else "?"
-        line = f"step {done}/{total}  {now - self.start:.0f}s elapsed  ETA {eta}"
-        if self.passes and self.passes["dit_passes_skipped"]:  # TeaCache's
-            line += f"  {self.passes['dit_passes_skipped']}/{sum(self.passes.values())} DiT passes skipped"
+        eta = f"{(now - start) / step * (total - done):.0f}s" if step else "?"
+        line = f"step {done}/{total}  {now - start:.0f}s elapsed  ETA {eta}"
+        if passes["dit_passes_skipped"]:  # TeaCache's
+            line += f"  {passes['dit_passes_skipped']}/{sum(passes.values())} DiT passes skipped"
         sys.stderr.write(f"\r{line}   " if sys.stderr.isatty() else line + "\n")  # a terminal: one line, redrawn
         if done == total:
             sys.stderr.write("\n" * sys.stderr.isatty() + "the last step is done: decoding and writing the video\n")
         sys.stderr.flush()
+    return show
 
 
 def ffmpeg():  # the mp4s are read and written by imageio-ffmpeg's binary: without it, say so before any work
@@ -406,7 +375,7 @@ def ffmpeg():  # the mp4s are read and written by imageio-ffmpeg's binary: witho
 
         return imageio_ffmpeg.get_ffmpeg_exe()
     except (ImportError, RuntimeError) as e:
-        raise OSError(f"no ffmpeg to write the mp4 with ({type(e).__name__}: {e}): pip install imageio-ffmpeg") from None
+        raise OSError(f"no ffmpeg to write mp4s with ({type(e).__name__}: {e}): pip install imageio-ffmpeg") from None
 
 
 def frames_in(path):  # the frames an mp4 holds as ffmpeg decodes it (out of Ctrl-C's reach); 0 if it cannot
