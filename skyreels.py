@@ -1,11 +1,8 @@
 """SkyReels-V2: the generation method, then checkpoint loading, then the extras a reader can skip.
 
-Read `Settings`, `check_settings`, `plan_windows` (a diffusion-forcing run's windows and step matrices), then
-`Pipeline`: `run_lockstep` (every frame at one timestep) and `run_diffusion_forcing` -> `denoise_window` -> `predict`
-(plan -> predict -> step). The solver and the step matrix are in schedule.py, the networks in model.py, vae.py, text.py.
-
-Loading is name alignment: a component is built on the meta device and each tensor is read from its shard, cast and
-placed as it is read, then assigned in place, so a 28 GB bf16 transformer never exists twice in memory.
+Read `Settings`, `check_settings`, `plan_windows`, then `Pipeline`: `run_lockstep` (every frame at one timestep) and
+`run_diffusion_forcing` -> `denoise_window` -> `predict` (plan -> predict -> step). Loading is name alignment: each
+tensor is read, cast and placed into a module built on the meta device, so a 28 GB DiT never exists twice in memory.
 """
 import dataclasses
 import functools
@@ -49,8 +46,7 @@ def latent_frames(num_frames):  # the VAE keeps the first frame alone and packs 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """One generation's inputs (Pipeline.generate and stream take them by name). check_settings returns them normalised
-    (mode and defaults filled in, size chosen, num_frames 1 + 4k, media as PIL): the one input of every loop below."""
+    """One generation's inputs, by name in Pipeline.generate and stream; check_settings normalises them."""
     prompt: str  # or a list, a prompt a window: diffusion-forcing window k uses prompt[min(k, len - 1)]
     negative_prompt: str = ""
     image: object = None  # the first frame (i2v, df-i2v): a PIL image, a path, or an (H, W, 3) array
@@ -83,7 +79,7 @@ class Settings:
     mode: str = None  # t2v, i2v, df, df-i2v or v2v: from the checkpoint's kind and the inputs (check_settings)
 
     @property
-    def images(self):  # the first, and the last
+    def images(self):
         return [im for im in (self.image, self.last_image) if im is not None]
 
     @property
@@ -109,13 +105,12 @@ def check_settings(kind, rope_max_seq_len, s):
     mode = check_mode(kind, s)
     defaults = dict(zip(("num_inference_steps", "guidance_scale", "shift"), DEFAULTS[mode]))
     s = dataclasses.replace(s, mode=mode, **{k: v for k, v in defaults.items() if getattr(s, k) is None})
-    s = check_inputs(check_state(check_numbers(s)))  # in this order: each trusts what the one before checked
+    s = check_inputs(check_state(check_numbers(s)))  # each trusts what the one before checked
     check_frames(kind, rope_max_seq_len, s)
     return s
 
 
-def check_mode(kind, s):
-    """The mode, from the checkpoint's kind and which media are given."""
+def check_mode(kind, s):  # from the checkpoint's kind and which media are given
     if s.image is None and (kind == "i2v" or s.last_image is not None):
         raise ValueError("an I2V checkpoint, and last_image, need image (the first frame)")
     if s.image is not None and (kind == "t2v" or s.video is not None) or s.video is not None and kind != "df":
@@ -124,8 +119,7 @@ def check_mode(kind, s):
     return kind if kind != "df" else "df-i2v" if s.image is not None else "v2v" if s.video is not None else "df"
 
 
-def check_numbers(s):
-    """Integers and reals in range; num_frames rounded down to 1 + 4k, as diffusers does."""
+def check_numbers(s):  # num_frames is rounded down to 1 + 4k, as diffusers does
     checked = {}
     for name, (low, high) in {**INTEGERS, **REALS}.items():
         v, integer = getattr(s, name), name in INTEGERS
@@ -141,8 +135,7 @@ def check_numbers(s):
     return dataclasses.replace(s, **checked)
 
 
-def check_state(s):
-    """resume and redo_from; without a seed, resuming takes the state's; the seed -1 drawn; a seed made a generator."""
+def check_state(s):  # resuming without a seed takes the state's; -1 draws one
     if not isinstance(s.resume, bool) or s.redo_from is not None and (
             isinstance(s.redo_from, bool) or not isinstance(s.redo_from, numbers.Integral) or s.redo_from < 1):
         raise ValueError(f"resume must be a bool and redo_from a window from 1, got {s.resume!r}, {s.redo_from!r}")
@@ -162,8 +155,7 @@ def check_state(s):
     return s
 
 
-def check_inputs(s):
-    """Text, output type and callbacks; images and video read as PIL; the size chosen and checked."""
+def check_inputs(s):  # images and video read as PIL, the size chosen
     if not isinstance(s.prompt, (str, list, tuple)) or not s.prompt:
         raise ValueError(f"prompt must be a string or a non-empty list of strings, got {s.prompt!r:.80}")
     for name, v in [("prompt", p) for p in s.prompts] + [("negative_prompt", s.negative_prompt)]:
@@ -187,8 +179,7 @@ def check_inputs(s):
     return s
 
 
-def default_size(s, resolution):
-    """The resolution's (height, width), or with an image its aspect ratio at that area, in multiples of 16."""
+def default_size(s, resolution):  # with an image: its aspect ratio at the resolution's area
     h, w = RESOLUTIONS[resolution]
     if s.image is None:
         return h, w
@@ -201,7 +192,6 @@ def default_size(s, resolution):
 
 
 def check_frames(kind, rope_max_seq_len, s):
-    """Enough frames, windows that overlap less than they hold, a token grid the model takes, whole causal blocks."""
     n, base, overlap = s.num_frames, s.base_num_frames, s.overlap_history
     if (s.mode == "df-i2v" or s.last_image is not None) and n <= TEMPORAL:
         raise ValueError(f"num_frames must be at least 5 with an image (it takes a latent frame of 4), got {n}")
@@ -245,7 +235,7 @@ class Window:
 
 
 def plan_windows(s):
-    """A diffusion-forcing run's windows, of base_num_frames frames at most, with their step matrices. Each later one
+    """A diffusion-forcing run's windows of base_num_frames frames at most, with their step matrices. Each later one
     (and v2v's first) begins with the last overlap_history frames made so far, known, in whole causal blocks."""
     block, total, base = s.causal_block_size, latent_frames(s.num_frames), latent_frames(s.base_num_frames)
     if s.overlap_history is not None and (s.num_frames > s.base_num_frames or s.mode == "v2v"):
@@ -271,7 +261,7 @@ def plan_windows(s):
 
 @functools.lru_cache(maxsize=16)  # a long video's windows are nearly all alike: one step matrix serves them
 def window_schedule(frames, steps, shift, ar_step, prefix, block, end):
-    """A window's step matrix and update mask (shared by every window alike: read, never written)."""
+    """A window's step matrix and update mask (shared by alike windows: read, never written)."""
     matrix, update = schedule.step_matrix(frames, schedule.timesteps(steps, shift)[0], ar_step, prefix, block)
     if end:  # the last image's latent is known from the start and never moves (as the original code)
         matrix[:, -1], update[:, -1] = 0, False
@@ -288,14 +278,12 @@ def stop_unless_finite(x, finite, done=0):
 
 
 def blocks_started(update, block):
-    """The frames up to the end of the last causal block that moves now: the blocks after it have not started, so
-    they cannot change the blocks before them (block-causal attention) and their prediction is unused."""
+    """Frames up to the last causal block moving now: later blocks cannot change it (block-causal) and rest."""
     return -(-(int(update.nonzero().max()) + 1) // block) * block
 
 
 def blocks_finished(update, start, block):
-    """How many frames from `start` on, in whole blocks, are finished: not moved now, nor ever again (a frame that
-    rests while a frame after it moves is done, since earlier frames are always ahead)."""
+    """Frames from `start` on, in whole blocks, that are done: resting while a later frame moves (earlier lead)."""
     return int(torch.cumprod(~update[start:], 0).sum()) // block * block
 
 
