@@ -141,7 +141,7 @@ def check_state(s):  # resuming without a seed takes the state's; -1 draws one
         raise ValueError(f"resume must be a bool and redo_from a window from 1, got {s.resume!r}, {s.redo_from!r}")
     if (s.resume or s.redo_from) and s.state is None:
         raise ValueError("resume and redo_from continue the run kept in a state folder: give state")
-    if s.state is not None and s.mode not in ("df", "df-i2v", "v2v"):
+    if s.state is not None and s.mode in ("t2v", "i2v"):
         raise ValueError(f"state, resume and redo_from are for diffusion forcing; {s.mode} makes one pass")
     if s.state is not None and not isinstance(s.state, (str, os.PathLike)):
         raise ValueError(f"state must be a folder's path, got {type(s.state).__name__}")
@@ -166,10 +166,8 @@ def check_inputs(s):  # images and video read as PIL, the size chosen
         raise ValueError(f"output_type must be 'np' or 'latent', got {s.output_type!r}")
     if not isinstance(s.generator, (torch.Generator, type(None))) or s.progress is not None and not callable(s.progress):
         raise ValueError("generator must be a torch.Generator and progress a function progress(step, total)")
-    if s.resolution not in (None, *RESOLUTIONS):
-        raise ValueError(f"resolution must be one of {', '.join(RESOLUTIONS)}, got {s.resolution!r}")
-    if (s.height is None) != (s.width is None):
-        raise ValueError("height and width must be given together, or neither")
+    if s.resolution not in (None, *RESOLUTIONS) or (s.height is None) != (s.width is None):
+        raise ValueError(f"resolution must be one of {', '.join(RESOLUTIONS)}, or height and width both given")
     media = {name: to_pil(getattr(s, name), name) for name in ("image", "last_image") if getattr(s, name) is not None}
     s = dataclasses.replace(s, **media, video=None if s.video is None else read_video(s.video))
     if s.height is None:
@@ -200,24 +198,21 @@ def check_frames(kind, rope_max_seq_len, s):
     if kind == "df" and n > base and overlap is None:
         raise ValueError(f"num_frames ({n}) is above base_num_frames ({base}): set overlap_history (17 or 37)")
     if kind == "df" and overlap is not None and latent_frames(overlap) >= latent_frames(base):
-        raise ValueError(f"overlap_history must be at most {(latent_frames(base) - 1) * TEMPORAL} with "
-                         f"base_num_frames {base} (each window adds a latent frame of 4 or more), got {overlap}")
+        raise ValueError(f"overlap_history must be under base_num_frames ({base}) by 4 or more, got {overlap}")
     if s.mode == "v2v" and not (overlap <= len(s.video) and overlap < n):
-        raise ValueError(f"overlap_history ({overlap}) must be at most the video's {len(s.video)} frames and below "
-                         f"num_frames ({n}), which counts the overlap_history input frames the new ones continue")
+        raise ValueError(f"overlap_history ({overlap}) must be at most the video's frames and below num_frames ({n})")
     f = latent_frames(min(n, base)) + (s.last_image is not None) if kind == "df" else latent_frames(n)
     grid = (f, s.height // SPATIAL // 2, s.width // SPATIAL // 2)  # the DiT's tokens: 1x2x2 latent patches
     if max(grid) > rope_max_seq_len or math.prod(grid) > MAX_TOKENS:
-        raise ValueError(f"height {s.height} and width {s.width} make a {'x'.join(map(str, grid))} token grid a "
-                         f"window, beyond rope_max_seq_len {rope_max_seq_len} or {MAX_TOKENS} tokens: choose less")
+        raise ValueError(f"height and width make a {'x'.join(map(str, grid))} token grid, beyond rope_max_seq_len "
+                         f"{rope_max_seq_len} or {MAX_TOKENS} tokens: choose less")
     if kind == "df" and s.fps not in (16, 24):
         raise ValueError(f"fps must be 16 or 24 (the rates diffusion-forcing models are trained on), got {s.fps}")
     if s.cache_budget is not None and s.causal_block_size < 2:
         raise ValueError("cache_budget is for the asynchronous shortcuts' cache: it needs causal_block_size > 1")
     if kind != "df" and len(s.prompts) > 1:
         raise ValueError(f"prompt: a list of prompts is for diffusion forcing (one a window); {s.mode} makes one pass")
-    # Planning raises unless each window is a whole number of causal blocks: say so before the weights are read.
-    if kind == "df" and len(s.prompts) > (windows := len(plan_windows(s))):
+    if kind == "df" and len(s.prompts) > (windows := len(plan_windows(s))):  # planning checks the causal blocks
         raise ValueError(f"prompt: {len(s.prompts)} prompts for {windows} windows (a prompt a window)")
 
 
@@ -351,8 +346,8 @@ class Pipeline:
     # -- diffusion forcing: one loop for text-, image- and video-conditioned generation -------------------------------
 
     def run_diffusion_forcing(self, s, windows, state=None):
-        """Window by window: its first `prefix` latent frames known (the image, the input video's or previous window's
-        end), the rest noise; its new latents are final, so decoded at once. `state` keeps each finished window."""
+        """Window by window, its first `prefix` latent frames known, the rest noise; its new latents are final, so
+        decoded at once. `state` keeps each finished window."""
         texts, decode = self.encode_text(s), self.decoder(s.output_type)
         known, end = self.known_latents(s)
         if s.mode == "v2v" and s.output_type != "latent":  # the input first, as diffusers (its latents: the new only)
@@ -374,8 +369,7 @@ class Pipeline:
             known = x[:, :, x.shape[2] - w.overlap:]  # the next window's prefix
             yield decode(x[:, :, w.new_from:])
 
-    def known_latents(self, s):
-        """The first window's known latents (df-i2v: the image; v2v: the video's end), and the last image's."""
+    def known_latents(self, s):  # the first window's (df-i2v: the image; v2v: the video's end), and the last image's
         if s.mode == "df-i2v":  # the first (and last) image, encoded as one-frame videos
             cond = self.encode_video(torch.cat([pixels([im], s.height, s.width) for im in s.images]))
             return cond[:1], cond[1:]
@@ -385,9 +379,8 @@ class Pipeline:
         return None, None
 
     def denoise_window(self, x, w, s, texts, done=0, total=None):
-        """Diffusion forcing over one window: x (1, 16, F, h, w) float32 latents, its first w.prefix frames known,
-        the rest noise. At each iteration the step matrix gives every frame its timestep and the update mask the
-        frames the per-frame solver moves. progress(done + i, total) after iteration i. Returns the denoised window."""
+        """x (1, 16, F, h, w) float32 latents denoised: at each iteration the step matrix gives every frame its
+        timestep and the update mask the frames the per-frame solver moves."""
         block, p = s.causal_block_size, w.prefix
         # diffusers and the original code step each frame on a view of the latents they then overwrite, so a
         # frame's second corrector starts from its new sample; reproduce that (schedule.py explains).
@@ -426,9 +419,8 @@ class Pipeline:
     # -- the pieces every mode shares -----------------------------------------------------------------------------
 
     def predict(self, x, t, s, texts, image_context=None, attention=None, teacache=None):
-        """The flow prediction, with classifier-free guidance when texts holds a negative prompt's embedding (in the
-        model's dtype, as diffusers). attention: the AttentionContexts of the conditional and the unconditional
-        pass, which see different keys and values. teacache: a TeaCache, which may skip this step's blocks."""
+        """The flow prediction, guided when texts holds a negative prompt's embedding (in the model's dtype, as
+        diffusers); attention: the AttentionContexts of the two passes (they see different keys and values)."""
         attention = attention or [model.AttentionContext(parallel=self.parallel)] * 2
         transformer = self.on_device(self.transformer)
         reuse = teacache.reuse(transformer, t, s.fps) if teacache else [None, None]  # each pass's
@@ -446,8 +438,7 @@ class Pipeline:
             v, u = one_pass(texts[0], attention[0]), one_pass(texts[1], attention[1])
         return u + s.guidance_scale * (v - u)
 
-    def encode_text(self, s):
-        """{prompt: (its embedding, the negative prompt's or None)} in the DiT's dtype; each distinct prompt once."""
+    def encode_text(self, s):  # {prompt: (its embedding, the negative prompt's or None)}, each prompt once
         guided, prompts = s.guidance_scale > 1, list(dict.fromkeys(s.prompts))
         longest = max(len(self.tokenizer.encode(text.clean_prompt(p))) + 1 for p in prompts + [s.negative_prompt])
         if longest > s.max_sequence_length:
@@ -464,8 +455,8 @@ class Pipeline:
         return hidden.reshape(1, -1, hidden.shape[-1]).to(self.transformer_dtype)  # first-last: both images' tokens
 
     def i2v_condition(self, s):
-        """An I2V DiT's 20 conditioning channels: a mask of the known frames (a channel per video frame a latent covers)
-        and the latents of the video that is the first image, zeros, and the last image if given."""
+        """An I2V DiT's 20 conditioning channels: a mask of the known frames (4 a latent frame) and the latents of the
+        video that is the first image, zeros, and the last image if given."""
         video = torch.zeros(1, 3, s.num_frames, s.height, s.width)
         video[:, :, [0, -1][:len(s.images)]] = pixels(s.images, s.height, s.width)
         latents = self.encode_video(video)
@@ -475,15 +466,13 @@ class Pipeline:
             mask[:, -1, -1] = 1  # the last frame is the last latent frame's fourth
         return torch.cat([mask, latents], dim=1)
 
-    def encode_video(self, video):
-        """(1, 3, F, H, W) pixels in [-1, 1] -> normalised latents (float32), as the pipelines feed the DiT."""
+    def encode_video(self, video):  # (1, 3, F, H, W) pixels in [-1, 1] -> normalised float32 latents
         vae = self.on_device(self.vae)
         dtype = next(vae.parameters()).dtype
         return vae.normalize(vae.encode(video.to(self.device, dtype)).float())
 
     def decoder(self, output_type):
-        """Finished latents (in order, any number at a time) -> frames: the VAE carries its causal cache from piece to
-        piece, so frames come out as soon as latents are final and match one whole decode."""
+        """Finished latents, in order, -> frames: the VAE carries its causal cache from piece to piece."""
         if output_type == "latent":
             return lambda z: z
         stream = self.vae.decoder_stream()
@@ -495,8 +484,7 @@ class Pipeline:
                                    for frame in z.split(1, dim=2)])
         return decode
 
-    def noise(self, shape, generator):
-        """Gaussian latents drawn as diffusers' randn_tensor draws them: on the generator's device, then moved."""
+    def noise(self, shape, generator):  # as diffusers' randn_tensor: drawn on the generator's device, then moved
         where = generator.device if generator is not None else self.device
         return torch.randn(shape, generator=generator, device=where, dtype=torch.float32).to(self.device)
 
@@ -505,8 +493,8 @@ class Pipeline:
         return self.transformer.patch_embedding.weight.dtype
 
     def cache_frames(self, x, s):
-        """Latent frames of window x the shortcuts may cache (whole blocks) in s.cache_budget GiB; by default what the
-        GPU has free less a whole-window forward's activations and a margin: they fit where a run without them fits."""
+        """Latent frames of window x the shortcuts may cache (whole blocks): in s.cache_budget GiB, or by default what
+        the GPU has free less a whole-window forward's activations and a margin: they fit where a run without does."""
         cfg, itemsize = self.transformer.config, torch.finfo(self.transformer_dtype).bits // 8
         guided = s.guidance_scale > 1
         tokens = x.shape[3] // cfg.patch_size[1] * x.shape[4] // cfg.patch_size[2]  # a latent frame's
@@ -529,8 +517,7 @@ class Pipeline:
 
     # -- weights: offload and LoRAs ------------------------------------------------------------------------------
 
-    def on_device(self, module):
-        """With offload, only `module` (None: none) is on the GPU; the others get back the CPU copies they left."""
+    def on_device(self, module):  # with offload, only `module` is on the GPU; the others get back their CPU copies
         if self.offload:
             for m in [m for m in self.on_cpu if m is not module]:
                 for p, data in zip(resident(m), self.on_cpu.pop(m)):
@@ -541,12 +528,10 @@ class Pipeline:
                     p.data = p.data.to(self.device)
         return module
 
-    def load_lora(self, path, scale=1.0):
-        """Fold a LoRA (diffusers/PEFT, original Wan / ComfyUI or kohya keys) into the DiT at `scale`; LoRAs add up."""
+    def load_lora(self, path, scale=1.0):  # diffusers/PEFT, original Wan / ComfyUI or kohya keys; LoRAs add up
         fold_loras(self, [(path, scale)])
 
-    def unload_loras(self):
-        """The DiT's weights exactly as before the first LoRA (fp8 weights: their fp8 values and scales)."""
+    def unload_loras(self):  # the DiT's weights exactly as before the first LoRA (fp8 ones too)
         self.on_device(None)  # offload: every parameter back in its home copy
         for name in list(self.lora_originals):
             p = self.transformer.get_parameter(name)
