@@ -7,6 +7,7 @@ tensor is read, cast and placed into a module built on the meta device, so a 28 
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import math
 import numbers
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
+import safetensors.torch
 from safetensors import SafetensorError, safe_open
 
 import model
@@ -314,7 +316,7 @@ class Pipeline:
 
     def run(self, s):
         if self.parallel is not None:
-            check_ranks_agree(s, self.device)
+            check_ranks_agree(self, s)
         self.dit_passes.update(dit_passes=0, dit_passes_skipped=0)
         if self.kind != "df":
             return self.run_lockstep(s)
@@ -1000,9 +1002,8 @@ def to_frames(video):
 
 
 class StreamedBlocks(torch.nn.ModuleList):
-    """--offload for the DiT and the text encoder: their blocks wait in pinned host memory and are copied to the GPU in turn, each copy (on a
-    side CUDA stream) overlapping the compute of the block before, so the GPU holds two blocks instead of the model
-    (a 14B block is 0.67 GB). Iterating yields each block with its parameters on the GPU: DiT.forward is unchanged."""
+    """--offload: blocks wait in pinned host memory and are copied to the GPU in turn on a side stream, overlapping the
+    block before's compute: the GPU holds two blocks (a 14B one is 0.67 GB). Iterating yields each block on the GPU."""
 
     def __init__(self, blocks, device):
         super().__init__(blocks)
@@ -1016,8 +1017,7 @@ class StreamedBlocks(torch.nn.ModuleList):
         self.ready = [None, None]
         self.copier = torch.cuda.Stream(device) if self.cuda else None
 
-    def fetch(self, i):
-        """Start copying block i into its slot, once the block that used the slot before (i - 2) has finished."""
+    def fetch(self, i):  # copy block i into its slot once the block that used it before (i - 2) has finished
         if self.cuda:
             self.copier.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.copier):  # no side stream on the CPU (None): a plain copy
@@ -1046,14 +1046,13 @@ def in_slot(slot, data):  # a slot's first bytes as a tensor of data's dtype and
 
 
 def stream_blocks(pipe):
-    """--offload: the DiT's blocks and the text encoder's layers stream through the GPU (UMT5-XXL is 11 GB in bf16,
-    a 14B DiT 27 GB); the rest of a component goes to the GPU for its turn (Pipeline.on_device). Again after LoRAs."""
+    """--offload: the DiT's and UMT5's blocks stream through the GPU (27 and 11 GB in bf16 at 14B); the rest of a
+    component goes to the GPU for its turn (Pipeline.on_device). Again after LoRAs."""
     for owner, name in ((pipe.transformer, "blocks"), (pipe.text_encoder.encoder, "block")):
         setattr(owner, name, StreamedBlocks(list(getattr(owner, name).children()), pipe.device))
 
 
-def resident(module):
-    """The parameters that --offload moves to the GPU for a component's turn: all but streamed blocks'."""
+def resident(module):  # the parameters --offload moves to the GPU for a component's turn: all but streamed blocks'
     streamed = {id(p) for m in module.modules() if isinstance(m, StreamedBlocks) for p in m.parameters()}
     return [p for p in module.parameters() if id(p) not in streamed]
 
@@ -1077,9 +1076,7 @@ class State:
         self.writer = not dist.is_initialized() or dist.get_rank() == 0  # rank 0 writes, every rank reads
         settings = os.path.join(self.folder, "settings.json")
         record = state_record(pipe, s)
-        kept = 0
-        while os.path.isfile(self.path(kept)):
-            kept += 1
+        kept = next(k for k in itertools.count() if not os.path.isfile(self.path(k)))  # finished windows on disk
         self.finished, self.reseed = 0, False
         if s.resume or s.redo_from:
             old = read_json(settings)
@@ -1106,18 +1103,15 @@ class State:
     def save(self, k, x, generator):
         if not self.writer:
             return
-        tensors = dict(latents=x.float().cpu().contiguous(), rng=torch.get_rng_state())
-        if generator is not None:
-            tensors["generator"] = generator.get_state()
-        if self.device.type == "cuda":
-            tensors["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        from safetensors.torch import save
-
-        blob = save(tensors, metadata=dict(prompt=self.windows[k].prompt))
+        tensors = dict(latents=x.float().cpu().contiguous(), rng=torch.get_rng_state(),
+                       generator=generator.get_state() if generator is not None else None,
+                       cuda_rng=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+        blob = safetensors.torch.save({name: t for name, t in tensors.items() if t is not None},
+                                      metadata=dict(prompt=self.windows[k].prompt))
         atomic_write(self.path(k), lambda f: f.write(blob))
 
     def load(self, k, generator):
-        """Window k's latents, and the generators as they were after it (the seeded one not, if a redo reseeds)."""
+        """Window k's latents, and the generators as after it (the seeded one not, if a redo reseeds)."""
         path = self.path(k)
         with _open(path) as f:
             t = {key: _tensor(f, path, key) for key in f.keys()}
@@ -1158,9 +1152,7 @@ def atomic_write(path, write):
 def plan_picture(s, windows, cell=4):
     """The run's step matrices as one (H, W, 3) uint8 picture: a row per iteration, a column per latent frame,
     brightness the frame's timestep (white: noise, black: clean), known frames blue, a red line between windows."""
-    starts = [0]
-    for w in windows[:-1]:
-        starts.append(starts[-1] + w.size - w.overlap)
+    starts = [0, *itertools.accumulate(w.size - w.overlap for w in windows[:-1])]  # each window's first frame
     width = max(start + len(w.matrix[0]) for start, w in zip(starts, windows))
     rows = []
     for start, w in zip(starts, windows):
@@ -1190,8 +1182,7 @@ def split_ranks():
 
 
 def guided_pair_across_ranks(one_pass, texts, attention, cfg_parallel):
-    """(conditional, unconditional): half the ranks make each and swap with their twins. A rank makes one pass, so the
-    first pass's attention context (its cache) serves it, whichever pass it is."""
+    """(conditional, unconditional): half the ranks make each and swap with their twins (one pass: one cache)."""
     half, pair, index = cfg_parallel
     mine = one_pass(texts[index], dataclasses.replace(attention, parallel=half))
     v, u = torch.empty_like(mine), torch.empty_like(mine)
@@ -1199,17 +1190,12 @@ def guided_pair_across_ranks(one_pass, texts, attention, cfg_parallel):
     return v, u
 
 
-def check_ranks_agree(s, device):
+def check_ranks_agree(pipe, s):
     """Ranks that disagree on a seed, size or input make a garbled video together: compare digests before any work."""
-    values = [getattr(s, f.name) for f in dataclasses.fields(s) if f.name != "progress"]  # rank 0's alone reports
-    if s.addnoise_condition > 0:  # re-noising draws from the device's global RNG
-        values.append(torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state())
-    h = hashlib.sha256()
-    for value in values:
-        for v in value if isinstance(value, list) else [value]:  # a list: video frames
-            v = v.get_state() if isinstance(v, torch.Generator) else v
-            h.update(v.cpu().numpy().tobytes() if torch.is_tensor(v) else v.tobytes() if hasattr(v, "tobytes")  # PIL
-                     else repr(v).encode())
+    h = hashlib.sha256(json.dumps([state_record(pipe, s), s.output_type, s.cache_budget]).encode())
+    rng = torch.cuda.get_rng_state(pipe.device) if pipe.device.type == "cuda" else torch.get_rng_state()
+    for state in (s.generator and s.generator.get_state(), s.addnoise_condition > 0 and rng):  # re-noising: global
+        h.update(state.numpy().tobytes() if torch.is_tensor(state) else b"")
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, h.hexdigest())
     differ = [rank for rank, d in enumerate(every) if d != every[0]]
@@ -1218,7 +1204,7 @@ def check_ranks_agree(s, device):
 
 
 def use_flash_attention_4(device):
-    """The DiT's attention through flash-attn-4 (optional) on Hopper and Blackwell GPUs: 1.2x faster than cuDNN's."""
+    """The DiT's attention through flash-attn-4 (optional) on Hopper and Blackwell: 1.2x faster than cuDNN's."""
     if torch.cuda.get_device_capability(device)[0] not in (9, 10):
         return
     try:
@@ -1246,12 +1232,11 @@ TEACACHE = {
 
 
 class TeaCache:
-    """TeaCache (Liu et al., 2024) over `steps` denoising steps (a diffusion-forcing window's step-matrix rows). The
-    relative L1 change of the DiT's modulated input since the step before (the modulation with use_ret_steps, else the
-    time embedding), through the checkpoint's polynomial, adds to a sum; while it is below the threshold a step's
-    passes add each pass's residual of the last computed step instead of running the blocks, else they run and the sum
-    restarts. The first steps (5 with use_ret_steps, else 1) always run, and without use_ret_steps the last. TeaCache
-    sums per pass, but both see the same input (the timesteps'): one sum decides a step, on every rank alike."""
+    """TeaCache (Liu et al., 2024) over `steps` steps (a window's). The relative L1 change of the DiT's modulation
+    (use_ret_steps) or time embedding since the step before, through the checkpoint's polynomial, adds to a sum; while
+    it is below the threshold, each pass adds its last computed residual instead of running the blocks, else they run
+    and the sum restarts. The first steps (5 with use_ret_steps, else 1) always run, and without use_ret_steps the last.
+    Both passes see the same timesteps: one sum decides a step, on every rank alike."""
 
     def __init__(self, pipe, s, steps):
         self.coefficients = teacache_coefficients(pipe.transformer.config, min(s.height, s.width), s.use_ret_steps)
@@ -1262,7 +1247,7 @@ class TeaCache:
             note("TeaCache passes whole windows (a pass over some frames cannot reuse others'): no async shortcuts")
 
     def reuse(self, transformer, t, fps):
-        """This step's `reuse` arguments of DiT.forward, [the conditional pass's, the unconditional pass's]."""
+        """This step's `reuse` arguments of DiT.forward, one for each pass."""
         temb, mod = transformer.time_modulation(t.reshape(1, -1), t.numel(), fps)
         now = (mod if self.use_ret_steps else temb).float()
         # Threshold 0 skips nothing: the polynomials dip below 0 for small changes (14B's at 0.1: -0.6).
@@ -1312,8 +1297,7 @@ class FP8Linear(torch.nn.Module):
         return F.linear(x, (self.weight.float() * self.scale).to(x.dtype), self.bias)
 
 
-def quantize(w):
-    """A 16/32-bit matrix -> float8_e4m3fn, float32 scale: its largest magnitude over 448, e4m3's largest value."""
+def quantize(w):  # -> float8_e4m3fn, float32 scale: the largest magnitude over 448, e4m3's largest value
     scale = (w.abs().max().float() / 448).clamp(min=torch.finfo(torch.float32).tiny)  # all zeros: any scale
     return (w.float() / scale).to(torch.float8_e4m3fn), scale
 
@@ -1343,8 +1327,8 @@ def fp8_layout(path):
 
 
 def read_fp8(path, f, dit, device):
-    """A one-file DiT's fp8 weights (f: open): each a Linear's, made an FP8Linear, its scale checked and set. Input
-    scales (for fp8 activations; we dequantize weights) are checked, unused; comfy_quant is unread. Returns keys read."""
+    """A one-file DiT's fp8 weights, each a Linear's, made FP8Linear, its scale checked and set; input scales (for fp8
+    activations: we dequantize weights) checked, unused. Returns the keys it read."""
     names, scaled = dit_names(dit), fp8_layout(path) != "plain"
     for key in f.keys():
         ours = names.get(canonical(key), "")  # an unknown key is the loader's to name
