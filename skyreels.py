@@ -1014,26 +1014,23 @@ class StreamedBlocks(torch.nn.ModuleList):
         # Two slots, used by turns: bytes for each parameter's largest copy (blocks a LoRA touched hold 16-bit weights)
         sizes = [max(t.nbytes for t in copies) for copies in zip(*self.host)]
         self.slots = [[torch.empty(n, dtype=torch.uint8, device=device) for n in sizes] for _ in range(2)]
-        self.ready = [None, None]
         self.copier = torch.cuda.Stream(device) if self.cuda else None
 
-    def fetch(self, i):  # copy block i into its slot once the block that used it before (i - 2) has finished
+    def fetch(self, i):  # copy block i into its slot after the work queued so far (its last user's included)
         if self.cuda:
             self.copier.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.copier):  # no side stream on the CPU (None): a plain copy
             for slot, data in zip(self.slots[i % 2], self.host[i]):
                 in_slot(slot, data).copy_(data, non_blocking=self.cuda)
-        if self.cuda:
-            self.ready[i % 2] = self.copier.record_event()
 
     def __iter__(self):
         blocks = list(self.children())
         self.fetch(0)
         for i, block in enumerate(blocks):
+            if self.cuda:  # wait for block i's copy, the only one queued yet (not the next, started below)
+                torch.cuda.current_stream().wait_stream(self.copier)
             if i + 1 < len(blocks):  # the next block's copy overlaps this block's compute
                 self.fetch(i + 1)
-            if self.cuda:
-                torch.cuda.current_stream().wait_event(self.ready[i % 2])
             for p, slot, data in zip(block.parameters(), self.slots[i % 2], self.host[i]):
                 p.data = in_slot(slot, data)
             yield block  # the caller runs it: its kernels are queued before we go on
@@ -1095,7 +1092,7 @@ class State:
             os.makedirs(self.folder, exist_ok=True)
             for k in reversed(range(self.finished, kept)):  # the windows to make again, last first
                 os.remove(self.path(k))
-            atomic_write(settings, lambda f: f.write(json.dumps(record, indent=1).encode()))
+            atomic_write(settings, json.dumps(record, indent=1).encode())
 
     def path(self, k):
         return os.path.join(self.folder, f"window-{k + 1:04d}.safetensors")
@@ -1106,9 +1103,8 @@ class State:
         tensors = dict(latents=x.float().cpu().contiguous(), rng=torch.get_rng_state(),
                        generator=generator.get_state() if generator is not None else None,
                        cuda_rng=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
-        blob = safetensors.torch.save({name: t for name, t in tensors.items() if t is not None},
-                                      metadata=dict(prompt=self.windows[k].prompt))
-        atomic_write(self.path(k), lambda f: f.write(blob))
+        atomic_write(self.path(k), safetensors.torch.save({name: t for name, t in tensors.items() if t is not None},
+                                                          metadata=dict(prompt=self.windows[k].prompt)))
 
     def load(self, k, generator):
         """Window k's latents, and the generators as after it (the seeded one not, if a redo reseeds)."""
@@ -1135,12 +1131,12 @@ def state_record(pipe, s):
     return dict(record, checkpoint=pipe.checkpoint, prompt=s.prompts, seed=s.seed)
 
 
-def atomic_write(path, write):
-    """Write a file whole or not at all: to a temporary name beside it, flushed to disk, then renamed over it."""
+def atomic_write(path, data):
+    """Write bytes whole or not at all: to a temporary name beside `path`, flushed to disk, then renamed over it."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1209,10 +1205,9 @@ def use_flash_attention_4(device):
         return
     try:
         from flash_attn.cute import flash_attn_func
+        model.FLASH = flash_attn_func
     except Exception as e:  # noqa: BLE001  not installed, or installed without its CUDA libraries
         note(f"attention runs on PyTorch SDPA; flash-attn-4 would be faster ({type(e).__name__}: {e})")
-        return
-    model.FLASH = flash_attn_func
 
 
 # ----------------------------------------------------------------------------------------------------------------
