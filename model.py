@@ -379,16 +379,13 @@ class DiT(nn.Module):
             raise ValueError("this checkpoint is conditioned on fps: pass fps (16 or 24)")
         B, pt, ph, pw = x.shape[0], *cfg.patch_size
         f, h, w = x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
-        x = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2)  # (B, f*h*w, D)
         temb, mod = self.time_modulation(t.to(x.device).reshape(B, -1), f, fps)
         context = te.text_embedder(context.to(dtype))
         if image_context is not None:
             image_context = te.image_embedder(image_context.to(dtype))
 
         attn = self.attention_context(attention or AttentionContext(), (f, h, w), x.device)
-        if attn.parallel is not None:  # from here to proj_out this rank holds its rows of every frame
-            x = attn.parallel.shard(x)
-        x = self.run_blocks(x, context, image_context, mod, attn)
+        x = self.run_blocks(x, context, image_context, mod, attn)  # (B, f*h*w, D): this rank's rows of every frame
 
         shift, scale = (self.scale_shift_table + temb[:, :, None, None]).unbind(-2)  # (B, G, 1, D) float32
         x = self.proj_out(modulate(self.norm_out, x, shift, scale))  # (B, f*h*w, pt*ph*pw*C)
@@ -398,10 +395,14 @@ class DiT(nn.Module):
         return x.reshape(B, -1, f * pt, h * ph, w * pw)
 
     def run_blocks(self, x, context, image_context, mod, attn):
-        """The block stack; with attn.reuse (TeaCache), its output - input is kept, or at a skipped step added."""
+        """Latents x -> tokens through the block stack. With attn.reuse (TeaCache) its output - input is kept, or at a
+        skipped step added. Tokens are made here so that nothing outside holds the stack's input (0.5 GB at 540P)."""
+        x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)  # (B, f*h*w, D)
+        if attn.parallel is not None:  # from here to proj_out this rank holds its rows of every frame
+            x = attn.parallel.shard(x)
         if attn.reuse and attn.reuse["skip"]:
             return x + attn.reuse["residual"]
-        start = x
+        start = x if attn.reuse is not None else None
         for i, block in enumerate(self.blocks):
             x = block(x, context, image_context, mod, dataclasses.replace(attn, kv=attn.cache and attn.cache.layers[i]))
         if attn.cache is not None:
