@@ -37,8 +37,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n" if RANK == 0 else None)
 
 
-def parse_args(argv=None):
-    """Flags named as skyreels.Settings' fields set those fields; the others say how to load and where to write."""
+def parse_args(argv=None):  # flags named as skyreels.Settings' fields set those fields
     p = Parser(description=__doc__.split("\n\n")[2].replace("\n", " "))
     modes = p.add_subparsers(dest="mode", required=True, metavar="MODE")
     for mode, (kind, about) in MODES.items():
@@ -139,8 +138,7 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-def on_signal(signum, frame):
-    """Stop the run, but not while ffmpeg is fed or files are renamed (write); later signals change nothing."""
+def on_signal(signum, frame):  # stop the run, but not while ffmpeg is fed or files are renamed (write)
     STOP["signal"] = STOP["signal"] or signum
     if not STOP["defer"]:
         STOP["defer"] = True  # from now on the run is stopping: a second Ctrl-C waits for it
@@ -153,15 +151,13 @@ def leave(code):  # exit with no signal left to interrupt the interpreter's own 
     sys.exit(code)
 
 
-def as_flags(message, flags):
-    """skyreels' setting names (num_inference_steps) as the flags typed (--steps), where a word names a setting."""
+def as_flags(message, flags):  # skyreels' setting names (num_inference_steps) as the flags typed (--steps)
     def flag(m):
         return flags[m[1]] + (m[2] or "") if m[1] in flags and ("_" in m[1] or m[2]) else m[0]
     return re.sub(r"\b([a-z]+(?:_[a-z]+)*)\b( must| and| differs|:)?", flag, message)
 
 
-def join_ranks(args):
-    """Join torchrun's process group (NCCL on GPU LOCAL_RANK, or gloo) and take rank 0's seed."""
+def join_ranks(args):  # torchrun's process group (NCCL on GPU LOCAL_RANK, or gloo), and rank 0's seed
     import torch
     import torch.distributed as dist
 
@@ -176,8 +172,7 @@ def join_ranks(args):
         args.seed = seed[0]
 
 
-def run(args):
-    """Check everything, then load, generate and write (rank 0; the other ranks share the work)."""
+def run(args):  # check everything, then load, generate and write (rank 0; the other ranks share the work)
     import torch  # only now: --help and bad flags are instant
 
     import skyreels
@@ -221,7 +216,6 @@ def run(args):
 
 
 def settings_of(args, out, skyreels):
-    """skyreels.Settings from the flags named as its fields; the prompts from --prompt or --prompt-file."""
     a = vars(args)
     settings = {f: a[f] for f in skyreels.Settings.__dataclass_fields__ if f in a}
     resuming = "resume" in a or "redo_from" in a
@@ -243,8 +237,7 @@ def read_prompts(path):
     return prompts
 
 
-def show_plan(s, windows, skyreels, picture):
-    """--plan: the windows, the frames each makes and its prompt; with a PNG, the step matrices drawn."""
+def show_plan(s, windows, skyreels, picture):  # the windows, the frames each makes and its prompt; a PNG of them
     first = len(s.video) if s.mode == "v2v" else 0  # v2v's output begins with the input video
     print(f"{len(windows)} windows, {sum(len(w.matrix) for w in windows)} iterations of the step matrices")
     for k, w in enumerate(windows):
@@ -260,8 +253,7 @@ def show_plan(s, windows, skyreels, picture):
 
 
 class Output:
-    """Where a run writes: the mp4 and its JSON, NAME.partial.mp4 and its JSON for a stopped run, short temporary
-    names for both while they are written, and NAME.state (diffusion forcing)."""
+    """Where a run writes: the mp4 and its JSON, NAME.partial.mp4 and .json if stopped, temporary names, NAME.state."""
 
     def __init__(self, out, keeps_state):
         if os.path.isdir(out):
@@ -275,8 +267,7 @@ class Output:
         tmp = os.path.join(self.folder, f".sample-{os.getpid()}")  # short: out's name may be at the limit
         self.tmp, self.tmp_json = tmp + ".mp4", tmp + ".json"
 
-    def check(self, inputs):
-        """Refuse now, not after the denoising, an output that would land on or in an input, or cannot be written."""
+    def check(self, inputs):  # now, not after the denoising: an output on or in an input, or one that cannot be written
         if os.path.isdir(self.json) or len(os.path.basename(self.json).encode()) > 255:
             raise ValueError(f"cannot write {self.json}: {'a folder' if os.path.isdir(self.json) else 'name too long'}")
         for path in filter(None, (self.path, self.json, self.partial, self.partial_json, self.tmp, self.state)):
@@ -291,9 +282,8 @@ class Output:
             raise ValueError(f"cannot write {self.path}: {self.folder}: {why}") from None
 
     def write(self, chunks, fps, record, new_from=0, keep_state=False, passes=None):
-        """Frame chunks to a temporary mp4, read back, renamed with `record` and `passes` as JSON beside it: both or
-        neither. Stopped part-way, the frames (past v2v's `new_from` input frames) go to NAME.partial.mp4, never over a
-        complete video; a complete one makes the partial one and (without keep_state) the state unneeded."""
+        """Frame chunks to a temporary mp4, read back, renamed with `record` as JSON beside it: both or neither. Stopped,
+        the frames past v2v's `new_from` input frames go to NAME.partial.mp4, never over a complete video."""
         written, stop = self.feed(chunks, fps)
         final = (self.path, self.json) if stop is None else (self.partial, self.partial_json)
         try:
@@ -315,8 +305,7 @@ class Output:
             say(f"stopped; {kept}" + (f"; --resume continues it from {self.state}" if self.state else ""))
             raise SystemExit(128 + STOP["signal"]) if isinstance(stop, KeyboardInterrupt) else stop
 
-    def feed(self, chunks, fps):
-        """(frames written to the temporary mp4, the exception that stopped it or None), with signals deferred."""
+    def feed(self, chunks, fps):  # -> frames written to the temporary mp4, the exception that stopped it or None
         import imageio.v2 as imageio
         import numpy as np
 
@@ -352,8 +341,7 @@ def say(message):  # a line on stderr, of its own even after a progress line
     print(("\n" if sys.stderr.isatty() else "") + message, file=sys.stderr)
 
 
-def progress(passes):
-    """progress(step, total): one line redrawn on a terminal, a line a step in a log file; passes: the DiT's."""
+def progress(passes):  # progress(step, total): a line redrawn on a terminal, a line a step in a log; passes: the DiT's
     start = time.time()
 
     def show(step, total):
