@@ -810,8 +810,7 @@ WAN_BLOCK = {"attn1": "self_attn", "attn2": "cross_attn", "to_q": "q", "to_k": "
 PREFIX = re.compile(r"^(model\.diffusion_model\.|diffusion_model\.|transformer\.|base_model\.model\.|lora_unet_)")
 
 
-def wan_name(name):
-    """Our DiT parameter name in the original naming."""
+def wan_name(name):  # our DiT parameter name in the original naming
     table, start = (WAN_BLOCK, r"(?<![^.])") if name.startswith("blocks.") else (WAN_TOP, "^")
     segments = "|".join(map(re.escape, table))  # whole dotted segments; top-level names from the start
     return re.sub(rf"{start}({segments})(?![^.])", lambda m: table[m[1]], name)
@@ -953,8 +952,7 @@ def tiny_pipeline(name, device, dtype):
     return pipe
 
 
-def to_pil(image, what):
-    """A PIL RGB image from a PIL image, a path, or an (H, W, 3) array: uint8, or float in [0, 1]."""
+def to_pil(image, what):  # a PIL RGB image from a PIL image, a path, or an (H, W, 3) array: uint8, or float in [0, 1]
     if isinstance(image, (str, os.PathLike)):
         try:
             with Image.open(image) as im:  # PIL refuses decompression bombs (over 179 Mpixels) here
@@ -973,8 +971,7 @@ def to_pil(image, what):
                      f"{type(image).__name__} {tuple(getattr(image, 'shape', ()))} {getattr(image, 'dtype', '')}")
 
 
-def read_video(video):
-    """A list of PIL frames from a video file or a list (or array) of frames."""
+def read_video(video):  # a list of PIL frames from a video file or a list (or array) of frames
     if isinstance(video, (str, os.PathLike)):
         try:
             video = imageio.mimread(video, memtest=False)
@@ -1241,8 +1238,7 @@ class TeaCache:
         if pipe.shortcuts and s.causal_block_size > 1:
             note("TeaCache passes whole windows (a pass over some frames cannot reuse others'): no async shortcuts")
 
-    def reuse(self, transformer, t, fps):
-        """This step's `reuse` arguments of DiT.forward, one for each pass."""
+    def reuse(self, transformer, t, fps):  # this step's `reuse` arguments of DiT.forward, one for each pass
         temb, mod = transformer.time_modulation(t.reshape(1, -1), t.numel(), fps)
         now = (mod if self.use_ret_steps else temb).float()
         # Threshold 0 skips nothing: the polynomials dip below 0 for small changes (14B's at 0.1: -0.6).
