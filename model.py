@@ -26,8 +26,7 @@ gelu_tanh = functools.partial(F.gelu, approximate="tanh")
 
 
 def fields_from(cls, config):  # from a config.json dict; keys not in cls (class names, versions) are ignored
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names})
+    return cls(**{k: tuple(v) if type(v) is list else v for k, v in config.items() if k in cls.__dataclass_fields__})
 
 
 # ----------------------------------------------------------------------------------------------------------------

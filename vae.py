@@ -16,8 +16,7 @@ import torch.nn.functional as F
 
 
 def fields_from(cls, config):  # from a config.json dict; keys not in cls (class names, versions) are ignored
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names})
+    return cls(**{k: tuple(v) if type(v) is list else v for k, v in config.items() if k in cls.__dataclass_fields__})
 
 
 @dataclasses.dataclass(frozen=True)
