@@ -97,9 +97,8 @@ class RMSNorm(nn.Module):
 
 
 def upsample_conv(x, conv):
-    """conv(nearest 2x upsampling of x), (B, C, H, W) -> (B, C', 2H, 2W) channels-last, without the upsampled image
-    and in a quarter of the work. Output row 2i + p sees input rows i - 1 + p and i + p only, through the sum of the
-    kernel rows that land on each (fold[p]); columns alike. So each output phase p, q is a 2x2 convolution of x."""
+    """conv(nearest 2x upsampling of x), (B, C, H, W) -> (B, C', 2H, 2W) channels-last, in a quarter of the work: output
+    row 2i + p sees rows i - 1 + p, i + p only, through kernel rows summed (fold[p]): each phase p, q is a 2x2 conv."""
     b, _, h, w = x.shape
     out = x.new_empty(b, 2 * h, 2 * w, conv.out_channels).permute(0, 3, 1, 2)
     fold = x.new_tensor([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]])  # phase p: kernel rows 0-2 -> 2 rows
@@ -297,9 +296,8 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def decode(self, latents, cache=None):
-        """Latents (B, z_dim, T, h, w), not normalised -> video (B, 3, F, 8h, 8w) in [-1, 1]: a video's first latent
-        frame decodes to one frame, each later one to four. Pieces of a video passed in order with one `cache` dict
-        (see decoder_stream) give exactly the frames of one whole decode, in memory that does not grow with length."""
+        """Latents (B, z_dim, T, h, w), not normalised -> video (B, 3, F, 8h, 8w) in [-1, 1]; a first latent frame makes
+        one frame, later ones four. Pieces in order with one `cache` (decoder_stream): one decode, in bounded memory."""
         if latents.ndim != 5 or latents.shape[1] != self.cfg.z_dim:
             raise ValueError(f"decode takes latents shape (B, {self.cfg.z_dim}, T, h, w), got {tuple(latents.shape)}")
         frames = self.temporal * latents.shape[2] - (self.temporal - 1) * (not cache)  # a video's first: one frame
