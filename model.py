@@ -113,10 +113,8 @@ def rope_tables(head_dim, f, h, w, device, theta=10000.0):
     channel pairs of its own part of a head, height and width 2*(head_dim//6) channels each, frames the rest."""
     hw_dim = 2 * (head_dim // 6)
     pos = torch.meshgrid(*(torch.arange(n, dtype=torch.float64, device=device) for n in (f, h, w)), indexing="ij")
-    angles = []
-    for p, d in zip(pos, (head_dim - 2 * hw_dim, hw_dim, hw_dim)):  # p (f, h, w): each token's position on an axis
-        freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
-        angles.append(p[..., None] * freqs)  # (f, h, w, d/2)
+    angles = [p[..., None] * (1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d))
+              for p, d in zip(pos, (head_dim - 2 * hw_dim, hw_dim, hw_dim))]  # p (f, h, w) -> (f, h, w, d/2)
     grid = torch.cat(angles, dim=-1).flatten(0, 2)  # (f*h*w, head_dim/2), tokens in (frame, row, column) order
     return grid.cos().float(), grid.sin().float()
 
@@ -307,8 +305,7 @@ class Block(nn.Module):
 
 
 class ImageEmbedder(nn.Module):
-    """CLIP image tokens -> model width: LayerNorm, GELU MLP, LayerNorm. First-last-frame checkpoints first add
-    a learned position table over the two images' tokens, so the model can tell the first frame from the last."""
+    """CLIP image tokens (+ first-last frame: a learned position table) -> model width: LayerNorm, MLP, LayerNorm."""
 
     def __init__(self, image_dim, dim, pos_embed_seq_len):
         super().__init__()
@@ -327,8 +324,7 @@ class ImageEmbedder(nn.Module):
 
 
 class DiT(nn.Module):
-    """The SkyReels-V2 diffusion transformer (Wan 2.1 architecture). skyreels.load_component builds it on the meta
-    device and fills it from a checkpoint; built elsewhere it is randomly initialised (a tiny model for tests)."""
+    """The SkyReels-V2 diffusion transformer (Wan 2.1); random unless skyreels.load_component fills it (checkpoint)."""
 
     # Float32 whatever the load dtype, as diffusers' _keep_in_fp32_modules: the timestep MLP and the modulation
     # tables scale every residual update, and the norms' affine weights act on float32 normalised values.
@@ -410,8 +406,7 @@ class DiT(nn.Module):
         return temb, e.float()[:, :, None]
 
     def attention_context(self, attention, grid, device):
-        """attention checked and completed for this forward's token grid (f, h, w): the rotary tables of x's
-        positions, which follow the cached frames, and with several ranks, of this rank's rows."""
+        """attention checked, completed: rope at x's positions in grid (f, h, w) after the cache; this rank's rows."""
         (f, h, w), cfg, cache = grid, self.config, attention.cache
         block, keep = attention.causal_block_size, attention.keep
         before = cache.frames if cache is not None else 0  # cached frames: x's positions start after them
@@ -481,8 +476,7 @@ class CLIPLayer(nn.Module):
 
 
 class CLIPVision(nn.Module):
-    """transformers' CLIPVisionModelWithProjection up to what SkyReels-V2 uses, the penultimate hidden states: the
-    last layer, post_layernorm and visual_projection are never run, so they are not built and the loader skips them."""
+    """transformers' CLIPVisionModelWithProjection up to its penultimate hidden states, all SkyReels-V2 uses."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -499,8 +493,7 @@ class CLIPVision(nn.Module):
                              "vision_model.post_layernorm.", "visual_projection.")
 
     def forward(self, pixels):
-        """pixels (N, 3, S, S) from `clip_preprocess` -> (N, 1 + (S/patch)^2, hidden): transformers'
-        `hidden_states[-2]`, the class token and the patch tokens after all layers but the last."""
+        """pixels (N, 3, S, S) from clip_preprocess -> transformers' hidden_states[-2], (N, 1 + (S/patch)^2, hidden)."""
         emb = self.vision_model.embeddings
         x = emb.patch_embedding(pixels.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)  # (N, P, D)
         x = torch.cat([emb.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + emb.position_embedding.weight

@@ -52,9 +52,8 @@ class UniPC:
 
 
 def unipc_init(sigmas, num_frames, alias_first_step=False):
-    """alias_first_step=True as the diffusion-forcing loops of the original and diffusers (not their T2V and I2V):
-    their scheduler's "last sample" views the latents, so a frame's second-step corrector starts from its first
-    step's output, not its input."""
+    """alias_first_step=True as the original's and diffusers' diffusion-forcing loops (not T2V, I2V): their "last
+    sample" views the latents, so a frame's second-step corrector starts from its first step's output, not its input."""
     return UniPC(sigmas=sigmas, step=torch.zeros(num_frames, dtype=torch.long), alias_first_step=alias_first_step)
 
 
@@ -92,10 +91,8 @@ def _uni_bh2(x, m0, m1, sigma_t, sigma_s0, sigma_s1, order, model_t=None):
 
 
 def unipc_step(state, model_output, latents, update):
-    """Step the frames in `update` ((F,) bool) one sigma along their own schedules; the rest stay as they are.
-
-    model_output: the flow prediction (noise - x0), (B, C, F, H, W). This is diffusers' UniPCMultistepScheduler
-    (flow_prediction, solver_order=2, bh2, lower_order_final) with one scheduler per frame."""
+    """Step the frames in `update` ((F,) bool) one sigma along their own schedules by the flow prediction model_output
+    (noise - x0, (B, C, F, H, W)): diffusers' UniPCMultistepScheduler (order 2, bh2, lower_order_final) per frame."""
     f = update.cpu().nonzero()[:, 0]  # the frames that step now
     n, sig, k = len(state.sigmas) - 1, state.sigmas.to(latents.device), state.step[f].to(latents.device)  # k: (f,)
     if (k >= n).any():

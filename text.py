@@ -69,9 +69,8 @@ def clean_prompt(text):
 
 
 class Tokenizer:
-    """Prompts cleaned as diffusers does, then tokenized as transformers' T5Tokenizer (padding="max_length",
-    truncation=True): the pieces, </s> (kept when truncating), <pad>; the mask covers up to </s>. transformers
-    matches the special tokens' text first ("</s>" in "<s>gone</s>") and emits their ids, so we split those out too."""
+    """Prompts cleaned as diffusers does, tokenized as T5Tokenizer (padding="max_length", truncation=True): the pieces,
+    </s> (kept when truncating), <pad>, mask up to </s>; special tokens' text ("</s>" in "a</s>b") split out first."""
 
     def __init__(self, path):
         self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
@@ -186,8 +185,7 @@ class UMT5Encoder(nn.Module):
         c, device = self.config, self.shared.weight.device
         buckets = relative_position_buckets(ids.shape[1], c.relative_attention_num_buckets,
                                             c.relative_attention_max_distance, device)
-        keep = mask.to(device).bool()
-        x = self.shared(ids.to(device))
+        keep, x = mask.to(device).bool(), self.shared(ids.to(device))
         for block in self.encoder["block"]:
             x = block(x, buckets, keep)
         return self.encoder["final_layer_norm"](x)
