@@ -2,13 +2,11 @@
 
 One DiT class serves every checkpoint; the variants are switches in its config.json:
   T2V    one timestep per sample, text cross-attention;
-  I2V    36 input channels (noise + mask + image latents) and CLIP image tokens as extra keys/values in the
-         cross-attention; first-last-frame checkpoints add a learned position table for the two images' tokens;
-  DF     diffusion forcing: one timestep per latent frame, fps conditioning (inject_sample_info), and optionally
-         block-causal self-attention.
-Parameter names are the official checkpoint keys (diffusers' for transformer/, transformers'
-CLIPVisionModelWithProjection for image_encoder/), so a state dict loads strictly by name. Modules are built on
-the meta device and filled from the checkpoint, so nothing here registers buffers.
+  I2V    36 input channels (noise + mask + image latents), CLIP image tokens as extra cross-attention keys/values;
+         first-last-frame checkpoints add a learned position table for the two images' tokens;
+  DF     diffusion forcing: a timestep per latent frame, fps conditioning, optionally block-causal self-attention.
+Parameter names are the checkpoints' keys (diffusers' transformer/, transformers' CLIPVisionModelWithProjection), so a
+state dict loads strictly. Modules are built on the meta device and filled from it, so nothing registers buffers.
 """
 import dataclasses
 import functools
@@ -26,8 +24,7 @@ gelu_tanh = functools.partial(F.gelu, approximate="tanh")
 
 
 def fields_from(cls, config):  # from a config.json dict; keys not in cls (class names, versions) are ignored
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names})
+    return cls(**{k: tuple(v) if type(v) is list else v for k, v in config.items() if k in cls.__dataclass_fields__})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -72,8 +69,7 @@ CONFIGS = {
 
 
 class LayerNorm32(nn.LayerNorm):
-    """LayerNorm computed in float32 and returned in the input's dtype, as the reference's FP32LayerNorm: mean and
-    variance over thousands of channels of the residual stream are where bf16 rounding would hurt most."""
+    """LayerNorm in float32, returned in x's dtype, as the reference's FP32LayerNorm (bf16 statistics would hurt)."""
 
     def forward(self, x):
         w, b = (None if p is None else p.float() for p in (self.weight, self.bias))
@@ -105,8 +101,7 @@ class TwoLinear(nn.Module):
 
 
 def timestep_embedding(t, dim):
-    """Sinusoidal embedding [cos | sin] of t (...) -> (..., dim), float64: t reaches 1000, and in float32 the phase
-    t * freq would already be off by ~1e-4. (diffusers: flip_sin_to_cos=True, downscale_freq_shift=0.)"""
+    """[cos | sin] of t (...) -> (..., dim), float64: at t ~ 1000 a float32 phase t * freq would be off by ~1e-4."""
     freqs = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=t.device) / (dim // 2))
     phase = t.double()[..., None] * freqs  # (..., dim/2)
     return torch.cat([phase.cos(), phase.sin()], dim=-1)
@@ -118,17 +113,14 @@ def rope_tables(head_dim, f, h, w, device, theta=10000.0):
     channel pairs of its own part of a head, height and width 2*(head_dim//6) channels each, frames the rest."""
     hw_dim = 2 * (head_dim // 6)
     pos = torch.meshgrid(*(torch.arange(n, dtype=torch.float64, device=device) for n in (f, h, w)), indexing="ij")
-    angles = []
-    for p, d in zip(pos, (head_dim - 2 * hw_dim, hw_dim, hw_dim)):  # p (f, h, w): each token's position on an axis
-        freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
-        angles.append(p[..., None] * freqs)  # (f, h, w, d/2)
+    angles = [p[..., None] * (1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d))
+              for p, d in zip(pos, (head_dim - 2 * hw_dim, hw_dim, hw_dim))]  # p (f, h, w) -> (f, h, w, d/2)
     grid = torch.cat(angles, dim=-1).flatten(0, 2)  # (f*h*w, head_dim/2), tokens in (frame, row, column) order
     return grid.cos().float(), grid.sin().float()
 
 
 def apply_rope(x, cos, sin):
-    """Rotate the channel pairs (2i, 2i+1) of x (B, H, L, Dh) by the angles of cos, sin (L, Dh/2); in float32
-    (the products promote), rounded once to x's dtype."""
+    """Rotate channel pairs (2i, 2i+1) of x (B, H, L, Dh) by cos, sin (L, Dh/2) in float32, rounded once to x.dtype."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, L, Dh/2) each
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
 
@@ -150,9 +142,8 @@ def flash_attention(q, k, v):
 
 
 def block_causal_attention(q, k, v, block_tokens):
-    """Self-attention where the queries of block b see the keys of blocks 0..b: one exact SDPA call per block over its
-    prefix, each able to use the flash kernel, where a dense (L, L) mask costs L^2 memory (2.6 GB at 540P). A trailing
-    partial block is a block of its own. The keys may begin with cached blocks (KVCache) that have no queries here."""
+    """Queries of block b see keys of blocks 0..b (a partial last block too; keys may begin with cached blocks): an SDPA
+    call per block over its prefix, each able to use the flash kernel, not an (L, L) mask (2.6 GB at 540P)."""
     out, offset = torch.empty_like(q), k.shape[2] - q.shape[2]
     for start in range(0, q.shape[2], block_tokens):
         end = min(start + block_tokens, q.shape[2])
@@ -161,9 +152,8 @@ def block_causal_attention(q, k, v, block_tokens):
 
 
 class KVCache:
-    """Self-attention keys and values of the leading latent frames, per layer, kept from earlier calls. Under
-    block-causal attention a frame never sees later ones, so once its latent and timestep stop changing its keys and
-    values do too: later calls pass only the frames after `frames`. At most `limit` frames are kept (memory budget)."""
+    """Per layer, self-attention keys and values of the first `frames` latent frames (at most `limit`): block-causal, a
+    frame's keys and values stop changing with its latent and timestep, so later calls pass only the frames after."""
 
     def __init__(self, num_layers, limit):
         self.frames, self.limit, self.layers = 0, limit, [{} for _ in range(num_layers)]
@@ -186,11 +176,10 @@ def extend_cache(kv, k, v, keep_tokens, capacity):
 
 @dataclasses.dataclass(frozen=True)
 class SequenceParallel:
-    """Ulysses sequence parallelism: the N ranks of a torch.distributed `group` share one forward. Each rank holds
-    1/N of the token rows of every latent frame (rows padded to a multiple of N), so the per-frame modulation still
-    sees equal frame groups. Around self-attention, the one step not per token, an all-to-all trades token shards for
-    head shards, so block-causal attention and the KVCache (N times smaller) work unchanged. Heads that N does not
-    divide are padded with zero heads (exact: 12 heads on 8 ranks compute 16)."""
+    """Ulysses sequence parallelism: the N ranks of `group` share one forward, each holding 1/N of the token rows of
+    every latent frame (rows padded to a multiple of N), so the per-frame modulation sees equal frame groups. Around
+    self-attention an all-to-all trades token shards for head shards (heads padded with zero heads: 12 on 8 ranks
+    compute 16), so block-causal attention and the KVCache (N times smaller) work unchanged."""
     group: object
     grid: tuple = ()  # this forward's token grid (f, h, w)
 
@@ -242,8 +231,8 @@ class AttentionContext:
 
 
 class Attention(nn.Module):
-    """Multi-head attention, q and k RMS-normed across all heads: self-attention (attn: the layer's AttentionContext),
-    or cross-attention to the text tokens plus, in I2V, the image tokens through their own key/value projections."""
+    """Multi-head attention, q and k RMS-normed across heads: self- (attn: AttentionContext) or cross-attention to the
+    text tokens plus, in I2V, the image tokens through their own key/value projections."""
 
     def __init__(self, dim, heads, eps, added_kv_dim=None):
         super().__init__()
@@ -283,8 +272,8 @@ class Attention(nn.Module):
 
 
 def modulate(norm, x, shift, scale):
-    """norm(x) * (1 + scale) + shift, x (B, L, D), shift and scale (B, G, 1, D) for G frame groups (1, or one per
-    latent frame), broadcast per group: no (L, D) tensor is built. Float32 as the reference, rounded once."""
+    """norm(x) * (1 + scale) + shift, x (B, L, D), shift and scale (B, G, 1, D) broadcast per frame group (no (L, D)
+    tensor). Float32 as the reference, rounded once."""
     y = norm(x.float()).unflatten(1, (shift.shape[1], -1))  # (B, G, L/G, D)
     return (y * (1 + scale) + shift).flatten(1, 2).type_as(x)
 
@@ -310,15 +299,13 @@ class Block(nn.Module):
     def forward(self, x, context, image_context, mod, attn):
         """x (B, L, D); mod (B, G, 1, 6, D) float32, each frame group's timestep modulation; attn: AttentionContext."""
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + mod).unbind(-2)  # (B, G, 1, D)
-        y = self.attn1(modulate(self.norm1, x, shift, scale), attn=attn)
-        x = gated_residual(x, y, gate)
+        x = gated_residual(x, self.attn1(modulate(self.norm1, x, shift, scale), attn=attn), gate)
         x = x + self.attn2(self.norm2(x.float()).type_as(x), context, image_context)
         return gated_residual(x, self.ffn(modulate(self.norm3, x, c_shift, c_scale)), c_gate)
 
 
 class ImageEmbedder(nn.Module):
-    """CLIP image tokens -> model width: LayerNorm, GELU MLP, LayerNorm. First-last-frame checkpoints first add
-    a learned position table over the two images' tokens, so the model can tell the first frame from the last."""
+    """CLIP image tokens (+ first-last frame: a learned position table) -> model width: LayerNorm, MLP, LayerNorm."""
 
     def __init__(self, image_dim, dim, pos_embed_seq_len):
         super().__init__()
@@ -329,17 +316,15 @@ class ImageEmbedder(nn.Module):
                           else nn.Parameter(torch.zeros(1, pos_embed_seq_len, image_dim)))
 
     def forward(self, x):
+        if self.pos_embed is not None and x.shape[1] != self.pos_embed.shape[1]:
+            raise ValueError(f"first-last-frame models take {self.pos_embed.shape[1]} image tokens, got {x.shape[1]}")
         if self.pos_embed is not None:
-            if x.shape[1] != self.pos_embed.shape[1]:
-                raise ValueError(f"this first-last-frame model takes {self.pos_embed.shape[1]} image tokens (the first "
-                                 f"and last images' CLIP tokens, concatenated), got {x.shape[1]}")
             x = x + self.pos_embed
         return self.norm2(self.ff(self.norm1(x)))
 
 
 class DiT(nn.Module):
-    """The SkyReels-V2 diffusion transformer (Wan 2.1 architecture). skyreels.load_component builds it on the meta
-    device and fills it from a checkpoint; built elsewhere it is randomly initialised (a tiny model for tests)."""
+    """The SkyReels-V2 diffusion transformer (Wan 2.1); random unless skyreels.load_component fills it (checkpoint)."""
 
     # Float32 whatever the load dtype, as diffusers' _keep_in_fp32_modules: the timestep MLP and the modulation
     # tables scale every residual update, and the norms' affine weights act on float32 normalised values.
@@ -347,8 +332,7 @@ class DiT(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.config = cfg
-        dim = cfg.dim
+        self.config, dim = cfg, cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_channels, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         te = self.condition_embedder = nn.Module()  # a plain container that gives the checkpoint's key prefix
         te.time_embedder = TwoLinear(cfg.freq_dim, dim, F.silu)
@@ -366,13 +350,11 @@ class DiT(nn.Module):
         self.ignored_keys = tuple(f"blocks.{i}.attn2.norm_added_q." for i in range(cfg.num_layers))
 
     def forward(self, x, t, context, image_context=None, fps=None, attention=None):
-        """The flow prediction (B, out_channels, F, H, W) for latents x (B, in_channels, F, H, W) at timesteps t, (B,)
-        or (B, F) one per latent frame. context (B, L, text_dim): the text embedding; image_context (B, L_img,
-        image_dim): the CLIP penultimate hidden states of the image (I2V), or of both images concatenated (first-last
-        frame); fps: 16 or 24, for inject_sample_info. attention: an AttentionContext (None: full attention, no cache,
-        one process); with several ranks, each passes the same arguments and gets the whole result."""
-        cfg, te = self.config, self.condition_embedder
-        dtype = self.patch_embedding.weight.dtype
+        """The flow prediction (B, out_channels, F, H, W) for latents x (B, in_channels, F, H, W) at timesteps t (B,) or
+        (B, F). context (B, L, text_dim): the text embedding; image_context (B, L_img, image_dim): CLIP's penultimate
+        states of the image(s) (I2V); fps: 16 or 24 (inject_sample_info). attention: an AttentionContext (None: full
+        attention, no cache, one process); with several ranks, each passes the same arguments and gets the result."""
+        cfg, te, dtype = self.config, self.condition_embedder, self.patch_embedding.weight.dtype
         if (image_context is None) != (te.image_embedder is None):
             raise ValueError("image_context is required by image-to-video checkpoints, and only by them")
         if cfg.inject_sample_info and fps is None:
@@ -425,19 +407,16 @@ class DiT(nn.Module):
         return temb, e.float()[:, :, None]
 
     def attention_context(self, attention, grid, device):
-        """attention checked and completed for this forward's token grid (f, h, w): the rotary tables of x's
-        positions, which follow the cached frames, and with several ranks, of this rank's rows."""
+        """attention checked, completed: rope at x's positions in grid (f, h, w) after the cache; this rank's rows."""
         (f, h, w), cfg, cache = grid, self.config, attention.cache
         block, keep = attention.causal_block_size, attention.keep
         before = cache.frames if cache is not None else 0  # cached frames: x's positions start after them
         if (before or keep) and (cache is None or block < 2 or before % block or keep % block
                                  or before + keep > cache.limit):
-            raise ValueError("a KVCache holds whole blocks of block-causal attention (causal_block_size > 1), up to "
-                             "its limit")
+            raise ValueError("a KVCache holds whole blocks of causal_block_size > 1 attention, up to its limit")
         if max(before + f, h, w) > cfg.rope_max_seq_len:
             raise ValueError(f"a {before + f}x{h}x{w} token grid exceeds rope_max_seq_len {cfg.rope_max_seq_len}")
-        tables = rope_tables(cfg.attention_head_dim, before + f, h, w, device)
-        rope = tuple(table[before * h * w:] for table in tables)  # (f*h*w, Dh/2) each
+        rope = tuple(t[before * h * w:] for t in rope_tables(cfg.attention_head_dim, before + f, h, w, device))
         parallel = attention.parallel and dataclasses.replace(attention.parallel, grid=grid)
         if parallel is not None:
             rope = tuple(parallel.shard(table) for table in rope)
@@ -498,13 +477,11 @@ class CLIPLayer(nn.Module):
 
 
 class CLIPVision(nn.Module):
-    """transformers' CLIPVisionModelWithProjection up to what SkyReels-V2 uses, the penultimate hidden states: the
-    last layer, post_layernorm and visual_projection are never run, so they are not built and the loader skips them."""
+    """transformers' CLIPVisionModelWithProjection up to its penultimate hidden states, all SkyReels-V2 uses."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.config = cfg
-        d = cfg.hidden_size
+        self.config, d = cfg, cfg.hidden_size
         vm = self.vision_model = nn.Module()  # plain containers that give the checkpoint's key prefixes
         vm.embeddings = nn.Module()
         vm.embeddings.class_embedding = nn.Parameter(torch.randn(d) / d**0.5)
@@ -517,8 +494,7 @@ class CLIPVision(nn.Module):
                              "vision_model.post_layernorm.", "visual_projection.")
 
     def forward(self, pixels):
-        """pixels (N, 3, S, S) from `clip_preprocess` -> (N, 1 + (S/patch)^2, hidden): transformers'
-        `hidden_states[-2]`, the class token and the patch tokens after all layers but the last."""
+        """pixels (N, 3, S, S) from clip_preprocess -> transformers' hidden_states[-2], (N, 1 + (S/patch)^2, hidden)."""
         emb = self.vision_model.embeddings
         x = emb.patch_embedding(pixels.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)  # (N, P, D)
         x = torch.cat([emb.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + emb.position_embedding.weight
@@ -529,9 +505,8 @@ class CLIPVision(nn.Module):
 
 
 def clip_preprocess(image, config):
-    """A PIL image or (H, W, 3) uint8 array -> (1, 3, crop, crop) float32 pixels, exactly as transformers'
-    CLIPImageProcessor (PIL backend) with `config` the parsed image_processor/preprocessor_config.json: RGB (alpha
-    over white), shortest side resized with the configured PIL filter, center crop, rescale, normalise."""
+    """A PIL image or (H, W, 3) uint8 array -> (1, 3, crop, crop) float32 pixels, as transformers' CLIPImageProcessor
+    (PIL) with `config` image_processor/preprocessor_config.json: RGB (alpha over white), resize, crop, normalise."""
     if not all(config.get(f"do_{step}", True) for step in ("resize", "center_crop", "rescale", "normalize")):
         raise ValueError("CLIP preprocessing is supported with every step on (resize, crop, rescale, normalize)")
     if not isinstance(image, Image.Image):
@@ -539,10 +514,8 @@ def clip_preprocess(image, config):
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
     image = image.convert("RGB")
-    w, h = image.size
-    short = config["size"]["shortest_edge"]
-    # transformers truncates the long side: int(), not round()
-    size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)  # PIL (width, height)
+    (w, h), short = image.size, config["size"]["shortest_edge"]
+    size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)  # (w, h), int() as transformers
     image = image.resize(size, resample=config.get("resample", 3))
     ch, cw = config["crop_size"]["height"], config["crop_size"]["width"]
     top, left = (image.height - ch) // 2, (image.width - cw) // 2

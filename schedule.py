@@ -1,8 +1,6 @@
-"""The noise schedule, the diffusion-forcing step matrix, and the UniPC solver that walks it.
-
-Read in order: `timesteps` picks the sigmas, `step_matrix` decides which latent frame sits at which sigma at each
-iteration, and `unipc_step` moves every frame that the matrix updates one step along its own schedule.
-"""
+"""The noise schedule, the diffusion-forcing step matrix, and the UniPC solver that walks it, in reading order:
+`timesteps` picks the sigmas, `step_matrix` which latent frame sits at which sigma at each iteration, and `unipc_step`
+moves every frame that the matrix updates one step along its own schedule."""
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,10 +9,8 @@ import torch
 
 def timesteps(num_inference_steps, shift):
     """The timesteps the model sees, (n,) int64, and the sigmas the solver walks, (n+1,) float32 ending in 0.
-
-    The spacing is the original SkyReels-V2's, linspace(0.999, 0, n+1)[:-1]: diffusers >= 0.37 spaces flow sigmas
-    otherwise and no longer gives the original table (999, 995, 991, ... for 30 steps at shift 8). The arithmetic
-    (float64, timesteps truncated, sigmas rounded to float32) is diffusers' own, so the values are identical."""
+    The spacing is the original's, linspace(0.999, 0, n+1)[:-1] (diffusers >= 0.37 no longer gives its table: 999,
+    995, 991, ... for 30 steps at shift 8); the arithmetic is diffusers' own, so the values are identical."""
     s = np.linspace(0.999, 0.0, num_inference_steps + 1)[:-1]
     sigmas = shift * s / (1 + (shift - 1) * s)  # a shift > 1 spends more steps at high noise
     ts = torch.from_numpy(sigmas * 1000).long()
@@ -22,17 +18,12 @@ def timesteps(num_inference_steps, shift):
 
 
 def step_matrix(num_latent_frames, step_template, ar_step=0, num_pre_ready=0, causal_block_size=1):
-    """Diffusion forcing's schedule: which timestep every latent frame is at, iteration by iteration.
-
-    Frames form causal blocks of `causal_block_size` that share a timestep. Each block walks the template, starting
-    `ar_step` iterations after the block before it (0: lock-step), so earlier frames are always cleaner. The first
-    `num_pre_ready` frames (a video prefix) are already clean and never updated.
-
-    Progress is an index into [999, *step_template, 0]: 0 is pure noise, n+1 finished. A frame is updated at an
-    iteration when its index moved there and it is not finished.
-
-    Returns the timesteps and the update mask, (iterations, F) int64 and bool, F being num_latent_frames in whole
-    blocks: diffusers' generate_timestep_matrix with base_num_latent_frames = num_latent_frames (a window per base)."""
+    """Diffusion forcing's schedule (diffusers' generate_timestep_matrix, base_num_latent_frames = num_latent_frames):
+    the timesteps and update mask, (iterations, F) int64 and bool, F being num_latent_frames in whole blocks.
+    Frames form causal blocks of `causal_block_size` that share a timestep. Each block walks the template `ar_step`
+    iterations after the block before it (0: lock-step), so earlier frames are always cleaner; the first
+    `num_pre_ready` frames (a video prefix) are clean and never updated. Progress is an index into
+    [999, *step_template, 0] (n+1: finished); a frame is updated when its index moves and it is not finished."""
     n, num_blocks = len(step_template), num_latent_frames // causal_block_size
     template = torch.cat([torch.tensor([999]), step_template.long().cpu(), torch.tensor([0])])
     finished = n + 1
@@ -41,16 +32,12 @@ def step_matrix(num_latent_frames, step_template, ar_step=0, num_pre_ready=0, ca
     rows[0][:num_pre_ready // causal_block_size] = finished
     while (rows[-1] < n).any():
         row, new = rows[-1], torch.zeros(num_blocks, dtype=torch.long)
-        for b in range(num_blocks):
-            if b == 0 or row[b - 1] >= n:  # nothing ahead of it is still denoising: advance one step
-                new[b] = row[b] + 1
-            else:  # trail the block ahead by ar_step steps
-                new[b] = new[b - 1] - ar_step
+        for b in range(num_blocks):  # a step on where nothing ahead still denoises, else ar_step behind the block ahead
+            new[b] = row[b] + 1 if b == 0 or row[b - 1] >= n else new[b - 1] - ar_step
         rows.append(new.clamp(0, finished))
 
     index = torch.stack(rows).repeat_interleave(causal_block_size, dim=1)  # (1 + iterations, F)
-    update = (index[1:] != index[:-1]) & (index[1:] != finished)
-    return template[index[1:]].to(step_template.device), update
+    return template[index[1:]].to(step_template.device), (index[1:] != index[:-1]) & (index[1:] != finished)
 
 
 @dataclass
@@ -65,9 +52,8 @@ class UniPC:
 
 
 def unipc_init(sigmas, num_frames, alias_first_step=False):
-    """alias_first_step=True reproduces the diffusion-forcing loops of the original and of diffusers: they write a
-    frame's first step result into the latents their scheduler kept a view of as "last sample", so the corrector at
-    its second step starts from the first step's output, not its input. The T2V and I2V pipelines do not."""
+    """alias_first_step=True as the original's and diffusers' diffusion-forcing loops (not T2V, I2V): their "last
+    sample" views the latents, so a frame's second-step corrector starts from its first step's output, not its input."""
     return UniPC(sigmas=sigmas, step=torch.zeros(num_frames, dtype=torch.long), alias_first_step=alias_first_step)
 
 
@@ -80,11 +66,9 @@ def _log_snr(sigma):
 
 
 def _uni_bh2(x, m0, m1, sigma_t, sigma_s0, sigma_s1, order, model_t=None):
-    """One UniPC update (B(h) = e^h - 1, "bh2") from sigma_s0 to sigma_t, in the x0 (data) parameterisation.
-
-    x is the sample at sigma_s0; m0, m1 the x0 predictions at sigma_s0 and at the step before, sigma_s1 (order 2
-    only). Without model_t this is the predictor UniP; with model_t, the x0 prediction at sigma_t, the corrector UniC.
-    sigma_* and order are (F,): each frame has its own coefficients."""
+    """One UniPC update (B(h) = e^h - 1, "bh2") of x from sigma_s0 to sigma_t, in the x0 parameterisation: m0, m1
+    the x0 predictions at sigma_s0 and sigma_s1, the step before (order 2 only). Without model_t (the x0 prediction
+    at sigma_t) the predictor UniP, with it the corrector UniC. sigma_* and order are (F,): coefficients per frame."""
     second = order == 2
     lam_s0 = _log_snr(sigma_s0)
     h = _log_snr(sigma_t) - lam_s0
@@ -107,10 +91,8 @@ def _uni_bh2(x, m0, m1, sigma_t, sigma_s0, sigma_s1, order, model_t=None):
 
 
 def unipc_step(state, model_output, latents, update):
-    """Step the frames in `update` ((F,) bool) one sigma along their own schedules; the rest stay as they are.
-
-    model_output: the flow prediction (noise - x0), (B, C, F, H, W). This is diffusers' UniPCMultistepScheduler
-    (flow_prediction, solver_order=2, bh2, lower_order_final) with one scheduler per frame."""
+    """Step the frames in `update` ((F,) bool) one sigma along their own schedules by the flow prediction model_output
+    (noise - x0, (B, C, F, H, W)): diffusers' UniPCMultistepScheduler (order 2, bh2, lower_order_final) per frame."""
     f = update.cpu().nonzero()[:, 0]  # the frames that step now
     n, sig, k = len(state.sigmas) - 1, state.sigmas.to(latents.device), state.step[f].to(latents.device)  # k: (f,)
     if (k >= n).any():

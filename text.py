@@ -1,7 +1,5 @@
-"""The text condition: prompt cleaning, UMT5's SentencePiece tokenizer, and the UMT5 encoder.
-
-SkyReels-V2 (like Wan 2.1) conditions its DiT on the last hidden state of the UMT5-XXL encoder. A prompt is
-cleaned, tokenized to 512 ids ending in </s>, encoded, and the rows past the prompt's own tokens are set to zero:
+"""The text condition, as Wan 2.1's: the UMT5-XXL encoder's last hidden state of a prompt cleaned, tokenized to 512
+ids ending in </s> (UMT5's SentencePiece tokenizer), encoded, its rows past the prompt's own tokens set to zero:
 
     tokenizer = Tokenizer("…/tokenizer/spiece.model")
     encoder = skyreels.load_component(UMT5Encoder, UMT5Config, "…/text_encoder", torch.bfloat16, "cuda")
@@ -19,8 +17,7 @@ import torch.nn.functional as F
 
 
 def fields_from(cls, config):  # from a config.json dict; keys not in cls (class names, versions) are ignored
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names})
+    return cls(**{k: tuple(v) if type(v) is list else v for k, v in config.items() if k in cls.__dataclass_fields__})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +50,8 @@ CONFIGS = {  # named sizes; the tests' tiny encoder has the tiny test tokenizer'
 # ----------------------------------------------------------------------------------------------------------------
 # Prompts to token ids
 
-# diffusers runs ftfy.fix_text first; ftfy is not a dependency here. Two of its fixes change ordinary prompts' tokens
-# and are done here: curly quotes made straight, invisible control characters dropped. The tokenizer's NFKC redoes
-# its width, ligature and NFC fixes; its mojibake and terminal-escape repairs only touch broken text: skipped.
+# diffusers runs ftfy.fix_text first (not a dependency here). We do its two fixes that change ordinary prompts' tokens
+# (curly quotes straightened, invisible controls dropped); the tokenizer's NFKC redoes others; mojibake ones: skipped.
 _FTFY_FIXES = {
     **dict.fromkeys([0x02BC, *range(0x2018, 0x201C)], "'"),
     **dict.fromkeys(range(0x201C, 0x2020), '"'),
@@ -73,10 +69,8 @@ def clean_prompt(text):
 
 
 class Tokenizer:
-    """UMT5's tokenizer: prompts cleaned as diffusers does, then tokenized as transformers' T5Tokenizer with
-    padding="max_length", truncation=True: the pieces, </s> (kept when truncating), <pad>; the mask covers up to </s>.
-    SentencePiece normalises (NFKC) and splits words as transformers does, but transformers first matches the special
-    tokens' text ("</s>" in "<s>gone</s>") and emits their ids, so we split those out too."""
+    """Prompts cleaned as diffusers does, tokenized as T5Tokenizer (padding="max_length", truncation=True): the pieces,
+    </s> (kept when truncating), <pad>, mask up to </s>; special tokens' text ("</s>" in "a</s>b") split out first."""
 
     def __init__(self, path):
         self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
@@ -111,13 +105,11 @@ class Tokenizer:
 
 
 class RMSNorm(nn.Module):
-    """T5's layer norm: no mean, no bias. The mean square is taken in float32, as in the reference: a bf16 mean of
-    4096 squares would make the scale itself noisy."""
+    """T5's layer norm: no mean, no bias; the mean square in float32, as the reference (bf16 would make it noisy)."""
 
     def __init__(self, dim, eps):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
 
     def forward(self, x):
         x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
@@ -138,8 +130,7 @@ def relative_position_buckets(length, num_buckets, max_distance, device):
 
 
 def gelu_new(x):
-    """T5's "gelu_new", GELU's tanh approximation, written out as the original code and transformers write it: in
-    bf16 each step rounds, and F.gelu(x, approximate="tanh"), which rounds once, would differ by a bf16 ulp."""
+    """T5's tanh GELU written out as transformers does: in bf16 each step rounds (F.gelu's, rounding once, differs)."""
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
@@ -167,8 +158,7 @@ class Block(nn.Module):
         y = self.layer[0].layer_norm(x)
         q, k, v = (p(y).unflatten(-1, (self.heads, -1)).transpose(1, 2) for p in (attn.q, attn.k, attn.v))
         bias = attn.relative_attention_bias(buckets).permute(2, 0, 1)  # (H, L, L)
-        # Padding keys get the lowest finite value, as in transformers, rather than -inf.
-        mask = torch.where(keep[:, None, None, :], bias, torch.finfo(bias.dtype).min)  # (B, H, L, L)
+        mask = torch.where(keep[:, None, None, :], bias, torch.finfo(bias.dtype).min)  # (B, H, L, L), not -inf
         # No 1/sqrt(d_kv) scaling: T5 folds it into the initialisation of q.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # (B, H, L, d_kv)
         x = x + attn.o(out.transpose(1, 2).flatten(2))
@@ -195,8 +185,7 @@ class UMT5Encoder(nn.Module):
         c, device = self.config, self.shared.weight.device
         buckets = relative_position_buckets(ids.shape[1], c.relative_attention_num_buckets,
                                             c.relative_attention_max_distance, device)
-        keep = mask.to(device).bool()
-        x = self.shared(ids.to(device))
+        keep, x = mask.to(device).bool(), self.shared(ids.to(device))
         for block in self.encoder["block"]:
             x = block(x, buckets, keep)
         return self.encoder["final_layer_norm"](x)
@@ -204,9 +193,8 @@ class UMT5Encoder(nn.Module):
 
 @torch.no_grad()
 def encode_prompts(tokenizer, encoder, prompts, max_length=512, device=None):
-    """The DiT's text condition, (B, max_length, d_model), on `device` (default: where computed): the encoder output
-    over each prompt's tokens (</s> included), then zeros. The DiT's cross-attention reads all max_length rows, so
-    the padding rows must be exact zeros, as in diffusers and the original code."""
+    """The DiT's text condition (B, max_length, d_model) on `device` (default: where computed): the encoder output over
+    each prompt's tokens (</s> included), then exact zeros, as the DiT's cross-attention reads every row."""
     ids, mask = tokenizer(prompts, max_length)
     hidden = encoder(ids, mask)
     hidden = hidden.masked_fill(~mask.to(hidden.device).bool()[..., None], 0.0)  # ones, then zeros: a trim

@@ -1,11 +1,8 @@
 """The causal video VAE of Wan 2.1, which every SkyReels-V2 model uses (8x smaller in space, 4x in time, 16 channels).
 
-Every convolution is causal in time: an output frame sees only its own input frame and earlier ones. So a video can go
-through the network a piece at a time, each layer caching what it needs of the previous piece, with the result of one
-pass over the whole video. A cache is a plain dict, {layer: its state}, new for each video and handed to every layer:
-a layer that finds no entry yet is at the video's first chunk.
-
-Parameter names are diffusers' AutoencoderKLWan keys, so vae/ of an official -Diffusers folder loads strictly by name.
+Every convolution is causal in time, so a video can go through a piece at a time with the result of one whole pass:
+each layer keeps what it needs of the previous piece in a cache, a plain dict {layer: state} new for each video (a layer
+that finds no entry is at the video's first chunk). Parameter names are diffusers' AutoencoderKLWan keys (strict load).
 Only inference is implemented (no dropout, no posterior sampling: the pipelines use the posterior mean).
 """
 import dataclasses
@@ -16,8 +13,7 @@ import torch.nn.functional as F
 
 
 def fields_from(cls, config):  # from a config.json dict; keys not in cls (class names, versions) are ignored
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names})
+    return cls(**{k: tuple(v) if type(v) is list else v for k, v in config.items() if k in cls.__dataclass_fields__})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +47,9 @@ CONFIGS = {
 
 
 class CausalConv3d(nn.Conv3d):
-    """A 3D convolution padded as usual in space, but in time only on the past side, by 2 * padding[0] frames (zeros at
-    a video's start). Those with such padding go frame by frame, each tap in time a 2D convolution adding a term to this
-    or a later output frame. The cache keeps the sums in progress, or the last input frames where those are smaller."""
+    """A 3D convolution padded in time only on the past side, by 2 * padding[0] frames (zeros at a video's start). Such
+    go frame by frame, each tap in time a 2D convolution adding a term to this or a later output frame; the cache keeps
+    the sums in progress, or the last input frames where those are smaller."""
 
     def __init__(self, in_dim, out_dim, kernel, stride=1, padding=0):
         pt, ph, pw = padding if isinstance(padding, tuple) else (padding,) * 3
@@ -94,17 +90,15 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
 
     def forward(self, x):
-        # The reference normalises a float32 copy of a bf16 x. Taking the norm in (at least) float32 and dividing into
-        # an output of x's dtype rounds the same way without materialising that copy.
+        # As the reference's float32 copy of a bf16 x, without the copy: the norm in float32, divided into x's dtype.
         acc = torch.promote_types(x.dtype, torch.float32)
         norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=acc).clamp_min(1e-12)
         return torch.div(x, norm, out=torch.empty_like(x)).mul_(self.gamma * self.scale)
 
 
 def upsample_conv(x, conv):
-    """conv(nearest 2x upsampling of x), (B, C, H, W) -> (B, C', 2H, 2W) channels-last, without the upsampled image
-    and in a quarter of the work. Output row 2i + p sees input rows i - 1 + p and i + p only, through the sum of the
-    kernel rows that land on each (fold[p]); columns alike. So each output phase p, q is a 2x2 convolution of x."""
+    """conv(nearest 2x upsampling of x), (B, C, H, W) -> (B, C', 2H, 2W) channels-last, in a quarter of the work: output
+    row 2i + p sees rows i - 1 + p, i + p only, through kernel rows summed (fold[p]): each phase p, q is a 2x2 conv."""
     b, _, h, w = x.shape
     out = x.new_empty(b, 2 * h, 2 * w, conv.out_channels).permute(0, 3, 1, 2)
     fold = x.new_tensor([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]])  # phase p: kernel rows 0-2 -> 2 rows
@@ -115,9 +109,8 @@ def upsample_conv(x, conv):
 
 
 class Resample(nn.Module):
-    """2x up- or downsampling in space, a frame at a time; the '3d' modes also in time. The upsampler turns each frame
-    into two with a causal convolution (a video's first frame stays one); the downsampler convolves with stride 2 over
-    the previous chunk's last frame and this chunk (a video's first chunk passes through)."""
+    """2x up- or downsampling in space, a frame at a time; the '3d' modes also in time: up, each frame becomes two by a
+    causal conv (a video's first stays one); down, a stride-2 conv over the previous chunk's last frame and this one."""
 
     def __init__(self, dim, mode):
         super().__init__()
@@ -147,9 +140,7 @@ class Resample(nn.Module):
         if self.mode == "upsample3d" and self.time_conv in cache:
             x = self.time_conv(x, cache)  # (B, 2C, T, H, W): each frame's two output frames, stacked in channels
             frames = [pair for frame in x.unbind(2) for pair in frame.chunk(2, dim=1)]  # (B, C, H, W), in time order
-        elif self.mode == "upsample3d":
-            # A video's first frame stays one frame, and (as in the official VAE) is not the past of the next one
-            # either: the time conv starts on zeros.
+        elif self.mode == "upsample3d":  # a video's first frame stays one, nor is it (as officially) the next's past
             cache[self.time_conv] = []
         return [upsample_conv(frame, self.resample[1]) for frame in frames]
 
@@ -195,8 +186,7 @@ class MidBlock(nn.Module):
         self.attentions = nn.ModuleList([AttentionBlock(dim)])
 
     def forward(self, x, cache):
-        x = self.resnets[0](x, cache)
-        return self.resnets[1](self.attentions[0](x), cache)
+        return self.resnets[1](self.attentions[0](self.resnets[0](x, cache)), cache)
 
 
 class Encoder(nn.Module):
@@ -291,9 +281,8 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, video):
-        """Video (B, 3, 1 + 4k, H, W) in [-1, 1] -> posterior mean (B, z_dim, 1 + k, H/8, W/8), not normalised.
-
-        As the official VAE: the first frame alone, then four frames at a time, the cache carried between them."""
+        """Video (B, 3, 1 + 4k, H, W) in [-1, 1] -> posterior mean (B, z_dim, 1 + k, H/8, W/8), not normalised. As the
+        official VAE: the first frame alone, then four frames at a time, the cache carried between them."""
         if video.ndim != 5 or video.shape[1] != 3:
             raise ValueError(f"encode expects video of shape (B, 3, F, H, W), got {tuple(video.shape)}")
         f, h, w = video.shape[2:]
@@ -307,12 +296,10 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def decode(self, latents, cache=None):
-        """Latents (B, z_dim, T, h, w), not normalised -> video (B, 3, F, 8h, 8w) in [-1, 1]: a video's first latent
-        frame decodes to one frame, each later one to four. Pieces of a video passed in order with one `cache` dict
-        (see decoder_stream) give exactly the frames of one whole decode, in memory that does not grow with length."""
+        """Latents (B, z_dim, T, h, w), not normalised -> video (B, 3, F, 8h, 8w) in [-1, 1]; a first latent frame makes
+        one frame, later ones four. Pieces in order with one `cache` (decoder_stream): one decode, in bounded memory."""
         if latents.ndim != 5 or latents.shape[1] != self.cfg.z_dim:
-            raise ValueError(f"decode expects latents of shape (B, {self.cfg.z_dim}, T, h, w), "
-                             f"got {tuple(latents.shape)}")
+            raise ValueError(f"decode takes latents shape (B, {self.cfg.z_dim}, T, h, w), got {tuple(latents.shape)}")
         frames = self.temporal * latents.shape[2] - (self.temporal - 1) * (not cache)  # a video's first: one frame
         cache = {} if cache is None else cache
         x = self.post_quant_conv(latents)
