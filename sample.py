@@ -19,9 +19,8 @@ MODES = {  # mode: (the checkpoint kind it needs, what it makes)
     "t2v": ("t2v", "text to video"), "i2v": ("i2v", "image to video (a first, and optionally a last, frame)"),
     "df": ("df", "text to video of any length, by diffusion forcing"),
     "df-i2v": ("df", "image to video, by diffusion forcing"), "v2v": ("df", "video extension, by diffusion forcing")}
-# skyreels.DEFAULTS (steps, guidance, shift), repeated here so that --help need not import torch (a test compares).
-DEFAULTS = {"t2v": (50, 6.0, 8.0), "i2v": (50, 5.0, 5.0), "df": (30, 6.0, 8.0), "df-i2v": (30, 5.0, 5.0),
-            "v2v": (30, 5.0, 5.0)}
+DEFAULTS = {  # skyreels.DEFAULTS (steps, guidance, shift), repeated so that --help imports no torch (a test compares)
+    "t2v": (50, 6.0, 8.0), "i2v": (50, 5.0, 5.0), "df": (30, 6.0, 8.0), "df-i2v": (30, 5.0, 5.0), "v2v": (30, 5.0, 5.0)}
 DTYPES = dict(bf16="bfloat16", fp16="float16", fp32="float32", **{t: t for t in ("bfloat16", "float16", "float32")})
 RANK, WORLD = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's: rank 0 writes
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each ends a run: exit 128 + its number
@@ -105,9 +104,7 @@ def main(argv=None):
         say("stopped before any frame was finished; nothing written")
         leave(128 + (STOP["signal"] or signal.SIGINT))
     except (ValueError, OSError, FloatingPointError) as e:  # skyreels.CheckpointError is a ValueError
-        if RANK == 0:
-            print(f"error: {as_flags((str(e) or type(e).__name__).splitlines()[0], args.flags)}", file=sys.stderr)
-        leave(2)
+        leave(2, as_flags((str(e) or type(e).__name__).splitlines()[0], args.flags) if RANK == 0 else None)
     except Exception as e:  # under torchrun, each failing rank says why in one line; torchrun then stops the others
         why = (str(e).splitlines() or [""])[0]
         if type(e).__name__ == "OutOfMemoryError":  # the finished windows are already kept (write)
@@ -116,8 +113,7 @@ def main(argv=None):
             raise
         else:
             why = f"{type(e).__name__}: {why}"
-        print(f"error: {f'rank {RANK}: ' * (WORLD > 1)}{why}", file=sys.stderr)
-        leave(1)
+        leave(1, f"{f'rank {RANK}: ' * (WORLD > 1)}{why}")
     finally:  # join_ranks' group, if it was joined
         if WORLD > 1 and (dist := sys.modules.get("torch.distributed")) and dist.is_initialized():
             dist.destroy_process_group()
@@ -130,7 +126,9 @@ def on_signal(signum, frame):  # stop the run, but not while ffmpeg is fed or fi
         raise KeyboardInterrupt
 
 
-def leave(code):  # exit with no signal left to interrupt the interpreter's own shutdown
+def leave(code, error=None):  # say the error; exit with no signal left to interrupt the interpreter's own shutdown
+    if error:
+        print(f"error: {error}", file=sys.stderr)
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     sys.exit(code)
@@ -167,8 +165,7 @@ def run(args):  # check everything, then load, generate and write (rank 0; the o
     device = skyreels.check_device(a.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, DTYPES[a.get("dtype", "fp32" if device.type == "cpu" else "bf16")])
     model = args.model if args.model.startswith("tiny-") or os.path.isdir(args.model) else skyreels.download(args.model)
-    kind = skyreels.kind_of(model)  # all is checked before the weights are read
-    if kind != MODES[args.mode][0]:
+    if (kind := skyreels.kind_of(model)) != MODES[args.mode][0]:  # all is checked before the weights are read
         raise ValueError(f"{args.mode} needs a {MODES[args.mode][0].upper()} checkpoint; {model} is {kind.upper()}")
     out = Output(args.out, kind == "df" and "plan" not in a)
     media = {k: a.get(k) for k in ("image", "last_image", "video")}  # the JSON names them as given
@@ -264,8 +261,7 @@ class Output:
             raise ValueError(f"cannot write {self.path}: {self.folder}: {why}") from None
 
     def write(self, chunks, fps, record, new_from=0, keep_state=False, passes=None):
-        """Frame chunks to a temporary mp4, read back, renamed with their JSON: both or neither. Stopped, the frames
-        past v2v's `new_from` go to NAME.partial.mp4; a complete video removes it and (without keep_state) the state."""
+        """Frames to a temporary mp4, read back, renamed with their JSON: both or neither; stopped, NAME.partial.mp4."""
         written, stop = self.feed(chunks, fps)
         final = (self.path, self.json) if stop is None else (self.partial, self.partial_json)
         try:
