@@ -1,11 +1,8 @@
-"""Generate a video from the command line.
-
-  python sample.py {t2v,i2v,df,df-i2v,v2v} --model PATH --prompt TEXT [options] --out video.mp4
+"""Generate a video: python sample.py {t2v,i2v,df,df-i2v,v2v} --model PATH --prompt TEXT [options] --out video.mp4
 
 `python sample.py MODE --help` lists a mode's options; the original spellings (--model_id, --num_frames, ...) work
 too. Bad input gets one `error:` line and exit code 2 before any weight is read. The mp4 and its JSON appear whole or
-not at all; a stopped run leaves NAME.partial.mp4, and a diffusion-forcing one NAME.state for --resume (README.md).
-"""
+not at all; a stopped run leaves NAME.partial.mp4, and a diffusion-forcing one NAME.state for --resume (README.md)."""
 import argparse
 import dataclasses
 import json
@@ -22,12 +19,10 @@ MODES = {  # mode: (the checkpoint kind it needs, what it makes)
     "t2v": ("t2v", "text to video"), "i2v": ("i2v", "image to video (a first, and optionally a last, frame)"),
     "df": ("df", "text to video of any length, by diffusion forcing"),
     "df-i2v": ("df", "image to video, by diffusion forcing"), "v2v": ("df", "video extension, by diffusion forcing")}
-# skyreels.DEFAULTS (steps, guidance, shift), repeated here so that --help need not import torch (a test compares).
-DEFAULTS = {"t2v": (50, 6.0, 8.0), "i2v": (50, 5.0, 5.0), "df": (30, 6.0, 8.0), "df-i2v": (30, 5.0, 5.0),
-            "v2v": (30, 5.0, 5.0)}
+DEFAULTS = {  # skyreels.DEFAULTS (steps, guidance, shift), repeated so that --help imports no torch (a test compares)
+    "t2v": (50, 6.0, 8.0), "i2v": (50, 5.0, 5.0), "df": (30, 6.0, 8.0), "df-i2v": (30, 5.0, 5.0), "v2v": (30, 5.0, 5.0)}
 DTYPES = dict(bf16="bfloat16", fp16="float16", fp32="float32", **{t: t for t in ("bfloat16", "float16", "float32")})
-# Under torchrun, every rank gets the same input and shares the work: rank 0 alone reports and writes.
-RANK, WORLD = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+RANK, WORLD = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's: rank 0 writes
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each ends a run: exit 128 + its number
 STOP = {"defer": False, "signal": None}  # a signal waits while ffmpeg is fed and while files are renamed (write)
 
@@ -37,68 +32,57 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n" if RANK == 0 else None)
 
 
-def parse_args(argv=None):  # flags named as skyreels.Settings' fields set those fields
-    p = Parser(description=__doc__.split("\n\n")[2].replace("\n", " "))
+def parse_args(argv=None):  # flags named as skyreels.Settings' fields set those; the others: loading and writing
+    p = Parser(description=__doc__.split("\n\n")[1].replace("\n", " "))
     modes = p.add_subparsers(dest="mode", required=True, metavar="MODE")
     for mode, (kind, about) in MODES.items():
         m = modes.add_parser(mode, help=about, description=f"{about}, with a {kind.upper()} checkpoint",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
-        add_inputs(m, mode, kind)
-        add_sampling(m.add_argument, mode, kind)
-        add = m.add_argument
-        add("--dtype", choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
-        add("--device", help="cpu, cuda, cuda:1 (default: cuda if there is one)")
-        add("--offload", action="store_true", help="keep only the component in use on the GPU")
-        add("--compile", action="store_true", help="torch.compile the DiT blocks (faster, slower start)")
-        add("--lora", action="append", type=lora_arg, metavar="PATH[:SCALE]", help="fold a LoRA into the DiT")
-        add("--transformer", help="a one-file DiT (original Wan / ComfyUI or diffusers names, fp8 too)")
-        add("--fp8", action="store_true", help="quantize the DiT's and text encoder's Linear weights to fp8")
-        add("--out", "--outdir", default="video.mp4", help="the mp4 (in a folder: video.mp4 there)")
+        add_flags(m, mode, kind == "df")
     args = p.parse_args(argv)
     args.flags = {a.dest: a.option_strings[0] for a in modes.choices[args.mode]._actions if a.option_strings}
     return args
 
 
-def add_inputs(m, mode, kind):
-    add = m.add_argument
+def add_flags(m, mode, df):  # help where a flag's name (and README.md) is not enough, or to show its default
+    add, (steps, guidance, shift) = m.add_argument, DEFAULTS[mode]
     add("--model", "--model_id", required=True, help="a -Diffusers folder, a Hugging Face id, or tiny-t2v/i2v/df")
     text = m.add_mutually_exclusive_group(required=True)
-    text.add_argument("--prompt", action="append", help="repeated: a prompt a window" if kind == "df" else None)
-    text.add_argument("--prompt-file", help="a prompt a line" + ", a window each" * (kind == "df"))
-    add("--negative-prompt", "--negative_prompt", help="what it should not show")
+    text.add_argument("--prompt", action="append", help="repeated: a prompt a window" if df else None)
+    text.add_argument("--prompt-file", help="a prompt a line" + ", a window each" * df)
+    add("--negative-prompt", "--negative_prompt")
     if "i2v" in mode:
-        add("--image", required=True, help="the first frame")
-        add("--last-image", "--end_image", "--last_image", help="the last frame")
+        add("--image", required=True)
+        add("--last-image", "--end_image", "--last_image")
     if mode == "v2v":
-        add("--video", "--video_path", required=True, help="the video to extend")
+        add("--video", "--video_path", required=True, help="num_frames - overlap_history frames are new")
     add("--resolution", help="540P, 720P or tiny, without --height/--width (default: 540P; tiny for tiny-*)")
-    add("--height", type=int, help="a multiple of 16, with --width")
-    add("--width", type=int, help="a multiple of 16, with --height")
-
-
-def add_sampling(add, mode, kind):
-    steps, guidance, shift = DEFAULTS[mode]
-    v2v = "; the video's last overlap_history frames come first: num_frames - overlap_history frames are new"
-    add("--num-frames", "--num_frames", type=int, default=97, help="rounded down to 1 + 4k" + v2v * (mode == "v2v"))
+    for flag in ("--height", "--width", "--seed"):
+        add(flag, type=int)
+    add("--num-frames", "--num_frames", type=int, default=97, help="rounded down to 1 + 4k")
     add("--steps", "--inference_steps", "--num_inference_steps", dest="num_inference_steps", type=int, default=steps,
         help="denoising steps")
     add("--guidance-scale", "--guidance_scale", type=float, default=guidance, help="1 or less: none")
     add("--shift", type=float, default=shift, help="flow shift")
-    add("--seed", type=int, help="default: random, recorded in the JSON beside the video")
-    if kind == "df":
+    if df:
         add("--ar-step", "--ar_step", type=int, default=0, help="0: synchronous; 5: asynchronous")
         add("--causal-block-size", "--causal_block_size", type=int, default=1, help="5 with --ar-step 5")
         add("--base-num-frames", "--base_num_frames", type=int, help="frames a window holds: 97 (121 at 720P)")
         add("--overlap-history", "--overlap_history", type=int, required=mode == "v2v", help="17 or 37")
         add("--addnoise-condition", "--addnoise_condition", type=float, default=0, help="20: smoother joins")
-        add("--cache-budget", type=float, help="GiB for the asynchronous key/value cache (default: the GPU's free)")
+        add("--cache-budget", type=float, help="GiB (default: the GPU's free memory)")
         add("--plan", nargs="?", const="", metavar="PNG", help="print the windows (and draw them), load nothing")
-        add("--resume", action="store_true", help="continue the run kept beside --out in NAME.state")
-        add("--redo-from", type=int, metavar="K", help="keep windows 1 .. K-1 of that run, make the others again")
-        add("--keep-state", action="store_true", help="keep NAME.state once the video is written")
-    add("--fps", type=int, default=24, help="the mp4's" + " and the model's (16 or 24)" * (kind == "df"))
-    add("--teacache", "--teacache_thresh", nargs="?", type=float, const=0.2, metavar="T", help="TeaCache (bare: 0.2)")
+        add("--redo-from", type=int, metavar="K", help="keep windows 1 .. K-1 of the state's run")
+    add("--fps", type=int, default=24, help="the mp4's" + " and the model's (16 or 24)" * df)
+    add("--teacache", "--teacache_thresh", nargs="?", type=float, const=0.2, metavar="T", help="bare: 0.2")
     add("--use-ret-steps", "--use_ret_steps", action="store_true", help="TeaCache: the first 5 steps always run")
+    add("--dtype", choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
+    add("--device", help="default: cuda if there is one")
+    for flag in ("--offload", "--compile", "--fp8") + ("--resume", "--keep-state") * df:
+        add(flag, action="store_true")
+    add("--lora", action="append", type=lora_arg, metavar="PATH[:SCALE]")
+    add("--transformer", help="a one-file DiT (original Wan / ComfyUI or diffusers names, fp8 too)")
+    add("--out", "--outdir", default="video.mp4", help="the mp4 (in a folder: video.mp4 there)")
 
 
 def lora_arg(text):  # PATH[:SCALE]; a ':' not followed by a number (1e-3 is one) is part of the path
@@ -120,9 +104,7 @@ def main(argv=None):
         say("stopped before any frame was finished; nothing written")
         leave(128 + (STOP["signal"] or signal.SIGINT))
     except (ValueError, OSError, FloatingPointError) as e:  # skyreels.CheckpointError is a ValueError
-        if RANK == 0:
-            print(f"error: {as_flags((str(e) or type(e).__name__).splitlines()[0], args.flags)}", file=sys.stderr)
-        leave(2)
+        leave(2, as_flags((str(e) or type(e).__name__).splitlines()[0], args.flags) if RANK == 0 else None)
     except Exception as e:  # under torchrun, each failing rank says why in one line; torchrun then stops the others
         why = (str(e).splitlines() or [""])[0]
         if type(e).__name__ == "OutOfMemoryError":  # the finished windows are already kept (write)
@@ -131,33 +113,33 @@ def main(argv=None):
             raise
         else:
             why = f"{type(e).__name__}: {why}"
-        print(f"error: {f'rank {RANK}: ' * (WORLD > 1)}{why}", file=sys.stderr)
-        leave(1)
+        leave(1, f"{f'rank {RANK}: ' * (WORLD > 1)}{why}")
     finally:  # join_ranks' group, if it was joined
         if WORLD > 1 and (dist := sys.modules.get("torch.distributed")) and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def on_signal(signum, frame):  # stop the run, but not while ffmpeg is fed or files are renamed (write)
+def on_signal(signum, frame):  # stop the run, but not while ffmpeg is fed or files are renamed; later signals: nothing
     STOP["signal"] = STOP["signal"] or signum
     if not STOP["defer"]:
         STOP["defer"] = True  # from now on the run is stopping: a second Ctrl-C waits for it
         raise KeyboardInterrupt
 
 
-def leave(code):  # exit with no signal left to interrupt the interpreter's own shutdown
+def leave(code, error=None):  # say the error; exit with no signal left to interrupt the interpreter's own shutdown
+    if error:
+        print(f"error: {error}", file=sys.stderr)
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     sys.exit(code)
 
 
-def as_flags(message, flags):  # skyreels' setting names (num_inference_steps) as the flags typed (--steps)
-    def flag(m):
-        return flags[m[1]] + (m[2] or "") if m[1] in flags and ("_" in m[1] or m[2]) else m[0]
-    return re.sub(r"\b([a-z]+(?:_[a-z]+)*)\b( must| and| differs|:)?", flag, message)
+def as_flags(message, flags):  # skyreels' setting names (num_inference_steps) as the flags (--steps), where they are
+    return re.sub(r"\b([a-z]+(?:_[a-z]+)*)\b( must| and| differs|:)?",
+                  lambda m: flags[m[1]] + (m[2] or "") if m[1] in flags and ("_" in m[1] or m[2]) else m[0], message)
 
 
-def join_ranks(args):  # torchrun's process group (NCCL on GPU LOCAL_RANK, or gloo), and rank 0's seed
+def join_ranks(args):  # join torchrun's process group (NCCL on GPU LOCAL_RANK, or gloo) and take rank 0's seed
     import torch
     import torch.distributed as dist
 
@@ -183,8 +165,7 @@ def run(args):  # check everything, then load, generate and write (rank 0; the o
     device = skyreels.check_device(a.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, DTYPES[a.get("dtype", "fp32" if device.type == "cpu" else "bf16")])
     model = args.model if args.model.startswith("tiny-") or os.path.isdir(args.model) else skyreels.download(args.model)
-    kind = skyreels.kind_of(model)  # all is checked before the weights are read
-    if kind != MODES[args.mode][0]:
+    if (kind := skyreels.kind_of(model)) != MODES[args.mode][0]:  # all is checked before the weights are read
         raise ValueError(f"{args.mode} needs a {MODES[args.mode][0].upper()} checkpoint; {model} is {kind.upper()}")
     out = Output(args.out, kind == "df" and "plan" not in a)
     media = {k: a.get(k) for k in ("image", "last_image", "video")}  # the JSON names them as given
@@ -215,18 +196,17 @@ def run(args):  # check everything, then load, generate and write (rank 0; the o
     print(out.path)
 
 
-def settings_of(args, out, skyreels):
+def settings_of(args, out, skyreels):  # skyreels.Settings from the flags named as its fields, and the prompts
     a = vars(args)
     settings = {f: a[f] for f in skyreels.Settings.__dataclass_fields__ if f in a}
-    resuming = "resume" in a or "redo_from" in a
     settings.update(prompt=a.get("prompt") or read_prompts(a["prompt_file"]),
-                    seed=a.get("seed", None if resuming else -1),  # resuming: the state's seed
+                    seed=a.get("seed", None if "resume" in a or "redo_from" in a else -1),  # resuming: the state's
                     state=out.state, resolution=a.get("resolution", "tiny" if args.model.startswith("tiny-") else None),
                     base_num_frames=a.get("base_num_frames", 121 if a.get("resolution") == "720P" else 97))
     return skyreels.Settings(**settings)
 
 
-def read_prompts(path):
+def read_prompts(path):  # --prompt-file: a prompt a line
     try:
         with open(path, encoding="utf-8") as f:
             prompts = [line.strip() for line in f if line.strip()]
@@ -237,7 +217,7 @@ def read_prompts(path):
     return prompts
 
 
-def show_plan(s, windows, skyreels, picture):  # the windows, the frames each makes and its prompt; a PNG of them
+def show_plan(s, windows, skyreels, picture):  # the windows, the frames each makes, its prompt; the matrices drawn
     first = len(s.video) if s.mode == "v2v" else 0  # v2v's output begins with the input video
     print(f"{len(windows)} windows, {sum(len(w.matrix) for w in windows)} iterations of the step matrices")
     for k, w in enumerate(windows):
@@ -253,11 +233,10 @@ def show_plan(s, windows, skyreels, picture):  # the windows, the frames each ma
 
 
 class Output:
-    """Where a run writes: the mp4 and its JSON, NAME.partial.mp4 and .json if stopped, temporary names, NAME.state."""
+    """Where a run writes: the mp4, NAME.partial.mp4 if stopped, a short temporary one, each with a JSON; NAME.state."""
 
     def __init__(self, out, keeps_state):
-        if os.path.isdir(out):
-            out = os.path.join(out, "video.mp4")
+        out = os.path.join(out, "video.mp4") if os.path.isdir(out) else out
         if not out.lower().endswith(".mp4"):
             raise ValueError(f"--out must name an .mp4 file: {out}")
         self.path, self.json, self.folder = out, out[:-4] + ".json", os.path.dirname(os.path.abspath(out))
@@ -267,7 +246,7 @@ class Output:
         tmp = os.path.join(self.folder, f".sample-{os.getpid()}")  # short: out's name may be at the limit
         self.tmp, self.tmp_json = tmp + ".mp4", tmp + ".json"
 
-    def check(self, inputs):  # now, not after the denoising: an output on or in an input, or one that cannot be written
+    def check(self, inputs):  # refuse now, not after the denoising, an output over or in an input, or unwritable
         if os.path.isdir(self.json) or len(os.path.basename(self.json).encode()) > 255:
             raise ValueError(f"cannot write {self.json}: {'a folder' if os.path.isdir(self.json) else 'name too long'}")
         for path in filter(None, (self.path, self.json, self.partial, self.partial_json, self.tmp, self.state)):
@@ -282,8 +261,7 @@ class Output:
             raise ValueError(f"cannot write {self.path}: {self.folder}: {why}") from None
 
     def write(self, chunks, fps, record, new_from=0, keep_state=False, passes=None):
-        """Frame chunks to a temporary mp4, read back, renamed with `record` as JSON beside it: both or neither. Stopped,
-        the frames past v2v's `new_from` input frames go to NAME.partial.mp4, never over a complete video."""
+        """Frames to a temporary mp4, read back, renamed with their JSON: both or neither; stopped, NAME.partial.mp4."""
         written, stop = self.feed(chunks, fps)
         final = (self.path, self.json) if stop is None else (self.partial, self.partial_json)
         try:
@@ -305,7 +283,7 @@ class Output:
             say(f"stopped; {kept}" + (f"; --resume continues it from {self.state}" if self.state else ""))
             raise SystemExit(128 + STOP["signal"]) if isinstance(stop, KeyboardInterrupt) else stop
 
-    def feed(self, chunks, fps):  # -> frames written to the temporary mp4, the exception that stopped it or None
+    def feed(self, chunks, fps):  # (frames written to the temporary mp4, what stopped it or None), signals deferred
         import imageio.v2 as imageio
         import numpy as np
 
@@ -341,7 +319,7 @@ def say(message):  # a line on stderr, of its own even after a progress line
     print(("\n" if sys.stderr.isatty() else "") + message, file=sys.stderr)
 
 
-def progress(passes):  # progress(step, total): a line redrawn on a terminal, a line a step in a log; passes: the DiT's
+def progress(passes):  # show(step, total): a line redrawn on a terminal, a line a step in a log; passes: the DiT's
     start = time.time()
 
     def show(step, total):
