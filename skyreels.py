@@ -1040,8 +1040,7 @@ def in_slot(slot, data):  # a slot's first bytes as a tensor of data's dtype and
 
 
 def stream_blocks(pipe):
-    """--offload: the DiT's and UMT5's blocks stream through the GPU (27 and 11 GB in bf16 at 14B); the rest of a
-    component goes to the GPU for its turn (Pipeline.on_device). Again after LoRAs."""
+    """--offload: the DiT's and UMT5's blocks stream through the GPU; the rest goes for its turn (on_device)."""
     for owner, name in ((pipe.transformer, "blocks"), (pipe.text_encoder.encoder, "block")):
         setattr(owner, name, StreamedBlocks(list(getattr(owner, name).children()), pipe.device))
 
@@ -1163,8 +1162,8 @@ def plan_picture(s, windows, cell=4):
 
 
 def split_ranks():
-    """(SequenceParallel over every rank, CFG parallelism): the latter, on an even number of ranks, is (this half's
-    SequenceParallel or None, the group of this rank and its twin, 0 for the conditional pass or 1), else None."""
+    """(SequenceParallel over all ranks, CFG parallelism: on an even number, (this half's SequenceParallel or None,
+    this rank and its twin's group, 0 for the conditional pass or 1), else None)."""
     n, rank = dist.get_world_size(), dist.get_rank()
     if n % 2:
         return model.SequenceParallel(dist.group.WORLD), None
@@ -1277,8 +1276,8 @@ SCALE_KEY = re.compile(r"\.(scale_weight|weight_scale|scale_input|input_scale)$"
 
 
 class FP8Linear(torch.nn.Module):
-    """A Linear whose weight waits in fp8 (half of bf16's bytes, on the GPU and in --offload's pinned copies) and is
-    dequantized as it runs: float32 times the scale, rounded once to the input's dtype, for the ordinary F.linear."""
+    """A Linear whose weight waits in fp8 (half of bf16's bytes), dequantized as it runs: float32 times the scale,
+    rounded once to the input's dtype, for the ordinary F.linear."""
 
     def __init__(self, weight, scale, bias):
         super().__init__()
