@@ -578,7 +578,6 @@ def kind_of(path):  # 't2v', 'i2v' or 'df', from model_index.json's _class_name 
     return KINDS[name]
 
 
-
 def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch.float32, compile=False, loras=(),
          transformer=None, fp8=False):
     """A ready pipeline from a -Diffusers folder, a Hugging Face id or tiny-t2v/i2v/df. transformer: a one-file DiT for
@@ -626,16 +625,13 @@ def check_device(device):
     return device
 
 
-
 def rope_limit(path):  # the DiT's rotary table length per axis, without its weights
     dit = model.CONFIGS["tiny"] if path in TINY else read_config(model.DiTConfig, f"{path}/transformer/config.json")
     return dit.rope_max_seq_len
 
 
-
 def load_folder(path, device, dtype, offload, vae_dtype, transformer_file=None, fp8=False):
-    if not os.path.isdir(path):
-        path = download(path)
+    path = path if os.path.isdir(path) else download(path)
     kind = kind_of(path)
     home = torch.device("cpu") if offload else device  # offloaded components wait on the CPU
     sub = lambda name: os.path.join(path, name)  # noqa: E731
@@ -659,7 +655,6 @@ def load_folder(path, device, dtype, offload, vae_dtype, transformer_file=None, 
     dit = load_component(model.DiT, model.DiTConfig, sub("transformer"), dtype, home, transformer_file, fp8)
     autoencoder = load_component(vae.VAE, vae.VAEConfig, sub("vae"), vae_dtype, home)
     return Pipeline(kind, tokenizer, umt5, dit, autoencoder, clip, preprocess, device, offload)
-
 
 
 def read_json(path):
@@ -748,7 +743,6 @@ def load_weights(module, where, files, dtype, device, aliases=None):
     plan = {}  # our key -> checkpoint key
     for key in files:
         if (ours := aliases.get(key, key)) in expected and (ours not in plan or key == ours):
-
             plan[ours] = key
     missing = sorted(set(expected) - set(plan))
     unexpected = sorted(k for k in files if aliases.get(k, k) not in expected and not k.startswith(ignored))
@@ -800,10 +794,9 @@ WAN_BLOCK = {"attn1": "self_attn", "attn2": "cross_attn", "to_q": "q", "to_k": "
 PREFIX = re.compile(r"^(model\.diffusion_model\.|diffusion_model\.|transformer\.|base_model\.model\.|lora_unet_)")
 
 
-def wan_name(name):  # ours -> the original's
+def wan_name(name):  # ours -> the original's, by whole dotted segments (top-level names from the start)
     table, start = (WAN_BLOCK, r"(?<![^.])") if name.startswith("blocks.") else (WAN_TOP, "^")
-    segments = "|".join(map(re.escape, table))  # whole dotted segments; top-level names from the start
-    return re.sub(rf"{start}({segments})(?![^.])", lambda m: table[m[1]], name)
+    return re.sub(rf"{start}({'|'.join(map(re.escape, table))})(?![^.])", lambda m: table[m[1]], name)
 
 
 def canonical(key):  # no prefix, '.' made '_': where ours, the original's and kohya's (lora_unet_blocks_0_...) meet
@@ -889,8 +882,6 @@ def fold_loras(pipe, loras):  # W += the scaled deltas in float32, rounded once 
         stream_blocks(pipe)
 
 
-
-
 # -- The hub, the tiny models, media ------------------------------------------------------------------------------
 
 
@@ -969,7 +960,6 @@ def pixels(images, height, width):  # PIL images resized as diffusers' VideoProc
 
 def to_frames(video):  # (1, 3, F, H, W) in [-1, 1] -> float32 numpy (F, H, W, 3) in [0, 1], as diffusers' "np"
     return (video[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).float().cpu().numpy()
-
 
 
 # ================================================================================================================
