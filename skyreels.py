@@ -756,7 +756,7 @@ def load_weights(module, where, files, dtype, device, aliases=None):
             for ours, key in ((o, k) for o, k in plan.items() if files[k] == path):
                 t, want = _tensor(f, path, key), expected[ours]
                 if t.shape != want.shape:
-                    raise CheckpointError(f"{path}: {key} is {tuple(t.shape)}, not config.json's {tuple(want.shape)}")
+                    raise CheckpointError(f"{path}: {key} has shape {tuple(t.shape)}; config.json: {tuple(want.shape)}")
                 if t.is_floating_point() != want.is_floating_point():
                     raise CheckpointError(f"{path}: {key} is {t.dtype}, but {want.dtype} belongs there")
                 if want.dtype in FP8 and t.dtype not in FP8:  # --fp8: quantized as it is read
