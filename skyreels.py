@@ -556,8 +556,7 @@ KINDS = {"SkyReelsV2Pipeline": "t2v", "SkyReelsV2ImageToVideoPipeline": "i2v",
 TINY = ("tiny-t2v", "tiny-i2v", "tiny-df")
 
 
-def kind_of(path):
-    """'t2v', 'i2v' or 'df', from model_index.json's _class_name (or a tiny-* name), without loading weights."""
+def kind_of(path):  # 't2v', 'i2v' or 'df', from model_index.json's _class_name (or a tiny-* name), weights unread
     if path in TINY:
         return path[5:]
     name = read_json(os.path.join(path, "model_index.json")).get("_class_name")
@@ -566,13 +565,10 @@ def kind_of(path):
     return KINDS[name]
 
 
-
 def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch.float32, compile=False, loras=(),
          transformer=None, fp8=False):
-    """A ready pipeline from an official -Diffusers folder, a Hugging Face id, or tiny-t2v/i2v/df. loras: [(path,
-    scale), ...]. transformer: a one-file DiT (ours or the original naming, 16-bit or fp8) for the folder's. fp8:
-    Linear weights quantized on load. compile: torch.compile the DiT's blocks, ~20% faster on an H100, half the
-    activations, after ~10-30 s per new shape. Under torchrun every rank calls this, each with cuda:LOCAL_RANK."""
+    """A ready pipeline from a -Diffusers folder, a Hugging Face id or tiny-t2v/i2v/df. transformer: a one-file DiT for
+    the folder's; fp8: quantize on load; compile: ~20% faster on an H100, half the activations, ~10-30 s a new shape."""
     check_load(path, dtype, loras, transformer)
     device = check_device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     pipe = tiny_pipeline(path, device, dtype) if path in TINY else \
@@ -587,14 +583,12 @@ def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch
         pipe.parallel, pipe.cfg_parallel = split_ranks()
     if device.type == "cuda":
         use_flash_attention_4(device)
-    if compile:
-        for block in pipe.transformer.blocks.children():
-            block.compile()
+    for block in pipe.transformer.blocks.children() if compile else ():
+        block.compile()
     return pipe
 
 
-def check_load(path, dtype, loras, transformer):
-    """load's arguments, at the door: one ValueError naming the argument, before any weight is read."""
+def check_load(path, dtype, loras, transformer):  # at the door: one error naming the argument, before any reading
     if not isinstance(path, (str, os.PathLike)) or str(path).startswith("tiny-") and path not in TINY:
         raise ValueError(f"path must be a model folder, a Hugging Face id or one of {', '.join(TINY)}, got {path!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
@@ -603,7 +597,7 @@ def check_load(path, dtype, loras, transformer):
         raise ValueError(f"loras must be a list of (path, scale) pairs, got {loras!r:.80}")
     if transformer is not None and str(path).startswith("tiny-"):
         raise ValueError("transformer: the tiny-* models are built in memory; a one-file DiT needs a model folder")
-    for file in ([transformer] if transformer else []) + [lora for lora, _ in loras]:  # at the door, not after loading
+    for file in ([transformer] if transformer else []) + [lora for lora, _ in loras]:
         if not os.path.isfile(file):
             raise CheckpointError(f"no such file: {file}")
 
@@ -613,41 +607,31 @@ def check_device(device):
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {device} cannot run a generation: use cpu or cuda")
-    if device.type == "cuda" and not (device.index or 0) < torch.cuda.device_count():
-        raise ValueError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA devices; use cpu")
+    if device.type != "cpu" and not (device.type == "cuda" and (device.index or 0) < torch.cuda.device_count()):
+        raise ValueError(f"device {device} is not cpu or one of this machine's {torch.cuda.device_count()} GPUs")
     return device
 
 
-
 def rope_limit(path):  # the DiT's rotary table length per axis, without its weights
-    config = os.path.join(path, "transformer", "config.json")
-    dit = model.CONFIGS["tiny"] if path.startswith("tiny-") else read_config(model.DiTConfig, config)
+    dit = model.CONFIGS["tiny"] if path in TINY else read_config(model.DiTConfig, f"{path}/transformer/config.json")
     return dit.rope_max_seq_len
 
 
-
 def load_folder(path, device, dtype, offload, vae_dtype, transformer_file=None, fp8=False):
-    if not os.path.isdir(path):
-        path = download(path)
+    path = path if os.path.isdir(path) else download(path)
     kind = kind_of(path)
     home = torch.device("cpu") if offload else device  # offloaded components wait on the CPU
     sub = lambda name: os.path.join(path, name)  # noqa: E731
     if device.type == "cuda" and not offload:  # say so now, not as an out-of-memory error after minutes of loading
         need = sum(weights_bytes(sub(c), FP8[0] if fp8 else dtype)  # fp8: a little under (embeddings stay 16-bit)
-                   for c in ("text_encoder", "transformer", "image_encoder") if os.path.isdir(sub(c)))
-        have = torch.cuda.get_device_properties(device).total_memory
-        if need > 0.9 * have:
-            raise ValueError(f"{path} takes {need / 2**30:.1f} GiB in {str(dtype)[6:]} and {device} has "
-                             f"{have / 2**30:.1f} GiB: pass --offload (load(..., offload=True))")
+                   for c in ("text_encoder", "transformer", "image_encoder") if os.path.isdir(sub(c))) / 2**30
+        if need > 0.9 * (have := torch.cuda.get_device_properties(device).total_memory / 2**30):
+            raise ValueError(f"{path} needs {need:.1f} GiB, {device} has {have:.1f} GiB: pass --offload")
     spiece = sub("tokenizer/spiece.model")
-    if not os.path.isfile(spiece):
-        raise CheckpointError(f"missing file: {spiece}")
     try:
         tokenizer = text.Tokenizer(spiece)
-    except (RuntimeError, OSError) as e:
-        raise CheckpointError(f"{spiece} is not a sentencepiece model ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, OSError) as e:  # missing, or not a sentencepiece model
+        raise CheckpointError(f"cannot read {spiece} as a sentencepiece model ({str(e).splitlines()[0]})") from None
     clip = preprocess = None
     if kind == "i2v":
         clip = load_component(model.CLIPVision, model.CLIPVisionConfig, sub("image_encoder"), dtype, home)
@@ -658,7 +642,6 @@ def load_folder(path, device, dtype, offload, vae_dtype, transformer_file=None, 
     dit = load_component(model.DiT, model.DiTConfig, sub("transformer"), dtype, home, transformer_file, fp8)
     autoencoder = load_component(vae.VAE, vae.VAEConfig, sub("vae"), vae_dtype, home)
     return Pipeline(kind, tokenizer, umt5, dit, autoencoder, clip, preprocess, device, offload)
-
 
 
 def read_json(path):
@@ -672,8 +655,7 @@ def read_json(path):
     return data
 
 
-def read_config(cls, path):
-    """Config dataclass `cls` from `path`, each value of its field's type (its default's; if None, int or null)."""
+def read_config(cls, path):  # each value of its field's type: its default's; if None, int or null
     config = read_json(path)
     for f in dataclasses.fields(cls):
         want = {bool: bool, int: int, float: (int, float), str: str, tuple: (list, tuple)}.get(type(f.default), int)
@@ -686,8 +668,7 @@ def read_config(cls, path):
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def weight_files(folder):
-    """{tensor name: shard path} for a component folder: a sharded index, or a single safetensors file."""
+def weight_files(folder):  # {tensor name: shard path}, from a sharded index or a single safetensors file
     for name in ("diffusion_pytorch_model", "model"):
         index = os.path.join(folder, f"{name}.safetensors.index.json")
         if os.path.isfile(index):
@@ -702,8 +683,7 @@ def weight_files(folder):
     raise CheckpointError(f"no safetensors weights in {folder} (looked for *.safetensors and its index)")
 
 
-def weights_bytes(folder, dtype):
-    """The bytes a component's weights take in `dtype`, from the safetensors headers alone (no tensor is read)."""
+def weights_bytes(folder, dtype):  # from the safetensors headers alone: no tensor is read
     numel = 0
     for path in set(weight_files(folder).values()):
         with _open(path) as f:
@@ -722,19 +702,16 @@ def param_dtype(module, name, dtype):
     return torch.float32 if any(s in name for s in getattr(module, "keep_fp32", ())) else dtype
 
 
-def place(module, device, dtype):
-    """Move and cast a module built in memory as loading would have: keep_fp32 parameters stay float32."""
+def place(module, device, dtype):  # a module built in memory, as loading would have: keep_fp32 stays float32
     for name, p in module.named_parameters():
         p.data = p.data.to(device, param_dtype(module, name, dtype))
     return module
 
 
 def load_component(cls, config_cls, folder, dtype=torch.float32, device="cpu", single_file=None, fp8=False):
-    """A component (model.DiT, model.CLIPVision, vae.VAE, text.UMT5Encoder) sized by `folder`'s config.json and filled
-    from its safetensors or from `single_file`, a one-file DiT (read_fp8). fp8: Linear weights quantized (use_fp8)."""
-    cfg = read_config(config_cls, os.path.join(folder, "config.json"))
+    """Sized by `folder`'s config.json, filled from its safetensors or from `single_file`, a one-file DiT."""
     with torch.device("meta"):
-        module = cls(cfg)
+        module = cls(read_config(config_cls, os.path.join(folder, "config.json")))
     if fp8:
         use_fp8(module, device)
     if single_file is None:
@@ -746,16 +723,13 @@ def load_component(cls, config_cls, folder, dtype=torch.float32, device="cpu", s
 
 
 def load_weights(module, where, files, dtype, device, aliases=None):
-    """Fill `module` from `files` ({checkpoint key: safetensors path}), strictly; `where` names them in errors. A module
-    may declare checkpoint_aliases ({checkpoint key: our key}, used where our key is absent: UMT5 files tie its two
-    embeddings either way), ignored_keys (keys, or prefixes ending in '.', known and unused) and keep_fp32."""
+    """Fill `module` strictly from `files` ({key: path}); it may declare checkpoint_aliases, ignored_keys, keep_fp32."""
     expected = {k: v for k, v in module.state_dict(keep_vars=True).items() if v.is_meta}  # not fp8 scales already set
     aliases = aliases or getattr(module, "checkpoint_aliases", {})
     ignored = tuple(getattr(module, "ignored_keys", ()))
     plan = {}  # our key -> checkpoint key
     for key in files:
-        ours = aliases.get(key, key)
-        if ours in expected and (ours not in plan or key == ours):
+        if (ours := aliases.get(key, key)) in expected and (ours not in plan or key == ours):
             plan[ours] = key
     missing = sorted(set(expected) - set(plan))
     unexpected = sorted(k for k in files if aliases.get(k, k) not in expected and not k.startswith(ignored))
@@ -767,13 +741,12 @@ def load_weights(module, where, files, dtype, device, aliases=None):
         state = {}
         with _open(path) as f:
             for ours, key in ((o, k) for o, k in plan.items() if files[k] == path):
-                t = _tensor(f, path, key)
-                if tuple(t.shape) != tuple(expected[ours].shape):
-                    raise CheckpointError(f"{path}: {key} has shape {tuple(t.shape)}, but config.json implies "
-                                          f"{tuple(expected[ours].shape)}")
-                if t.is_floating_point() != expected[ours].is_floating_point():
-                    raise CheckpointError(f"{path}: {key} is {t.dtype}, but {expected[ours].dtype} belongs there")
-                if expected[ours].dtype in FP8 and t.dtype not in FP8:  # --fp8: quantized as it is read
+                t, want = _tensor(f, path, key), expected[ours]
+                if t.shape != want.shape:
+                    raise CheckpointError(f"{path}: {key} has shape {tuple(t.shape)}; config.json: {tuple(want.shape)}")
+                if t.is_floating_point() != want.is_floating_point():
+                    raise CheckpointError(f"{path}: {key} is {t.dtype}, but {want.dtype} belongs there")
+                if want.dtype in FP8 and t.dtype not in FP8:  # --fp8: quantized as it is read
                     t, state[ours.removesuffix("weight") + "scale"] = quantize(t.to(device))
                 keep = t.dtype in FP8 or not t.is_floating_point()  # fp8 weights stay fp8
                 state[ours] = t.to(device, t.dtype if keep else param_dtype(module, ours, dtype))
@@ -781,8 +754,7 @@ def load_weights(module, where, files, dtype, device, aliases=None):
     return module
 
 
-def _tensor(f, path, key):
-    """Tensor `key` of an open safetensors file, refused if it holds NaN or inf (a NaN weight makes a black video)."""
+def _tensor(f, path, key):  # refused if it holds NaN or inf: a NaN weight makes a black video
     try:
         t = f.get_tensor(key)
     except (SafetensorError, OSError) as e:  # a key the index promised but the file lacks, or a truncated file
@@ -794,7 +766,7 @@ def _tensor(f, path, key):
 
 # -- The original Wan 2.1 / SkyReels-V2 naming (also ComfyUI's and most LoRAs'), for whole DiT files and LoRAs --
 
-# Ours (diffusers') -> the original name: at the top level by name prefix, inside blocks.N segment by segment.
+# Ours -> the original's: top-level names by prefix, blocks.N by segment (its norm3 is our norm2; its norm2 has none)
 CE = "condition_embedder."
 WAN_TOP = {"proj_out": "head.head", "scale_shift_table": "head.modulation", CE + "time_proj": "time_projection.1",
            CE + "text_embedder.linear_1": "text_embedding.0", CE + "text_embedder.linear_2": "text_embedding.2",
@@ -803,26 +775,22 @@ WAN_TOP = {"proj_out": "head.head", "scale_shift_table": "head.modulation", CE +
            CE + "image_embedder.ff.net.2": "img_emb.proj.3", CE + "image_embedder.norm2": "img_emb.proj.4",
            CE + "image_embedder.pos_embed": "img_emb.emb_pos", "fps_projection.net.0.proj": "fps_projection.0",
            "fps_projection.net.2": "fps_projection.2"}
-# In a block, the original's norm3 is the cross-attention norm; its norm2 (the FFN's) has no weights.
 WAN_BLOCK = {"attn1": "self_attn", "attn2": "cross_attn", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "o",
              "add_k_proj": "k_img", "add_v_proj": "v_img", "norm_added_k": "norm_k_img", "ffn.net.0.proj": "ffn.0",
              "ffn.net.2": "ffn.2", "scale_shift_table": "modulation", "norm2": "norm3"}
 PREFIX = re.compile(r"^(model\.diffusion_model\.|diffusion_model\.|transformer\.|base_model\.model\.|lora_unet_)")
 
 
-def wan_name(name):  # our DiT parameter name in the original naming
+def wan_name(name):  # ours -> the original's, by whole dotted segments (top-level names from the start)
     table, start = (WAN_BLOCK, r"(?<![^.])") if name.startswith("blocks.") else (WAN_TOP, "^")
-    segments = "|".join(map(re.escape, table))  # whole dotted segments; top-level names from the start
-    return re.sub(rf"{start}({segments})(?![^.])", lambda m: table[m[1]], name)
+    return re.sub(rf"{start}({'|'.join(map(re.escape, table))})(?![^.])", lambda m: table[m[1]], name)
 
 
-def canonical(key):
-    """A key without its prefix, '.' made '_': where ours, the original's and kohya's (lora_unet_blocks_0_...) meet."""
+def canonical(key):  # no prefix, '.' made '_': where ours, the original's and kohya's (lora_unet_blocks_0_...) meet
     return PREFIX.sub("", key).replace(".", "_")
 
 
-def dit_names(dit):
-    """{canonical name: our parameter name} in our naming and the original's (they never give a name two meanings)."""
+def dit_names(dit):  # {canonical name: our name}, from ours and the original's (no name has two meanings)
     return {canonical(name): k for k in dit.state_dict() for name in (wan_name(k), k)}
 
 
@@ -836,8 +804,7 @@ BIAS_PARTS = ("diff_b", "lora_B.bias")  # deltas of the module's bias; the other
 LORA_KEY = re.compile(rf"(.+)\.({'|'.join(re.escape(p) for p in LORA_PARTS)})$")
 
 
-def read_lora(path, dit):
-    """[(our parameter name, coefficient, up, down)] of a LoRA file: its delta is coefficient * up @ down, or up."""
+def read_lora(path, dit):  # [(our parameter name, coefficient, up, down)]: a delta is coefficient * up @ down, or up
     names, params = dit_names(dit), dict(dit.named_parameters())
     with _open(path) as f:
         tensors = {k: _tensor(f, path, k) for k in f.keys()}
@@ -877,9 +844,7 @@ def read_lora(path, dit):
     return terms
 
 
-def fold_loras(pipe, loras):
-    """W += sum of scale * delta over [(path, scale), ...] in float32, rounded once to W's dtype, after every file is
-    checked. W's original stays on the CPU (pipe.lora_originals) for unload_loras: in bf16, W + d - d is not W."""
+def fold_loras(pipe, loras):  # W += the scaled deltas in float32, rounded once to W's dtype, every file checked first
     terms = {}
     for path, scale in loras:
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
@@ -893,7 +858,7 @@ def fold_loras(pipe, loras):
         for coefficient, up, down in group:
             up = up.to(p.device, torch.float32)
             delta += coefficient * (up if down is None else (up.flatten(1) @ down.to(up).flatten(1)).view(p.shape))
-        pipe.lora_originals.setdefault(name, p.data.to("cpu", copy=True))
+        pipe.lora_originals.setdefault(name, p.data.to("cpu", copy=True))  # for unload_loras: bf16 W + d - d is not W
         w, dtype, layer = p.data.float(), p.dtype, pipe.transformer.get_submodule(name.rpartition(".")[0])
         if isinstance(layer, FP8Linear) and name.endswith(".weight"):  # an fp8 weight: dequantized, and from now on
             pipe.lora_originals.setdefault(name[:-6] + "scale", layer.scale.data.to("cpu", copy=True))
@@ -904,17 +869,13 @@ def fold_loras(pipe, loras):
         stream_blocks(pipe)
 
 
-
-
 # -- The hub, the tiny models, media ------------------------------------------------------------------------------
 
 
-def download(name):
-    """A Hugging Face id's local snapshot. A name that is not owner/name (a path, say) is a folder not found."""
+def download(name):  # a Hugging Face id's snapshot; a name that is not owner/name (a path, say) is a folder not found
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name):
-        hint = "Skywork/" + os.path.basename(name) if "SkyReels-V2" in name else "OWNER/NAME"
-        raise CheckpointError(f"no model folder at {name} (to download one: `pip install huggingface_hub`, then "
-                              f"`hf download {hint} --local-dir {hint.split('/')[1]}`)")
+        hint = os.path.basename(name) if "SkyReels-V2" in name else "NAME"
+        raise CheckpointError(f"no model folder at {name}; to download: hf download Skywork/{hint} --local-dir {hint}")
     try:
         from huggingface_hub import snapshot_download
 
@@ -928,31 +889,29 @@ TINY_CORPUS = ["A cat and a dog baking a cake together in a kitchen.", "The came
                "一只猫和一只狗在厨房里一起烤蛋糕。", "Le chat et le chien préparent un gâteau.", "Bright colors, static."]
 
 
-def tiny_pipeline(name, device, dtype):
-    """tiny-t2v / i2v / df: random tiny models built in memory, to smoke-test or step through the method (noise out)."""
-    kind = name[5:]
+def tiny_pipeline(name, device, dtype):  # random tiny models built in memory: to smoke-test or step through the method
     with tempfile.TemporaryDirectory() as folder:  # the tokenizer reads its model file once, at once
         sentencepiece.SentencePieceTrainer.train(
             sentence_iterator=iter(TINY_CORPUS * 4), model_prefix=os.path.join(folder, "spiece"), vocab_size=200,
             character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2)
         tokenizer = text.Tokenizer(os.path.join(folder, "spiece.model"))
     torch.manual_seed(0)
-    dit = dataclasses.replace(model.CONFIGS["tiny"], inject_sample_info=kind == "df")
+    dit = dataclasses.replace(model.CONFIGS["tiny"], inject_sample_info=name == "tiny-df")
     clip = preprocess = None
-    if kind == "i2v":
+    if name == "tiny-i2v":
         clip = place(model.CLIPVision(model.CLIP_CONFIGS["tiny"]), device, dtype).eval()
         dit = dataclasses.replace(dit, in_channels=36, image_dim=clip.config.hidden_size, added_kv_proj_dim=dit.dim)
         preprocess = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, resample=3,
                           rescale_factor=1 / 255, image_mean=[0.48145466, 0.4578275, 0.40821073],
                           image_std=[0.26862954, 0.26130258, 0.27577711])
-    pipe = Pipeline(kind, tokenizer, place(text.UMT5Encoder(text.CONFIGS["tiny"]), device, dtype).eval(),
+    pipe = Pipeline(name[5:], tokenizer, place(text.UMT5Encoder(text.CONFIGS["tiny"]), device, dtype).eval(),
                     place(model.DiT(dit), device, dtype).eval(), vae.VAE(vae.CONFIGS["tiny"]).to(device).eval(),
                     clip, preprocess, device, False)
     pipe.resolution = "tiny"
     return pipe
 
 
-def to_pil(image, what):  # a PIL RGB image from a PIL image, a path, or an (H, W, 3) array: uint8, or float in [0, 1]
+def to_pil(image, what):  # from a PIL image, a path, or an (H, W, 3) array: uint8, or float in [0, 1]
     if isinstance(image, (str, os.PathLike)):
         try:
             with Image.open(image) as im:  # PIL refuses decompression bombs (over 179 Mpixels) here
@@ -965,13 +924,12 @@ def to_pil(image, what):  # a PIL RGB image from a PIL image, a path, or an (H, 
         return image.convert("RGB")
     if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and \
             (image.dtype == np.uint8 or image.dtype.kind == "f" and np.isfinite(image).all()):
-        return Image.fromarray(image if image.dtype == np.uint8 else (np.clip(image, 0, 1) * 255).round()
-                               .astype(np.uint8))
+        return Image.fromarray(image if image.dtype == np.uint8 else np.rint(image.clip(0, 1) * 255).astype(np.uint8))
     raise ValueError(f"{what} must be a PIL image, a file path, or an (H, W, 3) uint8 or finite float array; got "
                      f"{type(image).__name__} {tuple(getattr(image, 'shape', ()))} {getattr(image, 'dtype', '')}")
 
 
-def read_video(video):  # a list of PIL frames from a video file or a list (or array) of frames
+def read_video(video):  # PIL frames from a video file or a list (or array) of frames
     if isinstance(video, (str, os.PathLike)):
         try:
             video = imageio.mimread(video, memtest=False)
@@ -982,16 +940,13 @@ def read_video(video):  # a list of PIL frames from a video file or a list (or a
     return [to_pil(f, "a video frame") for f in video]
 
 
-def pixels(images, height, width):
-    """PIL images -> (1, 3, F, H, W) float32 in [-1, 1], resized as diffusers' VideoProcessor does (Lanczos)."""
+def pixels(images, height, width):  # PIL images resized as diffusers' VideoProcessor does (Lanczos), in [-1, 1]
     arrays = [np.asarray(im.resize((width, height), resample=Image.LANCZOS), dtype=np.float32) / 255.0 for im in images]
     return (2.0 * torch.from_numpy(np.stack(arrays)) - 1.0).permute(3, 0, 1, 2)[None]  # (1, 3, F, H, W)
 
 
-def to_frames(video):
-    """(1, 3, F, H, W) in [-1, 1] -> float32 numpy (F, H, W, 3) in [0, 1], as diffusers' output_type="np"."""
+def to_frames(video):  # (1, 3, F, H, W) in [-1, 1] -> float32 numpy (F, H, W, 3) in [0, 1], as diffusers' "np"
     return (video[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).float().cpu().numpy()
-
 
 
 # ================================================================================================================
