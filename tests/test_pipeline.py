@@ -41,13 +41,6 @@ DF_SHORT = {
 }
 
 
-@pytest.mark.parametrize("settings", DF_SHORT.values(), ids=DF_SHORT.keys())
-def test_df_short_matches_diffusers(references, pipes, settings):
-    settings = dict(parity_settings(), **settings)
-    ours, ref = run_both(references("df"), pipes["df"], settings, dict(settings, shift=8.0))
-    assert max_abs(ours, ref) <= TOL
-
-
 DF_LONG = {
     "3 windows": dict(num_frames=41, base_num_frames=17, overlap_history=5),
     "noised prefix": dict(num_frames=41, base_num_frames=17, overlap_history=9, addnoise_condition=20),
@@ -56,8 +49,9 @@ DF_LONG = {
 }
 
 
-@pytest.mark.parametrize("settings", DF_LONG.values(), ids=DF_LONG.keys())
-def test_df_long_matches_diffusers(references, pipes, settings):
+@pytest.mark.parametrize("settings", [*DF_SHORT.values(), *DF_LONG.values()],
+                         ids=[*DF_SHORT, *(f"long, {name}" for name in DF_LONG)])
+def test_df_matches_diffusers(references, pipes, settings):
     settings = dict(parity_settings(), **settings)
     ours, ref = run_both(references("df"), pipes["df"], settings, dict(settings, shift=8.0))
     assert max_abs(ours, ref) <= TOL
