@@ -135,8 +135,9 @@ def leave(code, error=None):  # say the error; exit with no signal left to inter
 
 
 def as_flags(message, flags):  # skyreels' setting names (num_inference_steps) as the flags (--steps), where they are
-    return re.sub(r"\b([a-z]+(?:_[a-z]+)*)\b( must| and| differs|:)?",
-                  lambda m: flags[m[1]] + (m[2] or "") if m[1] in flags and ("_" in m[1] or m[2]) else m[0], message)
+    def flag(m):  # a setting's name with an underscore, or followed by "must", "and", "differs" or ":"
+        return flags[m[1]] + (m[2] or "") if m[1] in flags and ("_" in m[1] or m[2]) else m[0]
+    return re.sub(r"\b([a-z]+(?:_[a-z]+)*)\b( must| and| differs|:)?", flag, message)
 
 
 def join_ranks(args):  # join torchrun's process group (NCCL on GPU LOCAL_RANK, or gloo) and take rank 0's seed
