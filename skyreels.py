@@ -569,7 +569,7 @@ def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch
          transformer=None, fp8=False):
     """A ready pipeline from a -Diffusers folder, a Hugging Face id or tiny-t2v/i2v/df. transformer: a one-file DiT for
     the folder's; fp8: quantize on load; compile: ~20% faster on an H100, half the activations, ~10-30 s a new shape."""
-    check_load(path, dtype, loras, transformer)
+    check_load(path, (dtype, vae_dtype), loras, transformer, dict(offload=offload, compile=compile, fp8=fp8))
     device = check_device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     pipe = tiny_pipeline(path, device, dtype) if path in TINY else \
         load_folder(path, device, dtype, offload, vae_dtype, transformer, fp8)
@@ -588,11 +588,15 @@ def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch
     return pipe
 
 
-def check_load(path, dtype, loras, transformer):  # at the door: one error naming the argument, before any reading
+def check_load(path, dtypes, loras, transformer, flags):  # at the door: one error naming the argument, before reading
     if not isinstance(path, (str, os.PathLike)) or str(path).startswith("tiny-") and path not in TINY:
         raise ValueError(f"path must be a model folder, a Hugging Face id or one of {', '.join(TINY)}, got {path!r}")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
-        raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype!r}")
+    for name, dtype in zip(("dtype", "vae_dtype"), dtypes):
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
+            raise ValueError(f"{name} must be torch.bfloat16, torch.float16 or torch.float32, got {dtype!r}")
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
     if isinstance(loras, (str, os.PathLike)) or not all(isinstance(x, (tuple, list)) and len(x) == 2 for x in loras):
         raise ValueError(f"loras must be a list of (path, scale) pairs, got {loras!r:.80}")
     if transformer is not None and str(path).startswith("tiny-"):

@@ -192,9 +192,11 @@ def test_ctrl_c_while_torch_imports_is_one_line_and_130(tmp_path):
 @pytest.mark.parametrize("kwargs,needle", [
     (dict(path="tiny-xyz"), "tiny-t2v"), (dict(path=None), "path"), (dict(loras="style.safetensors"), "loras"),
     (dict(dtype="float32"), "dtype"), (dict(dtype=torch.int64), "dtype"), (dict(device="meta"), "meta"),
-    (dict(device=0), "device 0" if not torch.cuda.is_available() else "?"),
+    (dict(device=0), "device 0" if not torch.cuda.is_available() else "?"), (dict(vae_dtype="fp32"), "vae_dtype"),
+    (dict(fp8="no"), "fp8"), (dict(offload=1), "offload"), (dict(compile=None), "compile"),
 ], ids=["an unknown tiny model", "no path", "loras as one string", "dtype as a string", "an integer dtype",
-        "the meta device", "device 0 on a machine without CUDA"])
+        "the meta device", "device 0 on a machine without CUDA", "vae_dtype as a string", "fp8 as a string",
+        "offload as a number", "compile as None"])
 def test_load_refuses_arguments_it_cannot_use_in_one_line(kwargs, needle):
     if needle == "?":
         pytest.skip("this machine has a GPU")
