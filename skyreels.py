@@ -1145,8 +1145,9 @@ def check_ranks_agree(pipe, s):
     """Ranks that disagree on a seed, size or input make a garbled video together: compare digests before any work."""
     h = hashlib.sha256(json.dumps([state_record(pipe, s), s.output_type, s.cache_budget]).encode())
     rng = torch.cuda.get_rng_state(pipe.device) if pipe.device.type == "cuda" else torch.get_rng_state()
-    for state in (s.generator and s.generator.get_state(), s.addnoise_condition > 0 and rng):  # re-noising: global
-        h.update(state.numpy().tobytes() if torch.is_tensor(state) else b"")
+    states = ([s.generator.get_state()] if s.generator is not None else []) + [rng] * (s.addnoise_condition > 0)
+    for state in states:  # the seeded generator, and the global RNG that re-noising draws from
+        h.update(state.numpy().tobytes())
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, h.hexdigest())
     differ = [rank for rank, d in enumerate(every) if d != every[0]]
