@@ -227,6 +227,7 @@ class Window:
     new_from: int  # its first frame not made by the window before
     overlap: int  # the frames the next window continues from
     prompt: str
+    blocks: tuple  # latent frames per causal block, in order, over size + end frames
     matrix: torch.Tensor  # (iterations, size + end) int64: each frame's timestep at each iteration
     update: torch.Tensor  # (iterations, size + end) bool: the frames the solver moves at each iteration
 
@@ -251,7 +252,7 @@ def plan_windows(s):
             raise ValueError(f"a window of {frames} latent frames is not a whole number of causal blocks of "
                              f"{block}; choose num_frames / base_num_frames / causal_block_size to fit")
         windows.append(Window(size, prefix, end, 0 if k == 0 else overlap, overlap,
-                              s.prompts[min(k, len(s.prompts) - 1)],
+                              s.prompts[min(k, len(s.prompts) - 1)], (block,) * (frames // block),
                               *window_schedule(frames, s.num_inference_steps, s.shift, s.ar_step, prefix, block, end)))
     return windows
 
