@@ -11,6 +11,7 @@ state dict loads strictly. Modules are built on the meta device and filled from 
 import dataclasses
 import functools
 import math
+from itertools import accumulate
 
 import numpy as np
 import torch
@@ -141,89 +142,25 @@ def flash_attention(q, k, v):
     return FLASH(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))[0].transpose(1, 2)  # it takes (B, L, H, Dh)
 
 
-def block_causal_attention(q, k, v, block_tokens):
-    """Queries of block b see keys of blocks 0..b (a partial last block too; keys may begin with cached blocks): an SDPA
-    call per block over its prefix, each able to use the flash kernel, not an (L, L) mask (2.6 GB at 540P)."""
-    out, offset = torch.empty_like(q), k.shape[2] - q.shape[2]
-    for start in range(0, q.shape[2], block_tokens):
-        end = min(start + block_tokens, q.shape[2])
+def block_causal_attention(q, k, v, ends):
+    """Queries of each causal block see the keys up to its end (ends: each block's end in q's tokens, ascending; keys
+    may begin with cached blocks): an SDPA call per block over its prefix, each able to use the flash kernel, not an
+    (L, L) mask (2.6 GB at 540P). Blocks may differ in size (an image's latent frame is a block of its own)."""
+    out, offset, start = torch.empty_like(q), k.shape[2] - q.shape[2], 0
+    for end in ends:
         out[:, :, start:end] = attention(q[:, :, start:end], k[:, :, :offset + end], v[:, :, :offset + end])
+        start = end
     return out
-
-
-class KVCache:
-    """Per layer, self-attention keys and values of the first `frames` latent frames (at most `limit`): block-causal, a
-    frame's keys and values stop changing with its latent and timestep, so later calls pass only the frames after."""
-
-    def __init__(self, num_layers, limit):
-        self.frames, self.limit, self.layers = 0, limit, [{} for _ in range(num_layers)]
-
-
-def extend_cache(kv, k, v, keep_tokens, capacity):
-    """The cached keys and values followed by k, v (B, H, L, Dh); the first keep_tokens of k, v join the cache. The
-    layer's slot kv holds a buffer of `capacity` tokens, which attention reads in place; tokens past it are joined."""
-    if not kv:  # the first call: this layer's two buffers
-        shape = (*k.shape[:2], capacity, k.shape[3])  # (B, H, capacity, Dh)
-        kv.update(n=0, k=k.new_empty(shape), v=v.new_empty(shape))
-    n, end = kv["n"], kv["n"] + k.shape[2]
-    kv["n"] = n + keep_tokens
-    if end <= capacity:
-        kv["k"][:, :, n:end], kv["v"][:, :, n:end] = k, v
-        return kv["k"][:, :, :end], kv["v"][:, :, :end]
-    kv["k"][:, :, n:n + keep_tokens], kv["v"][:, :, n:n + keep_tokens] = k[:, :, :keep_tokens], v[:, :, :keep_tokens]
-    return torch.cat([kv["k"][:, :, :n], k], dim=2), torch.cat([kv["v"][:, :, :n], v], dim=2)
-
-
-@dataclasses.dataclass(frozen=True)
-class SequenceParallel:
-    """Ulysses sequence parallelism: the N ranks of `group` share one forward, each holding 1/N of the token rows of
-    every latent frame (rows padded to a multiple of N), so the per-frame modulation sees equal frame groups. Around
-    self-attention an all-to-all trades token shards for head shards (heads padded with zero heads: 12 on 8 ranks
-    compute 16), so block-causal attention and the KVCache (N times smaller) work unchanged."""
-    group: object
-    grid: tuple = ()  # this forward's token grid (f, h, w)
-
-    def split_rows(self, t):  # (..., f*h*w, C) -> (N, ..., f*hp/N*w, C), part r: rows r*hp/N... of each frame
-        (f, h, w), n = self.grid, dist.get_world_size(self.group)
-        t = F.pad(t.unflatten(-2, (f, h, w)), (0, 0, 0, 0, 0, -h % n))  # (..., f, hp, w, C)
-        return t.unflatten(-3, (n, -1)).movedim(-4, 0).flatten(-4, -2)  # (N, ..., f, hp/N, w, C) -> flat tokens
-
-    def join_rows(self, t):  # the inverse, pad rows dropped: (N, ..., f*hp/N*w, C) -> (..., f*h*w, C)
-        f, h, w = self.grid
-        t = t.unflatten(-2, (f, -1, w)).movedim(0, -4).flatten(-4, -3)  # (..., f, hp, w, C)
-        return t[..., :h, :, :].flatten(-4, -2)
-
-    def all_to_all(self, t):  # part i of t (N, ...) goes to rank i; part i of the result came from rank i
-        out = torch.empty_like(t, memory_format=torch.contiguous_format)
-        dist.all_to_all_single(out, t.contiguous(), group=self.group)
-        return out
-
-    def to_heads(self, t):  # (S, B, H, L/N, Dh), this rank's tokens -> (S, B, Hp/N, L, Dh), this rank's heads
-        n = dist.get_world_size(self.group)
-        t = F.pad(t, (0, 0, 0, 0, 0, -t.shape[2] % n)).unflatten(2, (n, -1)).movedim(2, 0)  # (N, S, B, Hp/N, L/N, Dh)
-        return self.join_rows(self.all_to_all(t))
-
-    def to_tokens(self, t, heads):  # (B, Hp/N, L, Dh), this rank's heads -> (B, heads, L/N, Dh), this rank's tokens
-        t = self.all_to_all(self.split_rows(t))  # (N, B, Hp/N, L/N, Dh): part i holds rank i's heads
-        return t.movedim(0, 1).flatten(1, 2)[:, :heads]
-
-    def shard(self, t):  # (..., f*h*w, C) -> (..., f*hp/N*w, C): this rank's rows of every frame
-        return self.split_rows(t)[dist.get_rank(self.group)]
-
-    def gather(self, x):  # (B, L/N, C) on every rank -> (B, L, C) on every rank
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(self.group))]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
-        return self.join_rows(torch.stack(parts))
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionContext:
     """What the self-attention of every layer needs in one DiT forward. The caller sets the first four fields (counts
     in latent frames); DiT.forward fills in the rest once for its token grid and hands the object to every block."""
-    causal_block_size: int = 1  # > 1: frames form blocks that see only their own block and the blocks before
-    cache: KVCache | None = None  # keys and values of whole blocks before x's frames (block-causal only)
+    causal_blocks: tuple = ()  # latent frames per causal block of x, in order: a block sees itself and those before
+    cache: "KVCache | None" = None  # keys and values of whole blocks before x's frames (block-causal only)
     keep: int = 0  # leading frames of x (whole blocks that will not change again) that join the cache
-    parallel: SequenceParallel | None = None  # the ranks that share this forward
+    parallel: "SequenceParallel | None" = None  # the ranks that share this forward
     frame_tokens: int = 0  # tokens of one latent frame (h * w)
     rope: tuple = ()  # cos, sin (L, Dh/2) of this rank's tokens, at their positions after the cached frames
     kv: dict | None = None  # set for each layer: its slot of the cache
@@ -266,8 +203,10 @@ class Attention(nn.Module):
             q, k, v = attn.parallel.to_heads(torch.stack([q, k, v])).unbind(0)
         if attn.kv is not None:
             k, v = extend_cache(attn.kv, k, v, attn.keep * attn.frame_tokens, attn.cache.limit * attn.frame_tokens)
-        block_tokens = attn.causal_block_size * attn.frame_tokens
-        out = block_causal_attention(q, k, v, block_tokens) if attn.causal_block_size > 1 else attention(q, k, v)
+        if attn.causal_blocks:
+            out = block_causal_attention(q, k, v, [end * attn.frame_tokens for end in accumulate(attn.causal_blocks)])
+        else:
+            out = attention(q, k, v)
         return out if attn.parallel is None else attn.parallel.to_tokens(out, self.heads)
 
 
@@ -409,11 +348,13 @@ class DiT(nn.Module):
     def attention_context(self, attention, grid, device):
         """attention checked, completed: rope at x's positions in grid (f, h, w) after the cache; this rank's rows."""
         (f, h, w), cfg, cache = grid, self.config, attention.cache
-        block, keep = attention.causal_block_size, attention.keep
+        blocks, keep = attention.causal_blocks, attention.keep
         before = cache.frames if cache is not None else 0  # cached frames: x's positions start after them
-        if (before or keep) and (cache is None or block < 2 or before % block or keep % block
+        if blocks and sum(blocks) != f:
+            raise ValueError(f"causal_blocks {blocks} do not sum to the {f} latent frames given")
+        if (before or keep) and (cache is None or not blocks or keep not in (0, *accumulate(blocks))
                                  or before + keep > cache.limit):
-            raise ValueError("a KVCache holds whole blocks of causal_block_size > 1 attention, up to its limit")
+            raise ValueError("a KVCache holds whole causal blocks (of block-causal attention), up to its limit")
         if max(before + f, h, w) > cfg.rope_max_seq_len:
             raise ValueError(f"a {before + f}x{h}x{w} token grid exceeds rope_max_seq_len {cfg.rope_max_seq_len}")
         rope = tuple(t[before * h * w:] for t in rope_tables(cfg.attention_head_dim, before + f, h, w, device))
@@ -525,3 +466,72 @@ def clip_preprocess(image, config):
     x = (x.astype(np.float64) * config["rescale_factor"]).astype(np.float32)
     x = (x - np.array(config["image_mean"], np.float32)) / np.array(config["image_std"], np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)[None]))  # (1, 3, crop, crop)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Extras of the DiT: the asynchronous shortcuts' key/value cache, several ranks (sequence parallelism)
+
+
+class KVCache:
+    """Per layer, self-attention keys and values of the first `frames` latent frames (at most `limit`): block-causal, a
+    frame's keys and values stop changing with its latent and timestep, so later calls pass only the frames after."""
+
+    def __init__(self, num_layers, limit):
+        self.frames, self.limit, self.layers = 0, limit, [{} for _ in range(num_layers)]
+
+
+def extend_cache(kv, k, v, keep_tokens, capacity):
+    """The cached keys and values followed by k, v (B, H, L, Dh); the first keep_tokens of k, v join the cache. The
+    layer's slot kv holds a buffer of `capacity` tokens, which attention reads in place; tokens past it are joined."""
+    if not kv:  # the first call: this layer's two buffers
+        shape = (*k.shape[:2], capacity, k.shape[3])  # (B, H, capacity, Dh)
+        kv.update(n=0, k=k.new_empty(shape), v=v.new_empty(shape))
+    n, end = kv["n"], kv["n"] + k.shape[2]
+    kv["n"] = n + keep_tokens
+    if end <= capacity:
+        kv["k"][:, :, n:end], kv["v"][:, :, n:end] = k, v
+        return kv["k"][:, :, :end], kv["v"][:, :, :end]
+    kv["k"][:, :, n:n + keep_tokens], kv["v"][:, :, n:n + keep_tokens] = k[:, :, :keep_tokens], v[:, :, :keep_tokens]
+    return torch.cat([kv["k"][:, :, :n], k], dim=2), torch.cat([kv["v"][:, :, :n], v], dim=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceParallel:
+    """Ulysses sequence parallelism: the N ranks of `group` share one forward, each holding 1/N of the token rows of
+    every latent frame (rows padded to a multiple of N), so the per-frame modulation sees equal frame groups. Around
+    self-attention an all-to-all trades token shards for head shards (heads padded with zero heads: 12 on 8 ranks
+    compute 16), so block-causal attention and the KVCache (N times smaller) work unchanged."""
+    group: object
+    grid: tuple = ()  # this forward's token grid (f, h, w)
+
+    def split_rows(self, t):  # (..., f*h*w, C) -> (N, ..., f*hp/N*w, C), part r: rows r*hp/N... of each frame
+        (f, h, w), n = self.grid, dist.get_world_size(self.group)
+        t = F.pad(t.unflatten(-2, (f, h, w)), (0, 0, 0, 0, 0, -h % n))  # (..., f, hp, w, C)
+        return t.unflatten(-3, (n, -1)).movedim(-4, 0).flatten(-4, -2)  # (N, ..., f, hp/N, w, C) -> flat tokens
+
+    def join_rows(self, t):  # the inverse, pad rows dropped: (N, ..., f*hp/N*w, C) -> (..., f*h*w, C)
+        f, h, w = self.grid
+        t = t.unflatten(-2, (f, -1, w)).movedim(0, -4).flatten(-4, -3)  # (..., f, hp, w, C)
+        return t[..., :h, :, :].flatten(-4, -2)
+
+    def all_to_all(self, t):  # part i of t (N, ...) goes to rank i; part i of the result came from rank i
+        out = torch.empty_like(t, memory_format=torch.contiguous_format)
+        dist.all_to_all_single(out, t.contiguous(), group=self.group)
+        return out
+
+    def to_heads(self, t):  # (S, B, H, L/N, Dh), this rank's tokens -> (S, B, Hp/N, L, Dh), this rank's heads
+        n = dist.get_world_size(self.group)
+        t = F.pad(t, (0, 0, 0, 0, 0, -t.shape[2] % n)).unflatten(2, (n, -1)).movedim(2, 0)  # (N, S, B, Hp/N, L/N, Dh)
+        return self.join_rows(self.all_to_all(t))
+
+    def to_tokens(self, t, heads):  # (B, Hp/N, L, Dh), this rank's heads -> (B, heads, L/N, Dh), this rank's tokens
+        t = self.all_to_all(self.split_rows(t))  # (N, B, Hp/N, L/N, Dh): part i holds rank i's heads
+        return t.movedim(0, 1).flatten(1, 2)[:, :heads]
+
+    def shard(self, t):  # (..., f*h*w, C) -> (..., f*hp/N*w, C): this rank's rows of every frame
+        return self.split_rows(t)[dist.get_rank(self.group)]
+
+    def gather(self, x):  # (B, L/N, C) on every rank -> (B, L, C) on every rank
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return self.join_rows(torch.stack(parts))

@@ -172,7 +172,7 @@ def run(args):  # check everything, then load, generate and write (rank 0; the o
     media = {k: a.get(k) for k in ("image", "last_image", "video")}  # the JSON names them as given
     out.check([model if os.path.isdir(model) else None, a.get("transformer"), a.get("prompt_file"), *media.values()]
               + [path for path, _ in a.get("lora", [])])
-    s = skyreels.check_settings(kind, skyreels.rope_limit(model), settings_of(args, out, skyreels))
+    s = skyreels.check_settings(kind, skyreels.dit_config(model), settings_of(args, out, skyreels))
     windows = skyreels.plan_windows(s) if kind == "df" else []
     if "plan" in a:
         return show_plan(s, windows, skyreels, a["plan"])

@@ -80,7 +80,7 @@ def test_every_bad_api_argument_is_one_value_error_naming_it_before_any_work(pip
 
 
 def test_integers_may_be_numpy_ints_and_come_back_normalised():
-    s = skyreels.check_settings("df", 32, skyreels.Settings("a cat", height=np.int64(32), width=48,
+    s = skyreels.check_settings("df", skyreels.model.CONFIGS["tiny"], skyreels.Settings("a cat", height=np.int64(32), width=48,
                                                             num_frames=np.int32(10)))
     assert (type(s.height), s.num_frames, s.num_inference_steps, s.shift) == (int, 9, 30, 8.0)
     assert s.mode == "df" and s.causal_block_size == 1

@@ -99,7 +99,7 @@ def test_block_causal_attention_matches_diffusers(tiny_folders, block):
     ref_model = diffusers_transformer(folder)
     ref_model._set_ar_attention(block)
     ref = ref_model(x, PER_FRAME_T, context, enable_diffusion_forcing=True, fps=[1], return_dict=False)[0]
-    causal = model.AttentionContext(causal_block_size=block)
+    causal = model.AttentionContext(causal_blocks=(block,) * (FRAMES // block) + (FRAMES % block,) * (FRAMES % block > 0))
     ours = load_transformer(folder, torch.float32)(x, PER_FRAME_T, context, fps=24, attention=causal)
     assert rel_err(ours, ref) <= 1e-5
 
@@ -169,7 +169,7 @@ def test_block_causal_attention_hides_later_blocks(tiny_folders, frames):
     t = PER_FRAME_T[:, :frames]
     y = x.clone()
     y[:, :, 4:] += 1.0
-    blocks_of_2 = model.AttentionContext(causal_block_size=2)
+    blocks_of_2 = model.AttentionContext(causal_blocks=(2,) * (frames // 2) + (1,) * (frames % 2))
     a, b = dit(x, t, context, fps=24, attention=blocks_of_2), dit(y, t, context, fps=24, attention=blocks_of_2)
     assert torch.equal(a[:, :, :4], b[:, :, :4]) and not torch.allclose(a[:, :, 4:], b[:, :, 4:])
     assert not torch.allclose(dit(x, t, context, fps=24)[:, :, :4], dit(y, t, context, fps=24)[:, :, :4])

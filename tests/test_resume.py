@@ -77,7 +77,7 @@ def test_a_resumed_run_is_the_uninterrupted_run(tmp_path, pipe, uninterrupted, m
     """Stopped at a step (its window then unfinished, or finished at its last step), then resumed: the finished
     windows come back from the state, the rest are made, and the video is the same."""
     state = str(tmp_path / "state")
-    steps = len(skyreels.plan_windows(skyreels.check_settings("df", 32, skyreels.Settings("a", **MODES[mode])))[0]
+    steps = len(skyreels.plan_windows(skyreels.check_settings("df", skyreels.model.CONFIGS["tiny"], skyreels.Settings("a", **MODES[mode])))[0]
                 .matrix)
     stop_at = {1: 1, 3: steps + 1}[stop_at]
     assert run(pipe, ["a cat", "a dog"], stop_at=stop_at, state=state, **MODES[mode]) is None

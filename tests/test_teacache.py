@@ -95,7 +95,7 @@ def test_decisions_are_teacaches_pass_by_pass(pipes, monkeypatch, mode, threshol
         monkeypatch.setitem(skyreels.TEACACHE, key, (1.0, 0.0))  # x -> x
     skips = skips_of(pipes[kind], monkeypatch)
     generate(pipes, mode, num_inference_steps=8, teacache=threshold, use_ret_steps=use_ret_steps)
-    s = skyreels.check_settings(kind, 32, skyreels.Settings("a cat", **{**SMALL, **settings, "num_inference_steps": 8}))
+    s = skyreels.check_settings(kind, skyreels.model.CONFIGS["tiny"], skyreels.Settings("a cat", **{**SMALL, **settings, "num_inference_steps": 8}))
     runs = [w.matrix for w in skyreels.plan_windows(s)] if kind == "df" else [skyreels.schedule.timesteps(8, 8.0)[0]]
     expected = [skip for timesteps in runs for skip in teacache_reference(pipes[kind], timesteps, threshold,
                                                                            use_ret_steps)]
@@ -108,7 +108,7 @@ def test_decisions_are_teacaches_pass_by_pass(pipes, monkeypatch, mode, threshol
 def test_an_enormous_threshold_computes_only_the_retention_and_last_steps(pipes, mode, use_ret_steps):
     kind, settings = MODES[mode]
     generate(pipes, mode, teacache=1e30, use_ret_steps=use_ret_steps)
-    s = skyreels.check_settings(kind, 32, skyreels.Settings("a cat", **{**SMALL, **settings}))
+    s = skyreels.check_settings(kind, skyreels.model.CONFIGS["tiny"], skyreels.Settings("a cat", **{**SMALL, **settings}))
     rows = [len(w.matrix) for w in skyreels.plan_windows(s)] if kind == "df" else [SMALL["num_inference_steps"]]
     first = 5 if use_ret_steps else 1
     steps = sum(min(first, n) + (not use_ret_steps and n > first) for n in rows)  # the first, and the last
