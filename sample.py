@@ -137,7 +137,7 @@ def leave(code, error=None):  # say the error; exit with no signal left to inter
 def as_flags(message, flags):  # skyreels' setting names (num_inference_steps) as the flags (--steps), where they are
     def flag(m):  # a setting's name with an underscore, or followed by "must", "and", "differs" or ":"
         return flags[m[1]] + (m[2] or "") if m[1] in flags and ("_" in m[1] or m[2]) else m[0]
-    return re.sub(r"\b([a-z]+(?:_[a-z]+)*)\b( must| and| differs|:)?", flag, message)
+    return re.sub(r"(?<!-)\b([a-z]+(?:_[a-z]+)*)\b( must| and| differs|:)?", flag, message)
 
 
 def join_ranks(args):  # join torchrun's process group (NCCL on GPU LOCAL_RANK, or gloo) and take rank 0's seed
@@ -168,7 +168,7 @@ def run(args):  # check everything, then load, generate and write (rank 0; the o
     model = args.model if args.model.startswith("tiny-") or os.path.isdir(args.model) else skyreels.download(args.model)
     if (kind := skyreels.kind_of(model)) != MODES[args.mode][0]:  # all is checked before the weights are read
         raise ValueError(f"{args.mode} needs a {MODES[args.mode][0].upper()} checkpoint; {model} is {kind.upper()}")
-    out = Output(args.out, kind == "df" and "plan" not in a)
+    out = Output(args.out, kind == "df" and "plan" not in a, a.get("plan"))
     media = {k: a.get(k) for k in ("image", "last_image", "video")}  # the JSON names them as given
     out.check([model if os.path.isdir(model) else None, a.get("transformer"), a.get("prompt_file"), *media.values()]
               + [path for path, _ in a.get("lora", [])])
@@ -220,23 +220,129 @@ def read_prompts(path):  # --prompt-file: a prompt a line
 
 def show_plan(s, windows, skyreels, picture):  # the windows, the frames each makes, its prompt; the matrices drawn
     first = len(s.video) if s.mode == "v2v" else 0  # v2v's output begins with the input video
-    print(f"{len(windows)} windows, {sum(len(w.matrix) for w in windows)} iterations of the step matrices")
+    frames = []  # (first, last) video frame each window makes
     for k, w in enumerate(windows):
         made = 1 + 4 * (w.size - 1) if k == 0 else 4 * (w.size - w.new_from)
-        print(f"window {k + 1}: frames {first + 1}-{first + made}, {len(w.matrix)} iterations, {w.prefix} latent "
-              f"frames known, prompt: {w.prompt}")
+        frames.append((first + 1, first + made))
         first += made
-    if picture:
-        import imageio.v2 as imageio
+    if picture:  # drawn first: `--plan plan.png | head -3` still gets its picture
+        skyreels.atomic_write(picture, draw_plan(s, windows, frames))
+    lines = [f"{len(windows)} window{'s' * (len(windows) > 1)}, {sum(len(w.matrix) for w in windows)} denoising steps"]
+    for k, (w, (a, b)) in enumerate(zip(windows, frames)):
+        blocks = f", blocks {'+'.join(map(str, w.blocks))}" if max(w.blocks) > 1 else ""
+        lines.append(f"window {k + 1}: frames {a}-{b}, {len(w.matrix)} steps, {w.prefix} latent frames known{blocks}, "
+                     f"prompt: {w.prompt}")
+    try:
+        print("\n".join(lines + [picture] * bool(picture)), flush=True)
+    except BrokenPipeError:  # the reader has what it wanted; Python's advice, so that exiting flushes into nothing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
-        imageio.imwrite(picture, skyreels.plan_picture(s, windows))
-        print(picture)
+
+# The plan's picture, in pixels: its longest side at most, a step-matrix cell's side (readable, never larger), the
+# margins, a text line, the step axis left of a panel, a panel's least width (its text) and the legend's column.
+PICTURE_MAX, CELL_MIN, CELL_MAX = 4000, 4, 14
+MARGIN, LINE, AXIS, TEXT_W, LEGEND_W, LEGEND_H = 24, 20, 52, 330, 260, 320
+PANEL_LINES = 4  # windows listed above a panel; more are counted
+KNOWN, OUTLINE, BLOCK_LINE = (60, 110, 220), (210, 40, 40), (150, 150, 150)
+
+
+def plan_panels(windows, frames):  # [(window, [(k, first frame, last frame), ...])]: alike windows share one panel
+    panels = {}
+    for k, (w, (a, b)) in enumerate(zip(windows, frames)):
+        key = (w.prefix, w.end, w.blocks, w.matrix.numpy().tobytes(), w.update.numpy().tobytes())
+        panels.setdefault(key, (w, []))[1].append((k + 1, a, b))
+    return list(panels.values())
+
+
+def draw_plan(s, windows, frames):
+    """The step matrices as PNG bytes: a panel per distinct window, a row per denoising step, a column per latent
+    frame. A cell is the frame's timestep after that row's step (the one the next row sees; 0 after its last step),
+    so white is noise and a finished frame is black; known frames (a prefix, the last image) are blue."""
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    panels = plan_panels(windows, frames)
+    font, big = ImageFont.load_default(size=15), ImageFont.load_default(size=20)
+    title = (f"Diffusion forcing: {s.num_frames} frames, {s.num_inference_steps} steps a frame, ar_step {s.ar_step}, "
+             f"causal blocks of {s.causal_block_size}")
+    listed = max(min(len(spans), PANEL_LINES) for _, spans in panels)  # the most windows a panel lists
+    top, head = MARGIN + 2 * LINE + 16, LINE * (listed + 3) + 8  # the title's lines; a panel's text and frame axis
+
+    def size(cell):  # the picture's (width, height) at this cell size
+        width = sum(max(AXIS + w.matrix.shape[1] * cell, TEXT_W) + MARGIN for w, _ in panels) + MARGIN + LEGEND_W
+        rows = max(len(w.matrix) for w, _ in panels)
+        return max(width, int(big.getlength(title)) + 2 * MARGIN), top + head + max(rows * cell, LEGEND_H) + MARGIN
+
+    cell = next((c for c in range(CELL_MAX, CELL_MIN - 1, -1) if max(size(c)) <= PICTURE_MAX), None)
+    if cell is None:
+        raise ValueError(f"--plan: the picture would be {'x'.join(map(str, size(CELL_MIN)))} pixels at {CELL_MIN}-pixel "
+                         f"cells, over {PICTURE_MAX} a side; plan fewer steps or latent frames, or give --plan no file")
+    image = Image.new("RGB", size(cell), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((MARGIN, MARGIN), title, fill="black", font=big)
+    draw.text((MARGIN, MARGIN + LINE + 10), f"{len(windows)} window{'s' * (len(windows) > 1)}, "
+              f"{sum(len(w.matrix) for w in windows)} denoising steps; a panel per distinct window", fill="black", font=font)
+    x, y = MARGIN, top + head  # a panel's left edge; the step matrices' top
+    for w, spans in panels:
+        width = max(AXIS + w.matrix.shape[1] * cell, TEXT_W)
+        text = [f"{k}: frames {a}-{b}, {windows[k - 1].prompt}" for k, a, b in spans]
+        if len(text) > PANEL_LINES:
+            text[PANEL_LINES - 1:] = [f"... and {len(text) - PANEL_LINES + 1} more, to frame {spans[-1][2]}"]
+        named = f"window {spans[0][0]}" if len(spans) == 1 else f"windows {spans[0][0]}-{spans[-1][0]}"  # consecutive
+        for i, line in enumerate([named] + text):
+            while font.getlength(line) > width:  # a long prompt is cut to the panel's width, with an ellipsis
+                line = line[:-4] + "..."
+            draw.text((x, top + i * LINE), line, fill="black", font=big if i == 0 else font)
+        after = np.concatenate([w.matrix.numpy()[1:], np.zeros_like(w.matrix.numpy()[:1])])  # after each row's step
+        shade = np.repeat((after * 255 // 999).astype(np.uint8)[..., None], 3, axis=2)
+        shade[:, ~w.update.numpy().any(0)] = KNOWN
+        x0, (h, f) = x + AXIS, shade.shape[:2]  # x0: the matrix's left edge
+        image.paste(Image.fromarray(shade).resize((f * cell, h * cell), Image.NEAREST), (x0, y))
+        for edge in np.cumsum(w.blocks)[:-1]:
+            draw.line([(x0 + edge * cell, y), (x0 + edge * cell, y + h * cell)], fill=BLOCK_LINE)
+        draw.rectangle([x0 - 2, y - 2, x0 + f * cell + 1, y + h * cell + 1], outline=OUTLINE, width=2)
+        for step in ticks(h, cell):
+            draw.text((x0 - 5, y + (step - 0.5) * cell), str(step), fill="black", font=font, anchor="rm")
+        for frame in ticks(f, cell):
+            draw.text((x0 + (frame - 0.5) * cell, y - 5), str(frame), fill="black", font=font, anchor="md")
+        draw.text((x0, y - LINE - 2), "latent frame", fill="black", font=font, anchor="ld")
+        label = Image.new("L", (int(font.getlength("denoising step")) + 2, LINE))
+        ImageDraw.Draw(label).text((0, 0), "denoising step", fill=255, font=font)
+        image.paste((0, 0, 0), (x, max(y, y + (h * cell - label.width) // 2)), label.rotate(90, expand=True))
+        x += width + MARGIN
+    draw_legend(image, draw, font, x, y)
+    png = io.BytesIO()
+    image.save(png, format="PNG", optimize=True)
+    return png.getvalue()
+
+
+def draw_legend(image, draw, font, x, y):  # the shades from noise to clean, then the marks, from (x, y) down
+    from PIL import Image
+
+    image.paste(Image.linear_gradient("L").rotate(180).resize((18, 200)), (x, y))  # white (999) to black (0)
+    draw.rectangle([x, y, x + 18, y + 200], outline="black")
+    draw.text((x, y - 8), "timestep after the step", fill="black", font=font, anchor="ld")
+    for t, word in ((999, " noise"), (750, ""), (500, ""), (250, ""), (0, " clean: done")):
+        draw.text((x + 26, y + (999 - t) * 200 // 999), f"{t}{word}", fill="black", font=font, anchor="lm")
+    marks = ["known frame, never updated:", "  (overlap, image or video)", "a window", "causal block boundary"]
+    for i, mark in enumerate(marks):
+        draw.text((x + 26, y + 240 + i * LINE), mark, fill="black", font=font, anchor="lm")
+    draw.rectangle([x, y + 233, x + 18, y + 247], fill=KNOWN)  # beside marks 0, 2 and 3
+    draw.rectangle([x, y + 273, x + 18, y + 287], outline=OUTLINE, width=2)
+    draw.line([(x + 9, y + 293), (x + 9, y + 307)], fill=BLOCK_LINE)
+
+
+def ticks(n, cell):  # 1 and every 5th, 10th, ... of n, at least 30 pixels apart
+    every = next(e for e in (5, 10, 25, 50, 100, 250, 500, 1000, 2500) if e * cell >= 30)
+    return [1, *range(every, n + 1, every)]
 
 
 class Output:
     """Where a run writes: the mp4, NAME.partial.mp4 if stopped, a short temporary one, each with a JSON; NAME.state."""
 
-    def __init__(self, out, keeps_state):
+    def __init__(self, out, keeps_state, plan=None):  # plan: --plan's picture, if any
         out = os.path.join(out, "video.mp4") if os.path.isdir(out) else out
         if not out.lower().endswith(".mp4"):
             raise ValueError(f"--out must name an .mp4 file: {out}")
@@ -246,20 +352,28 @@ class Output:
         self.state = stem + ".state" if keeps_state else None
         tmp = os.path.join(self.folder, f".sample-{os.getpid()}")  # short: out's name may be at the limit
         self.tmp, self.tmp_json = tmp + ".mp4", tmp + ".json"
+        self.plan = plan
 
     def check(self, inputs):  # refuse now, not after the denoising, an output over or in an input, or unwritable
         if os.path.isdir(self.json) or len(os.path.basename(self.json).encode()) > 255:
             raise ValueError(f"cannot write {self.json}: {'a folder' if os.path.isdir(self.json) else 'name too long'}")
-        for path in filter(None, (self.path, self.json, self.partial, self.partial_json, self.tmp, self.state)):
+        if self.plan and (os.path.isdir(self.plan) or not self.plan.lower().endswith(".png")):
+            raise ValueError(f"--plan must name a .png file{', not a folder' * os.path.isdir(self.plan)}: {self.plan}")
+        outputs = [("--out", self.path, p) for p in (self.path, self.json, self.partial, self.partial_json, self.tmp)]
+        outputs += [("--out", self.path, self.state), ("--plan", self.plan, self.plan)]  # (flag, as given, a path)
+        for flag, named, path in (o for o in outputs if o[2]):
             for given in filter(None, inputs):  # the same path, or one inside it
                 if (os.path.realpath(path) + os.sep).startswith(os.path.realpath(given) + os.sep):
-                    raise ValueError(f"--out {self.path} would overwrite: it writes {path}, over the input {given}")
-        try:  # prove that the folder takes files
-            open(self.tmp_json, "w").close()
-            os.remove(self.tmp_json)
-        except OSError as e:
-            why = "is a file" if os.path.isfile(self.folder) else e.strerror.lower()
-            raise ValueError(f"cannot write {self.path}: {self.folder}: {why}") from None
+                    raise ValueError(f"{flag} {named} would overwrite: it writes {path}, over the input {given}")
+        for flag, named in dict.fromkeys((f, n) for f, n, _ in outputs if n):  # prove that each folder takes files
+            probe = os.path.join(os.path.dirname(os.path.abspath(named)), os.path.basename(self.tmp_json))
+            try:
+                open(probe, "w").close()
+                os.remove(probe)
+            except OSError as e:
+                folder = os.path.dirname(probe)
+                why = "is a file" if os.path.isfile(folder) else e.strerror.lower()
+                raise ValueError(f"cannot write {flag} {named}: {folder}: {why}") from None
 
     def write(self, chunks, fps, record, new_from=0, keep_state=False, passes=None):
         """Frames to a temporary mp4, read back, renamed with their JSON: both or neither; stopped, NAME.partial.mp4."""

@@ -1181,22 +1181,6 @@ def atomic_write(path, data):
             os.remove(tmp)
 
 
-def plan_picture(s, windows, cell=4):
-    """The run's step matrices as one (H, W, 3) uint8 picture: a row per iteration, a column per latent frame,
-    brightness the frame's timestep (white: noise, black: clean), known frames blue, a red line between windows."""
-    starts = [0, *itertools.accumulate(w.size - w.overlap for w in windows[:-1])]  # each window's first frame
-    width = max(start + len(w.matrix[0]) for start, w in zip(starts, windows))
-    rows = []
-    for start, w in zip(starts, windows):
-        block = np.full((len(w.matrix), width, 3), 40, np.uint8)  # outside the window: dark grey
-        shade = (w.matrix.cpu().numpy() * 255 // 999).astype(np.uint8)
-        block[:, start:start + shade.shape[1]] = shade[..., None]
-        known = ~w.update.cpu().numpy().any(0)  # frames never moved in this window
-        block[:, start:start + shade.shape[1]][:, known] = (40, 80, 200)
-        rows += [block, np.full((1, width, 3), (220, 30, 30), np.uint8)]
-    return np.concatenate(rows[:-1]).repeat(cell, axis=0).repeat(cell, axis=1)
-
-
 # -- Several processes (torchrun) share the DiT's work ------------------------------------------------------------
 # The text encoder, CLIP and the VAE run on every rank: the same inputs give the same results, so nothing is broadcast.
 
