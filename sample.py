@@ -192,7 +192,8 @@ def run(args):  # check everything, then load, generate and write (rank 0; the o
     record.update(model=args.model, dtype=str(dtype)[6:], loras=a.get("lora", []), transformer=a.get("transformer"),
                   fp8=pipe.fp8, world_size=WORLD, **media)
     if kind == "df":
-        record.update(window_prompts=[w.prompt for w in windows], state=s.state if "keep_state" in a else None)
+        record.update(window_prompts=[w.prompt for w in windows], window_blocks=[list(w.blocks) for w in windows],
+                      state=s.state if "keep_state" in a else None)
     out.write(chunks, s.fps, record, len(s.video or []), keep_state="keep_state" in a, passes=pipe.dit_passes)
     print(out.path)
 

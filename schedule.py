@@ -19,24 +19,29 @@ def timesteps(num_inference_steps, shift):
 
 def step_matrix(num_latent_frames, step_template, ar_step=0, num_pre_ready=0, causal_block_size=1):
     """Diffusion forcing's schedule (diffusers' generate_timestep_matrix, base_num_latent_frames = num_latent_frames):
-    the timesteps and update mask, (iterations, F) int64 and bool, F being num_latent_frames in whole blocks.
-    Frames form causal blocks of `causal_block_size` that share a timestep. Each block walks the template `ar_step`
-    iterations after the block before it (0: lock-step), so earlier frames are always cleaner; the first
-    `num_pre_ready` frames (a video prefix) are clean and never updated. Progress is an index into
-    [999, *step_template, 0] (n+1: finished); a frame is updated when its index moves and it is not finished."""
-    n, num_blocks = len(step_template), num_latent_frames // causal_block_size
+    the timesteps and update mask, (iterations, F) int64 and bool. Frames form causal blocks that share a timestep:
+    causal_block_size frames each (F: num_latent_frames in whole blocks, as diffusers), or a tuple of each block's
+    frames (F: their sum), so blocks may differ (an image's latent frame alone, a shorter last block). Each block walks
+    the template `ar_step` iterations after the block before it (0: lock-step), so earlier frames are always cleaner;
+    the blocks within the first `num_pre_ready` frames (a video prefix, an image) are clean and never updated.
+    Progress is an index into [999, *step_template, 0] (n+1: finished); a frame is updated when its index moves and
+    it is not finished."""
+    if isinstance(causal_block_size, int):
+        causal_block_size = (causal_block_size,) * (num_latent_frames // causal_block_size)
+    sizes = torch.tensor(causal_block_size, dtype=torch.long)
+    n, num_blocks = len(step_template), len(sizes)
     template = torch.cat([torch.tensor([999]), step_template.long().cpu(), torch.tensor([0])])
     finished = n + 1
 
     rows = [torch.zeros(num_blocks, dtype=torch.long)]  # the indices before the first iteration, then after each
-    rows[0][:num_pre_ready // causal_block_size] = finished
+    rows[0][:int((sizes.cumsum(0) <= num_pre_ready).sum())] = finished
     while (rows[-1] < n).any():
         row, new = rows[-1], torch.zeros(num_blocks, dtype=torch.long)
         for b in range(num_blocks):  # a step on where nothing ahead still denoises, else ar_step behind the block ahead
             new[b] = row[b] + 1 if b == 0 or row[b - 1] >= n else new[b - 1] - ar_step
         rows.append(new.clamp(0, finished))
 
-    index = torch.stack(rows).repeat_interleave(causal_block_size, dim=1)  # (1 + iterations, F)
+    index = torch.stack(rows).repeat_interleave(sizes, dim=1)  # (1 + iterations, F)
     return template[index[1:]].to(step_template.device), (index[1:] != index[:-1]) & (index[1:] != finished)
 
 

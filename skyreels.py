@@ -61,8 +61,6 @@ def latent_frames(num_frames):  # the VAE keeps the first frame alone and packs 
 
 
 @dataclasses.dataclass(frozen=True)
-
-
 class Settings:
     """One generation's inputs, by name in Pipeline.generate and stream; check_settings normalises them."""
     prompt: str  # or a list, a prompt a window: diffusion-forcing window k uses prompt[min(k, len - 1)]
@@ -79,7 +77,7 @@ class Settings:
     shift: float = None
     seed: int = None  # -1: a random seed, drawn here and recorded; None: torch's global generator
     ar_step: int = 0  # diffusion forcing: 0 synchronous, 5 asynchronous
-    causal_block_size: int = 1  # latent frames per causal block (5 with ar_step 5)
+    causal_block_size: int = 1  # latent frames per causal block (5 with ar_step 5); a window's: causal_blocks
     base_num_frames: int = 97  # frames a window holds (121 at 720P)
     overlap_history: int = None  # frames each window continues from the one before (17 or 37)
     addnoise_condition: float = 0.0  # noise on the known frames (20: smoother joins)
@@ -107,8 +105,6 @@ class Settings:
 
 
 @dataclasses.dataclass(frozen=True)
-
-
 class Window:
     """One window of a diffusion-forcing run, in latent frames."""
     size: int  # the latent frames it makes (a last image's latent not counted)
@@ -124,7 +120,8 @@ class Window:
 
 def plan_windows(s):
     """A diffusion-forcing run's windows of base_num_frames frames at most, with their step matrices. Each later one
-    (and v2v's first) begins with the last overlap_history frames made so far, known, in whole causal blocks."""
+    (and v2v's first) begins with the last overlap_history frames made so far, known, in whole causal blocks; a
+    window's causal blocks need not be equal (causal_blocks)."""
     block, total, base = s.causal_block_size, latent_frames(s.num_frames), latent_frames(s.base_num_frames)
     if s.overlap_history is not None and (s.num_frames > s.base_num_frames or s.mode == "v2v"):
         overlap = latent_frames(s.overlap_history)
@@ -134,25 +131,31 @@ def plan_windows(s):
         overlap, sizes = 0, [total]
     windows = []
     for k, size in enumerate(sizes):
+        image = int(s.mode == "df-i2v" and k == 0)  # the image's latent frame leads
         # Known frames: the overlap, in whole blocks (v2v's first window too), or df-i2v's image latent.
-        prefix = overlap - overlap % block if k > 0 or s.mode == "v2v" else int(s.mode == "df-i2v")
+        prefix = overlap - overlap % block if k > 0 or s.mode == "v2v" else image
         end = int(s.last_image is not None and k == len(sizes) - 1)
-        frames = size + end
-        if frames % block:
-            raise ValueError(f"a window of {frames} latent frames is not a whole number of causal blocks of "
-                             f"{block}; choose num_frames / base_num_frames / causal_block_size to fit")
+        blocks = causal_blocks(size, block, image, end)
         windows.append(Window(size, prefix, end, 0 if k == 0 else overlap, overlap,
-                              s.prompts[min(k, len(s.prompts) - 1)], (block,) * (frames // block),
-                              *window_schedule(frames, s.num_inference_steps, s.shift, s.ar_step, prefix, block, end)))
+                              s.prompts[min(k, len(s.prompts) - 1)], blocks,
+                              *window_schedule(size + end, s.num_inference_steps, s.shift, s.ar_step, prefix, blocks,
+                                               end)))
     return windows
 
 
+def causal_blocks(frames, size, alone=0, end=0):
+    """A window's causal blocks, in latent frames: its first `alone` (df-i2v's image latent, known) as a block of its
+    own, so that it is ready from the start, then blocks of `size`, the last shorter where the frames do not fill it.
+    The last image's latent (`end`) joins the last block: its frames see it there (as the original's whole blocks)."""
+    rest = frames - alone
+    blocks = (alone,) * (alone > 0) + (size,) * (rest // size) + (rest % size,) * (rest % size > 0)
+    return blocks[:-1] + (blocks[-1] + end,)
+
+
 @functools.lru_cache(maxsize=16)  # a long video's windows are nearly all alike: one step matrix serves them
-
-
-def window_schedule(frames, steps, shift, ar_step, prefix, block, end):
+def window_schedule(frames, steps, shift, ar_step, prefix, blocks, end):
     """A window's step matrix and update mask (shared by alike windows: read, never written)."""
-    matrix, update = schedule.step_matrix(frames, schedule.timesteps(steps, shift)[0], ar_step, prefix, block)
+    matrix, update = schedule.step_matrix(frames, schedule.timesteps(steps, shift)[0], ar_step, prefix, blocks)
     if end:  # the last image's latent is known from the start and never moves (as the original code)
         matrix[:, -1], update[:, -1] = 0, False
     return matrix, update
@@ -1382,8 +1385,6 @@ def use_flash_attention_4(device):
 
 
 @functools.lru_cache(maxsize=None)  # each note once in a process, as Python's warnings
-
-
 def note(message):
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"note: {message}", file=sys.stderr)

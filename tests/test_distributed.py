@@ -36,6 +36,7 @@ CASES = {  # name: (tiny folder, settings)
     "df, long, re-noised": ("df", dict(num_frames=45, base_num_frames=21, overlap_history=9, addnoise_condition=20,
                                        **BLOCKS)),
     "df-i2v, last image": ("df", dict(num_frames=17, image="first", last_image="last", **BLOCKS)),
+    "df-i2v, unequal blocks": ("df", dict(num_frames=29, image="first", ar_step=2, causal_block_size=3)),
     "v2v": ("df", dict(num_frames=25, base_num_frames=21, overlap_history=9, video="clip", **BLOCKS)),
     "t2v, TeaCache": ("t2v", dict(num_frames=9, teacache=1e30)),  # the middle step skipped
     "df, long, TeaCache": ("df", dict(num_frames=45, base_num_frames=21, overlap_history=9, teacache=1e30, **BLOCKS)),

@@ -47,7 +47,6 @@ API_CASES = {
     "base and overlap of one latent length": ("df", dict(num_frames=33, base_num_frames=16, overlap_history=14),
                                               "overlap_history"),
     "size beyond the rotary table": ("df", dict(height=1024, width=48), "rope_max_seq_len"),
-    "frames not a whole number of causal blocks": ("df", dict(num_frames=9, causal_block_size=2), "causal blocks"),
     "v2v size beyond the rotary table": ("df", dict(video=[IMAGE] * 13, overlap_history=5, height=1024),
                                          "rope_max_seq_len"),
     # 3. types
@@ -205,8 +204,6 @@ CLI_CASES = {
                                         "--out", "{tmp}/in.mp4"], "overwrite"),
     "--out whose .json is too long a name": (["df", "--out", "{tmp}/" + "v" * 251 + ".mp4"], "too long"),
     "a negative cache budget": (["df", "--cache-budget", "-1"], "--cache-budget"),
-    "frames not a whole number of causal blocks": (["df", "--num-frames", "9", "--causal-block-size", "2"],
-                                                    "causal blocks"),
     "a missing LoRA": (["df", "--lora", "{tmp}/no_such_lora.safetensors"], "no such file"),
 }
 
