@@ -1,20 +1,28 @@
 """GPU benchmark: our DiT and VAE against diffusers', same random weights, same inputs, one table.
 
-    python tests/bench.py [--only dit,attn,vae] [--quick]
+    python tests/bench.py [--only dit,attn,vae] [--quick] [--tiny]
 
 Not collected by pytest (needs CUDA and diffusers==0.42.1). Sizes are DF-1.3B's at 540P: 97 frames = 25x68x120
 latents = 51,000 tokens, text length 512, random bf16 weights (float32 for the VAE). Each figure is the median of
 several CUDA-event timings after warm-up; peak memory is what the call adds over the weights and inputs. Outputs are
 compared with diffusers' (relative error), so a fast path that changes numerics shows it.
+
+--tiny runs every part at tiny sizes on the CPU (tests/test_benchmarks.py does, so an API change breaks a test): what
+needs a GPU is stood in, with a `note:` line: flash-attn-4's kernels by SDPA, the CUDA profiler by the CPU's; and
+torch.compile is left out (the compiled rows run eager). Each part's output begins with a line "--- PART" and ends
+with "PART done in ..." or, if it raised, "PART failed: <traceback>"; the others go on, and the exit status is then 1.
 """
 import argparse
 import dataclasses
 import gc
+import itertools
 import math
 import os
 import statistics
 import sys
+import tempfile
 import time
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -30,17 +38,19 @@ DF13B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=12
              qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024, inject_sample_info=True)
 LAT = (1, 16, 25, 68, 120)
 DF14B = dict(DF13B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
+VAE_SIZE, TEXT_SIZE = "wan2.1", "umt5-xxl"  # V.CONFIGS, text.CONFIGS
+FRAME_TOKENS = 34 * 60  # a 540P latent frame's tokens; one attention layer's inputs are 25 frames of them
+FULL = (544, 960, 97)  # height, width, frames of the end-to-end runs
+STREAM = (256, 448, (97, 257, 737), 97, 17)  # height, width, frames, base_num_frames, overlap_history
 
-
-H_FULL, W_FULL, H_STREAM, W_STREAM = 544, 960, 256, 448
 TINY = False
 ROWS = []
 
 
 def set_tiny():
-    global DEV, LAT, TINY, H_FULL, W_FULL, H_STREAM, W_STREAM
-    DEV, TINY, LAT = "cpu", True, (1, 16, 25, 4, 6)
-    H_FULL, W_FULL, H_STREAM, W_STREAM = 32, 48, 32, 48
+    global DEV, LAT, TINY, VAE_SIZE, TEXT_SIZE, FRAME_TOKENS, FULL, STREAM
+    DEV, TINY, LAT, VAE_SIZE, TEXT_SIZE, FRAME_TOKENS = "cpu", True, (1, 16, 10, 4, 6), "tiny", "tiny", 6
+    FULL, STREAM = (32, 48, 17), (32, 48, (17, 37, 57), 17, 5)
     DF13B.update(num_attention_heads=2, attention_head_dim=12, text_dim=32, freq_dim=32, ffn_dim=48, num_layers=2,
                  rope_max_seq_len=64)
     DF14B.update(DF13B)
@@ -124,6 +134,72 @@ def sdpa_prefer(*names):
     return sdpa_kernel(order, set_priority=True)
 
 
+def free_memory():  # GPU memory of what a part dropped (phase_peaks' wrappers hold a pipeline in a reference cycle)
+    if DEV == "cuda":  # not on the CPU: a collection there takes longer than a tiny run
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def note(message):  # what --tiny stands in for, or leaves out
+    log(f"  note: {message}")
+
+
+def df_window(dit, frames, h, w, steps=10, block=5, guidance=6.0):
+    """One diffusion-forcing window of `frames` latent frames of h x w, through the pipeline's own door: the checked
+    Settings (ar_step 5 with causal blocks, else synchronous; shift 8, fps 24, CFG at `guidance`) and plan_windows'
+    window, so that the benchmark runs what generate runs."""
+    import skyreels
+
+    n = (frames - 1) * 4 + 1
+    s = skyreels.check_settings("df", dit.config, skyreels.Settings(
+        "a cat", height=8 * h, width=8 * w, num_frames=n, base_num_frames=n, num_inference_steps=steps,
+        guidance_scale=guidance, shift=8.0, ar_step=5 if block > 1 else 0, causal_block_size=block, seed=0))
+    return s, skyreels.plan_windows(s)[0]
+
+
+def whole_window(pipe, x, w, s):
+    """The AttentionContext of one pass over all of window w (latents x), as the loop builds it with no shortcuts:
+    full attention for a synchronous window, else its causal blocks."""
+    import skyreels
+
+    return skyreels.Shortcuts(pipe, x, w, s, on=False).plan(w.update[0])[2][0]
+
+
+def compile_blocks(dit, **options):
+    """Each DiT block compiled, as load(compile=True) does. --tiny leaves it out: tracing alone (dynamo, no kernels)
+    would take most of a CPU smoke run, so the compiled rows run eager there."""
+    if TINY:
+        return note("torch.compile left out: the compiled rows run eager")
+    for b in dit.blocks:
+        b.compile(**options)
+
+
+def flash_attn_4(name="flash_attn_func"):
+    """flash-attn-4's flash_attn_func (or its private _flash_attn_fwd). --tiny: no Hopper GPU, so an SDPA stand-in of
+    the same call: (B, L, H, Dh) in, (out, None) back, tile options ignored."""
+    if not TINY:
+        from flash_attn.cute import interface
+
+        return getattr(interface, name)
+    note(f"flash-attn-4's {name} stood in by SDPA (no Hopper GPU): its kernel is not measured")
+
+    def sdpa(q, k, v, **tiles):
+        return F.scaled_dot_product_attention(*(a.transpose(1, 2) for a in (q, k, v))).transpose(1, 2), None
+    return sdpa
+
+
+def use_flash_attention_4():
+    """model.FLASH as load() sets it (skyreels.use_flash_attention_4). --tiny: the SDPA stand-in, which model.attention
+    passes over on the CPU (it takes FLASH for CUDA tensors only): SDPA runs either way."""
+    import skyreels
+
+    if TINY:
+        M.FLASH = flash_attn_4()
+    else:
+        skyreels.use_flash_attention_4(torch.device(DEV))
+    return M.FLASH
+
+
 # ------------------------------------------------------------------------------------------------------------------
 
 
@@ -186,8 +262,8 @@ def random_pipeline(dit_cfg, offload, fp8=False):
     home = "cpu" if offload else DEV
     tok = skyreels.tiny_pipeline("tiny-df", torch.device("cpu"), torch.float32).tokenizer
     with torch.device("meta"):
-        te = T.UMT5Encoder(T.CONFIGS["tiny" if TINY else "umt5-xxl"])
-        vae = V.VAE(V.CONFIGS["tiny" if TINY else "wan2.1"])
+        te = T.UMT5Encoder(T.CONFIGS[TEXT_SIZE])
+        vae = V.VAE(V.CONFIGS[VAE_SIZE])
     if not fp8:
         return skyreels.Pipeline("df", tok, randomize(te, home), random_dit(dit_cfg, home), randomize(vae, home),
                                  None, None, torch.device(DEV), offload)
@@ -198,7 +274,7 @@ def random_pipeline(dit_cfg, offload, fp8=False):
                              torch.device(DEV), offload)
 
 
-def bench_fp8():
+def bench_fp8(quick):
     """fp8 weights against bf16, DF-14B at 540P x 97 frames, 2 steps with CFG, end to end (text, DiT, VAE decode),
     random weights at the official sizes: resident (all on the GPU); the DiT and the VAE resident with the text encoder
     streamed as --offload streams it (a mode the pipeline has no switch for: built here); --offload. GPU peak and each
@@ -251,8 +327,7 @@ def bench_fp8():
         row(f"DF-14B {name}", None, f"{tt:.1f}s, GPU peak {mem:.2f} GiB (weights {base:.2f} GiB){host}",
             f"built in {built:.0f}s; phase peaks GiB: {note}")
         del pipe, dit, peaks
-        gc.collect()
-        torch.cuda.empty_cache() if DEV == "cuda" else None
+        free_memory()
 
 
 def phase_peaks(pipe):
@@ -277,11 +352,18 @@ def phase_peaks(pipe):
     return peaks
 
 
+def gpu_memory():  # what the default cache budget sees
+    if DEV != "cuda":
+        return "no GPU: the default budget is the whole window"
+    free, total = torch.cuda.mem_get_info()
+    return (f"free {free / 2**30:.1f} of {total / 2**30:.1f} GiB, reserved {torch.cuda.memory_reserved() / 2**30:.1f}, "
+            f"allocated {torch.cuda.memory_allocated() / 2**30:.1f}")
+
+
 def bench_14b(quick):
     """DF-14B (40 layers, 40 heads x 128, ffn 13824), resident on one GPU: the synchronous and causal forwards at
     540P and 720P, the asynchronous loop with the shortcuts under the default cache budget, and its first
     iterations at 720P."""
-    import schedule
     import skyreels
 
     log("== DF-14B resident: forwards at 540P / 720P, async loop with the cache budget")
@@ -289,7 +371,7 @@ def bench_14b(quick):
     log(f"  weights {torch.cuda.memory_allocated() / 2**30 if DEV == 'cuda' else 0:.1f} GiB")
     pipe = skyreels.Pipeline("df", None, None, dit, None, None, None, torch.device(DEV), False)
     g = torch.Generator(DEV).manual_seed(0)
-    ctx, neg = (torch.randn(1, 512, DF14B["text_dim"], device=DEV, generator=g).to(BF16) for _ in range(2))
+    texts = tuple(torch.randn(1, 512, DF14B["text_dim"], device=DEV, generator=g).to(BF16) for _ in range(2))
     sizes = {"540P": (25, 68, 120), "720P": (31, 90, 160)} if not TINY else {"540P": (25, 4, 6), "720P": (31, 4, 6)}
     if quick:  # 540P only
         del sizes["720P"]
@@ -300,7 +382,9 @@ def bench_14b(quick):
             t = torch.randint(0, 1000, (1, f), device=DEV, generator=g)
             for blk in (1, 5):
                 ff = f - f % blk
-                fn = lambda: dit(x[:, :, :ff], t[:, :ff], ctx, fps=24, attention=M.AttentionContext(blk))  # noqa: E731
+                s, win = df_window(dit, ff, h, w, block=blk)
+                attention = whole_window(pipe, x[:, :, :ff], win, s)
+                fn = lambda: dit(x[:, :, :ff], t[:, :ff], texts[0], fps=24, attention=attention)  # noqa: E731
                 mem, _ = peak(fn)
                 tt = timed(fn, 0, 1 if res == "720P" else 2)
                 fwd_causal[res, blk] = tt
@@ -310,20 +394,15 @@ def bench_14b(quick):
         for res, steps, iters in (("540P", 4, None), ("720P", 4, 8))[:len(sizes)]:
             f, h, w = sizes[res]
             f -= f % 5
-            ts, sigmas = schedule.timesteps(steps, 8.0)
-            win = skyreels.plan_windows("df", (f - 1) * 4 + 1, (f - 1) * 4 + 1, None, 5, 5, ts, False)[0]
+            s, win = df_window(dit, f, h, w, steps)
             if iters:
-                win = dict(win, matrix=win["matrix"][:iters], update=win["update"][:iters])
+                win = dataclasses.replace(win, matrix=win.matrix[:iters], update=win.update[:iters])
             x0 = torch.randn(1, 16, f, h, w, device=DEV, generator=g)
-            if DEV == "cuda":
-                torch.cuda.empty_cache()
-                free, total = torch.cuda.mem_get_info()
-                log(f"  free {free / 2**30:.1f} of {total / 2**30:.1f} GiB, reserved "
-                    f"{torch.cuda.memory_reserved() / 2**30:.1f}, allocated {torch.cuda.memory_allocated() / 2**30:.1f}"
-                    f"; cache limit {pipe.cache_frames(x0, 5, True)} frames")
-            mem, (tt, _) = peak(lambda: wall(lambda: pipe.denoise_window(x0.clone(), win, ctx, neg, 6.0, sigmas, 5,
-                                                                           0, 24)))
-            n = len(win["matrix"])
+            torch.cuda.empty_cache() if DEV == "cuda" else None
+            limit = skyreels.cache_limit(pipe, x0, s, list(itertools.accumulate(win.blocks)))
+            log(f"  {gpu_memory()}; cache limit {limit} frames")
+            mem, (tt, _) = peak(lambda: wall(lambda: pipe.denoise_window(x0.clone(), win, s, texts)))
+            n = len(win.matrix)
             off = 2 * n * fwd_causal[res, 5]
             row(f"DF-14B {res} async loop, ar 5, blocks of 5, {f} latent frames, {steps} steps, CFG, {n} iterations"
                 f"{' (the first)' if iters else ''}", None, f"{tt:.1f}s, +{mem:.2f}GiB peak (cache included)",
@@ -333,18 +412,18 @@ def bench_14b(quick):
     torch.cuda.empty_cache() if DEV == "cuda" else None
 
 
-def bench_budget():
+def bench_budget(quick):
     """What the default cache budget sees for DF-14B at 540P and 720P (free memory, the limit in frames)."""
     import skyreels
 
     dit = random_dit(DF14B)
     pipe = skyreels.Pipeline("df", None, None, dit, None, None, None, torch.device(DEV), False)
-    for f, h, w in ((25, 68, 120), (30, 90, 160)):
+    for f, h, w in ((25, 68, 120), (30, 90, 160)) if not TINY else ((25, 4, 6), (30, 4, 6)):
         x0 = torch.zeros(1, 16, f, h, w, device=DEV)
-        free, total = torch.cuda.mem_get_info() if DEV == "cuda" else (0, 0)
-        log(f"  {f}x{h}x{w}: free {free / 2**30:.1f} of {total / 2**30:.1f} GiB, reserved "
-            f"{torch.cuda.memory_reserved() / 2**30:.1f}, allocated {torch.cuda.memory_allocated() / 2**30:.1f}; "
-            f"cache limit {pipe.cache_frames(x0, 5, True)} frames (CFG), {pipe.cache_frames(x0, 5, False)} (one pass)")
+        (guided, win), (one, _) = (df_window(dit, f, h, w, guidance=scale) for scale in (6.0, 1.0))
+        ends = list(itertools.accumulate(win.blocks))
+        limits = [skyreels.cache_limit(pipe, x0, s, ends) for s in (guided, one)]
+        log(f"  {f}x{h}x{w}: {gpu_memory()}; cache limit {limits[0]} frames (CFG), {limits[1]} (one pass)")
     del dit, pipe
 
 
@@ -381,8 +460,7 @@ def bench_offload_e2e(quick):
             row(f"{name} end to end, offload={offload}", None, f"{tt:.1f}s, GPU peak {mem:.2f} GiB",
                 f"phase peaks GiB: {note}")
             del pipe, out, peaks
-            gc.collect()  # phase_peaks' wrappers hold the pipeline in a reference cycle
-            torch.cuda.empty_cache() if DEV == "cuda" else None
+            free_memory()
 
 
 def bench_smoke(quick):
@@ -390,7 +468,7 @@ def bench_smoke(quick):
     size, causal blocks of 5): max abs 0.0 is expected for offload (the same kernels on the same weights); the
     shortcuts sum attention in another order, so they may differ by bf16 rounding."""
     settings = dict(height=256, width=448, num_frames=37, base_num_frames=37, num_inference_steps=3, ar_step=2,
-                    causal_block_size=5 if not TINY else 1, seed=0, output_type="latent")
+                    causal_block_size=5, seed=0, output_type="latent")
     if TINY:
         settings.update(height=32, width=48)
     outs = {}
@@ -402,7 +480,7 @@ def bench_smoke(quick):
             with torch.no_grad():
                 outs[offload, shortcuts] = pipe.generate("a cat", **settings).float().cpu()
         del pipe
-        gc.collect()
+        free_memory()
     base = outs[False, True]
     for key, out in outs.items():
         row(f"smoke: offload={key[0]}, shortcuts={key[1]}", None, f"max abs vs resident with shortcuts "
@@ -418,18 +496,15 @@ def bench_accuracy(quick):
     x, t, ctx, _ = dit_inputs()
     with torch.no_grad():
         exact = copy.deepcopy(dit).float()(x.float(), t, ctx.float(), fps=24).float()
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_memory()
         out = {"eager bf16 (SDPA)": dit(x, t, ctx, fps=24)}
         try:
-            from flash_attn.cute import flash_attn_func
-            M.FLASH = flash_attn_func
+            M.FLASH = flash_attn_4()
             out["eager bf16, flash-attn-4"] = dit(x, t, ctx, fps=24)
         except Exception as e:  # noqa: BLE001
             log(f"  flash-attn-4 not installed here ({type(e).__name__}): not measured")
         M.FLASH = None
-        for block in dit.blocks:
-            block.compile()
+        compile_blocks(dit)
         out["compiled bf16 (SDPA)"] = dit(x, t, ctx, fps=24)
     for name, o in out.items():
         row(f"accuracy: {name} vs a float32 forward", None, f"rel err {rel(o, exact):.2e}")
@@ -440,14 +515,12 @@ def bench_resume(quick):
     A run stopped after `stopped` windows, then resumed: the state's bytes a window, the time from the resumed
     stream to its first new step as a share of the time the finished windows took, and both runs' GPU peaks."""
     import shutil
-    import tempfile
 
     steps, stopped = (10, 3) if not quick else (4, 2)
     settings = dict(height=544, width=960, num_frames=737, base_num_frames=97, overlap_history=17, ar_step=5,
                     causal_block_size=5, num_inference_steps=steps, seed=0, addnoise_condition=20)
-    if TINY:
-        settings.update(height=32, width=48, num_frames=81, base_num_frames=17, overlap_history=5, ar_step=1,
-                        causal_block_size=1)
+    if TINY:  # 4 windows of 10 latent frames, each later one continuing 5
+        settings.update(height=32, width=48, num_frames=97, base_num_frames=37, overlap_history=17)
     pipe, folder = random_pipeline(DF13B, False), tempfile.mkdtemp()
     state = os.path.join(folder, "film.state")
 
@@ -464,7 +537,8 @@ def bench_resume(quick):
 
     import skyreels
 
-    windows = skyreels.plan_windows(skyreels.check_settings("df", 1024, skyreels.Settings("a", **settings)))
+    windows = skyreels.plan_windows(skyreels.check_settings("df", pipe.transformer.config,
+                                                            skyreels.Settings("a", **settings)))
     per_window = [len(w.matrix) for w in windows]
     for resume in (False, True):
         torch.manual_seed(0)
@@ -498,15 +572,27 @@ def bench_resume(quick):
 def dit_inputs():  # latents, per-frame timesteps and text for the 540P forward, and the generator that made them
     g = torch.Generator(DEV).manual_seed(0)
     x = torch.randn(LAT, device=DEV, generator=g).to(BF16)
-    t = torch.randint(0, 1000, (1, 25), device=DEV, generator=g)
+    t = torch.randint(0, 1000, (1, LAT[2]), device=DEV, generator=g)
     ctx = torch.randn(1, 512, DF13B["text_dim"], device=DEV, generator=g).to(BF16)
     return x, t, ctx, g
+
+
+def block_attention(dit, x):
+    """{1: the synchronous forward's AttentionContext, 5: causal blocks of 5's}, for latents x (1, 16, F, h, w)."""
+    import skyreels
+
+    pipe, attention = skyreels.Pipeline("df", None, None, dit, None, None, None, torch.device(DEV), False), {}
+    for block in (1, 5):
+        s, w = df_window(dit, *x.shape[2:], block=block)
+        attention[block] = whole_window(pipe, x, w, s)
+    return attention
 
 
 def bench_dit(quick):
     log("== DiT forward, DF-1.3B, 25x68x120 latents (51,000 tokens), text 512, bf16")
     ref, ours = build_dits()
     x, t, ctx, g = dit_inputs()
+    attention = block_attention(ours, x)
     flops = dit_flops()
     runs = 3 if quick else 5
 
@@ -515,16 +601,16 @@ def bench_dit(quick):
         return ref(hidden_states=x, timestep=t, encoder_hidden_states=ctx, enable_diffusion_forcing=True, fps=[1],
                    return_dict=False)[0]
 
-    variants = {"plain": lambda blk: ours(x, t, ctx, fps=24, attention=M.AttentionContext(blk))}
+    variants = {"plain": lambda blk: ours(x, t, ctx, fps=24, attention=attention[blk])}
 
     def cudnn(blk):
         with sdpa_prefer("CUDNN_ATTENTION", "FLASH_ATTENTION"):
-            return ours(x, t, ctx, fps=24, attention=M.AttentionContext(blk))
+            return ours(x, t, ctx, fps=24, attention=attention[blk])
     variants["cudnn"] = cudnn
 
     def flash(blk):
         with sdpa_prefer("FLASH_ATTENTION"):
-            return ours(x, t, ctx, fps=24, attention=M.AttentionContext(blk))
+            return ours(x, t, ctx, fps=24, attention=attention[blk])
     variants["flash"] = flash
 
     with torch.no_grad():
@@ -544,8 +630,7 @@ def bench_dit(quick):
             del out_ref
         if not quick:
             t0 = time.time()
-            for b in ours.blocks:
-                b.compile()
+            compile_blocks(ours)
             for block in (1, 5):
                 cudnn(block)  # compile
                 log(f"  compile + first call: {time.time() - t0:.0f}s")
@@ -557,12 +642,14 @@ def bench_dit(quick):
     torch.cuda.empty_cache()
 
 
-def bench_attention():
-    log("== one attention layer: (1, 12, 51000, 128) bf16")
+def bench_attention(quick):
+    L = LAT[2] * FRAME_TOKENS
+    log(f"== one attention layer: (1, 12, {L}, 128) bf16")
     g = torch.Generator(DEV).manual_seed(0)
-    q, k, v = (torch.randn(1, 12, 51000, 128, device=DEV, generator=g).to(BF16) for _ in range(3))
-    tokens, block = 2040, 5
-    frame = torch.arange(51000, device=DEV) // tokens // block
+    q, k, v = (torch.randn(1, 12, L, 128, device=DEV, generator=g).to(BF16) for _ in range(3))
+    tokens, block = FRAME_TOKENS, 5
+    ends = list(range(tokens * block, L + 1, tokens * block))  # each causal block's end, in tokens
+    frame = torch.arange(L, device=DEV) // tokens // block
     with torch.no_grad():
         base = F.scaled_dot_product_attention(q, k, v)
         row("attn SDPA no mask (default)", f"{timed(lambda: F.scaled_dot_product_attention(q, k, v)) * 1e3:.1f}ms")
@@ -581,14 +668,16 @@ def bench_attention():
         del mask
         for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION"):
             with sdpa_prefer(name):
-                out = M.block_causal_attention(q, k, v, tokens * block)
-                ms = timed(lambda: M.block_causal_attention(q, k, v, tokens * block)) * 1e3
+                out = M.block_causal_attention(q, k, v, ends)
+                ms = timed(lambda: M.block_causal_attention(q, k, v, ends)) * 1e3
             row(f"attn ours per-block prefix [{name}]", None, f"{ms:.1f}ms", f"rel vs dense {rel(out, dense):.1e}")
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-            bm = create_block_mask(lambda b, h, qi, ki: frame[ki] <= frame[qi], None, None, 51000, 51000, device=DEV)
-            fa = torch.compile(flex_attention)
+            bm = create_block_mask(lambda b, h, qi, ki: frame[ki] <= frame[qi], None, None, L, L, device=DEV)
+            fa = torch.compile(flex_attention) if not TINY else flex_attention
+            if TINY:
+                note("flex attention not compiled: its unfused reference runs (compiling takes longer than the rest)")
             out = fa(q, k, v, block_mask=bm)
             row("attn flex block-causal", None, f"{timed(lambda: fa(q, k, v, block_mask=bm)) * 1e3:.1f}ms",
                 f"rel vs dense {rel(out, dense):.1e}")
@@ -596,23 +685,24 @@ def bench_attention():
             row("attn flex block-causal", None, "failed", repr(e)[:120])
 
 
-def bench_fa4():
+def bench_fa4(quick):
     """flash-attn-4 (CuTe DSL), if installed: its kernel against SDPA (cuDNN) on one DF-1.3B / DF-14B attention layer
     at 540P, and through torch's SDPA registry (activate_flash_attention_impl)."""
-    log("== flash-attn-4 vs SDPA: one attention layer, 51,000 tokens, head dim 128, bf16")
+    L = LAT[2] * FRAME_TOKENS
+    log(f"== flash-attn-4 vs SDPA: one attention layer, {L:,} tokens, head dim 128, bf16")
     try:
-        from flash_attn.cute import flash_attn_func
+        flash_attn_func = flash_attn_4()
     except Exception as e:  # noqa: BLE001
         row("flash-attn-4", None, "not importable", repr(e)[:200])
         return
     g = torch.Generator(DEV).manual_seed(0)
     for heads in (12, 40):
-        q, k, v = (torch.randn(1, 51000, heads, 128, device=DEV, generator=g).to(BF16) for _ in range(3))
+        q, k, v = (torch.randn(1, L, heads, 128, device=DEV, generator=g).to(BF16) for _ in range(3))
         qt, kt, vt = (a.transpose(1, 2) for a in (q, k, v))  # (B, H, L, D) views, as our model passes them
         with torch.no_grad(), sdpa_prefer("CUDNN_ATTENTION", "FLASH_ATTENTION"):
             base = F.scaled_dot_product_attention(qt, kt, vt)
             ms = timed(lambda: F.scaled_dot_product_attention(qt, kt, vt)) * 1e3
-        flops = 4 * 51000 * 51000 * 128 * heads
+        flops = 4 * L * L * 128 * heads
         row(f"attn {heads} heads SDPA cuDNN", None, f"{ms:.1f}ms", f"{flops / ms / 1e9:.0f} TFLOP/s")
         try:
             t0 = time.time()
@@ -624,6 +714,9 @@ def bench_fa4():
                 f"{flops / ms / 1e9:.0f} TFLOP/s, rel vs cuDNN {rel(out.transpose(1, 2), base):.1e}")
         except Exception as e:  # noqa: BLE001
             row(f"attn {heads} heads flash-attn-4", None, "failed", repr(e)[:300])
+        if TINY:
+            note("torch's FA4 SDPA registration left out: it loads flash-attn-4's CUDA kernels")
+            continue
         try:
             from torch.nn.attention import activate_flash_attention_impl, list_flash_attention_impls
 
@@ -638,16 +731,16 @@ def bench_fa4():
             row(f"attn {heads} heads SDPA with FA4 registered", None, "failed", repr(e)[:300])
 
 
-def bench_fa4_tiles():
+def bench_fa4_tiles(quick):
     """flash-attn-4's SM90 forward at other tile shapes and flags than its default for head dim 128 (128x128,
     P.V from registers, intra-warpgroup overlap), through its private _flash_attn_fwd: is the default the fastest?"""
-    from flash_attn.cute.interface import _flash_attn_fwd
-
-    log("== flash-attn-4 tile sweep: one attention layer, 51,000 tokens, head dim 128, bf16")
+    L = LAT[2] * FRAME_TOKENS
+    log(f"== flash-attn-4 tile sweep: one attention layer, {L:,} tokens, head dim 128, bf16")
+    _flash_attn_fwd = flash_attn_4("_flash_attn_fwd")
     g = torch.Generator(DEV).manual_seed(0)
     for heads in (12, 40):
-        q, k, v = (torch.randn(1, 51000, heads, 128, device=DEV, generator=g).to(BF16) for _ in range(3))
-        flops = 4 * 51000 * 51000 * 128 * heads
+        q, k, v = (torch.randn(1, L, heads, 128, device=DEV, generator=g).to(BF16) for _ in range(3))
+        flops = 4 * L * L * 128 * heads
         for tile_n in (128, 144, 160, 176, 192):
             for rs in (True, False):
                 for overlap in (True, False):
@@ -662,38 +755,37 @@ def bench_fa4_tiles():
                             repr(e)[:80])
 
 
-def bench_profile():
+def bench_profile(quick):
     """Where the time of the compiled DF-1.3B synchronous forward goes (flash-attn-4 where installed): the CUDA
     kernels of one forward, by total time."""
-    import skyreels
     from torch.profiler import ProfilerActivity, profile
 
     log("== CUDA profile: DF-1.3B synchronous forward at 540P, compiled blocks")
-    skyreels.use_flash_attention_4(torch.device(DEV))
+    use_flash_attention_4()
     dit = random_dit(DF13B)
-    for b in dit.blocks:
-        b.compile()
+    compile_blocks(dit)
     x, t, ctx, _ = dit_inputs()
+    where = "cuda" if DEV == "cuda" else "cpu"
+    if TINY:
+        note("the CPU's operators profiled in place of the CUDA kernels")
     with torch.no_grad():
         fn = lambda: dit(x, t, ctx, fps=24)  # noqa: E731
         row("DF-1.3B synchronous forward, compiled", None, f"{timed(fn, 2, 3):.3f}s", f"FLASH={M.FLASH is not None}")
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[getattr(ProfilerActivity, where.upper())]) as prof:
             fn()
             sync()
-    log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70))
+    log(prof.key_averages().table(sort_by=f"{where}_time_total", row_limit=12, max_name_column_width=70))
 
 
 def bench_fa4_dit(quick):
     """The DiT forward with its attention through flash-attn-4 (model.FLASH, as load() sets it on Hopper) against
     PyTorch's SDPA (cuDNN) and diffusers in the same run: DF-1.3B synchronous and causal blocks of 5 at 540P, then
     DF-14B at 540P; plain, then with the blocks compiled."""
-    import skyreels
-
     log("== DiT forward: SDPA (cuDNN) vs flash-attn-4, DF-1.3B and DF-14B at 540P")
     ref, ours = build_dits()
     x, t, ctx, g = dit_inputs()
-    skyreels.use_flash_attention_4(torch.device(DEV))
-    fa4 = M.FLASH
+    attention = block_attention(ours, x)  # DF-14B's are the same: one token grid
+    fa4 = use_flash_attention_4()
     sizes = {"DF-1.3B": (dit_flops(), None), "DF-14B": (dit_flops(51000, 5120, 13824, 512, 40), None)}
     t_ref, out_ref = {}, {}
     with torch.no_grad():
@@ -713,7 +805,7 @@ def bench_fa4_dit(quick):
             outs = {}
             for kernel, M.FLASH in kernels:
                 for block in (1, 5):
-                    fn = lambda: dit(x, t, ctx, fps=24, attention=M.AttentionContext(block))  # noqa: E731
+                    fn = lambda: dit(x, t, ctx, fps=24, attention=attention[block])  # noqa: E731
                     t0 = time.time()
                     out = fn()
                     first = time.time() - t0
@@ -734,29 +826,26 @@ def bench_fa4_dit(quick):
         variants("DF-14B", dit14, "")
         if not quick:
             for dit, name in ((ours, "DF-1.3B"), (dit14, "DF-14B")):
-                for b in dit.blocks:
-                    b.compile()
+                compile_blocks(dit)
                 variants(name, dit, "+compile", (("FA4", fa4),) if name == "DF-14B" else (("SDPA", None), ("FA4", fa4)))
 
 
-def bench_fa4_e2e():
+def bench_fa4_e2e(quick):
     """DF-1.3B end to end at 540P (text, 10 steps with CFG, VAE decode), random weights at the official sizes: the
     DiT's attention on SDPA, then through flash-attn-4 as load() sets it: time, GPU peak, and the videos' PSNR."""
-    import skyreels
-
-    log("== DF-1.3B end to end, 97 frames, 10 steps, CFG: SDPA vs flash-attn-4")
+    hh, ww, nf = FULL
+    log(f"== DF-1.3B end to end, {nf} frames, 10 steps, CFG: SDPA vs flash-attn-4")
     pipe, videos = random_pipeline(DF13B, False), {}
-    skyreels.use_flash_attention_4(torch.device(DEV))
-    fa4 = M.FLASH
+    fa4 = use_flash_attention_4()
     for name, M.FLASH in (("SDPA", None), ("FA4", fa4)):
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats() if DEV == "cuda" else None
         with torch.no_grad():
-            tt, videos[name] = wall(lambda: pipe.generate("a cat", height=544, width=960, num_frames=97,
-                                                          base_num_frames=97, num_inference_steps=10, seed=0))
+            tt, videos[name] = wall(lambda: pipe.generate("a cat", height=hh, width=ww, num_frames=nf,
+                                                          base_num_frames=nf, num_inference_steps=10, seed=0))
         mse = float(((videos[name] - videos["SDPA"]) ** 2).mean())  # frames in [0, 1]
-        note = f"PSNR vs SDPA {10 * math.log10(1 / max(mse, 1e-20)):.1f} dB" if name == "FA4" else ""
-        row(f"DF-1.3B end to end [{name}]", None, f"{tt:.1f}s, GPU peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB",
-            note)
+        psnr_ = f"PSNR vs SDPA {10 * math.log10(1 / max(mse, 1e-20)):.1f} dB" if name == "FA4" else ""
+        mem = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0
+        row(f"DF-1.3B end to end [{name}]", None, f"{tt:.1f}s, GPU peak {mem:.2f} GiB", psnr_)
 
 
 def bench_vae(quick):
@@ -764,10 +853,12 @@ def bench_vae(quick):
 
     log("== VAE float32: decode 25 latent frames (-> 97 x 544 x 960), encode 97 frames")
     torch.manual_seed(0)
+    cfg = V.CONFIGS[VAE_SIZE]
     with torch.device(DEV):
-        ref = AutoencoderKLWan().eval()
+        ref = AutoencoderKLWan(base_dim=cfg.base_dim, dim_mult=list(cfg.dim_mult),
+                               num_res_blocks=cfg.num_res_blocks).eval()
     with torch.device("meta"):
-        ours = V.VAE(V.CONFIGS["wan2.1"])
+        ours = V.VAE(cfg)
     ours.load_state_dict({k: v.detach().clone() for k, v in ref.state_dict().items()}, strict=True, assign=True)
     ours.eval()
     g = torch.Generator(DEV).manual_seed(0)
@@ -807,19 +898,16 @@ def bench_vae(quick):
         row("VAE encode bf16 (ours)", None, f"{tt:.2f}s {mem:.2f}GiB", f"rel err vs fp32 {rel(enc16, enc):.1e}")
 
 
-LOOP = {}  # diffusers' measured causal forward, for the loop estimate
-
-
 def bench_loop(quick):
     """The whole denoising loop of an asynchronous run: ar_step 5, causal blocks of 5, 97 frames at 544x960,
     10 steps, CFG: 30 iterations, 60 forwards. diffusers' figure is 60 x its measured causal-block forward."""
-    import schedule
     import skyreels
 
     log("== asynchronous denoising loop: ar_step 5, blocks of 5, 97 frames 544x960, 10 steps, CFG")
     ref, ours = build_dits()
     g = torch.Generator(DEV).manual_seed(0)
-    ctx, neg = (torch.randn(1, 512, DF13B["text_dim"], device=DEV, generator=g).to(BF16) for _ in range(2))
+    texts = tuple(torch.randn(1, 512, DF13B["text_dim"], device=DEV, generator=g).to(BF16) for _ in range(2))
+    ctx = texts[0]
     x0 = torch.randn(LAT, device=DEV, generator=g)
     with torch.no_grad():
         t = torch.randint(0, 1000, (1, LAT[2]), device=DEV, generator=g)
@@ -829,10 +917,8 @@ def bench_loop(quick):
         t_fwd = timed(fwd, 1, 3)
     del ref
     torch.cuda.empty_cache() if DEV == "cuda" else None
-    ts, sigmas = schedule.timesteps(10, 8.0)
-    frames = (LAT[2] - 1) * 4 + 1
-    w = skyreels.plan_windows("df", frames, frames, None, 5, 5, ts, False)[0]
-    forwards = 2 * len(w["matrix"])
+    s, w = df_window(ours, *LAT[2:], steps=10)
+    forwards = 2 * len(w.matrix)
     t_ref = forwards * t_fwd
     pipe = skyreels.Pipeline("df", None, None, ours, None, None, None, torch.device(DEV), False)
     outs = {}
@@ -841,14 +927,12 @@ def bench_loop(quick):
         if comp:
             if quick:
                 continue
-            for blk in ours.blocks:
-                blk.compile(dynamic=True)
+            compile_blocks(ours, dynamic=True)
             with torch.no_grad():  # compile outside the timing
-                pipe.denoise_window(x0.clone(), w, ctx, neg, 6.0, sigmas, 5, 0, 24)
+                pipe.denoise_window(x0.clone(), w, s, texts)
         pipe.shortcuts = on
         with torch.no_grad():
-            mem, (tt, out) = peak(lambda: wall(lambda: pipe.denoise_window(x0.clone(), w, ctx, neg, 6.0, sigmas, 5,
-                                                                             0, 24)))
+            mem, (tt, out) = peak(lambda: wall(lambda: pipe.denoise_window(x0.clone(), w, s, texts)))
         outs[name] = out
         note = f"ratio {tt / t_ref:.2f}x ({t_ref / tt:.1f}x faster), peak {mem:.2f} GiB"
         if name != "no shortcuts" and "no shortcuts" in outs:
@@ -871,13 +955,14 @@ def bench_stream(quick):
     cfg = dataclasses.replace(T.CONFIGS["tiny"], d_model=DF13B["text_dim"], num_layers=1)
     pipe.text_encoder = skyreels.place(T.UMT5Encoder(cfg), DEV, BF16).eval()
     with torch.device(DEV):
-        pipe.vae = V.VAE(V.CONFIGS["tiny" if TINY else "wan2.1"]).eval()
-    for n in ((97, 257) if quick else (97, 257, 737)):
+        pipe.vae = V.VAE(V.CONFIGS[VAE_SIZE]).eval()
+    height, width, lengths, base, overlap = STREAM
+    for n in lengths[:2] if quick else lengths:
         made = [0]
 
         def run():
-            for chunk in pipe.stream("a cat", height=H_STREAM, width=W_STREAM, num_frames=n, base_num_frames=97,
-                                     overlap_history=17, num_inference_steps=2, guidance_scale=1.0, seed=0):
+            for chunk in pipe.stream("a cat", height=height, width=width, num_frames=n, base_num_frames=base,
+                                     overlap_history=overlap, num_inference_steps=2, guidance_scale=1.0, seed=0):
                 made[0] += len(chunk)  # the CLI writes each chunk to the mp4 and drops it
         with torch.no_grad():
             mem, _ = peak(lambda: wall(run))
@@ -930,62 +1015,74 @@ def write_official_folder(path):
 
 def bench_offload(quick):
     """--offload: DF-1.3B, 544x960, 97 frames end to end (text, 10 steps with CFG, decode) from a random-weight
-    folder at the official sizes; peak GPU memory and time, with and without offload."""
+    folder at the official sizes (written under TMPDIR, then removed); peak GPU memory and time, with and without
+    offload."""
     import shutil
 
     import skyreels
 
-    log("== --offload: DF-1.3B folder (random weights, official sizes), 544x960, 97 frames, 10 steps, CFG")
-    path = "/tmp/df13b"
-    t_write, _ = wall(lambda: write_official_folder(path))
-    log(f"  wrote {path} in {t_write:.0f}s")
-    settings = dict(prompt="a cat", height=H_FULL, width=W_FULL, num_frames=(LAT[2] - 1) * 4 + 1,
-                    num_inference_steps=2 if quick else 10, seed=0)
-    result = {}
-    for offload in (False, True):
-        if DEV == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        t_load, pipe = wall(lambda: skyreels.load(path, device=DEV, dtype=BF16, offload=offload))
-        with torch.no_grad():
-            tt, out = wall(lambda: pipe.generate(**settings))
-        mem = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0
-        result[offload] = (tt, out)
-        row(f"end to end, offload={offload}", None, f"{tt:.1f}s, GPU peak {mem:.2f} GiB (load {t_load:.0f}s)",
-            "" if not offload else f"time {tt / result[False][0]:.2f}x of no offload, "
-                                   f"max abs vs no offload {abs(out - result[False][1]).max():.1e}")
-        del pipe
-    shutil.rmtree(path, ignore_errors=True)
+    hh, ww, nf = FULL
+    log(f"== --offload: DF-1.3B folder (random weights, official sizes), {hh}x{ww}, {nf} frames, 10 steps, CFG")
+    path = tempfile.mkdtemp(prefix="df13b-")
+    try:
+        t_write, _ = wall(lambda: write_official_folder(path))
+        log(f"  wrote {path} in {t_write:.0f}s")
+        settings = dict(prompt="a cat", height=hh, width=ww, num_frames=nf, num_inference_steps=2 if quick else 10,
+                        seed=0)
+        result = {}
+        for offload in (False, True):
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            t_load, pipe = wall(lambda: skyreels.load(path, device=DEV, dtype=BF16, offload=offload))
+            with torch.no_grad():
+                tt, out = wall(lambda: pipe.generate(**settings))
+            mem = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0
+            result[offload] = (tt, out)
+            row(f"end to end, offload={offload}", None, f"{tt:.1f}s, GPU peak {mem:.2f} GiB (load {t_load:.0f}s)",
+                "" if not offload else f"time {tt / result[False][0]:.2f}x of no offload, "
+                                       f"max abs vs no offload {abs(out - result[False][1]).max():.1e}")
+            del pipe
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+PARTS = {"dit": bench_dit, "attn": bench_attention, "vae": bench_vae, "loop": bench_loop, "stream": bench_stream,
+         "offload": bench_offload, "14b": bench_14b, "e2e": bench_offload_e2e, "smoke": bench_smoke,
+         "accuracy": bench_accuracy, "resume": bench_resume, "fa4dit": bench_fa4_dit, "fa4e2e": bench_fa4_e2e,
+         "fa4tiles": bench_fa4_tiles, "profile": bench_profile, "fa4": bench_fa4, "budget": bench_budget,
+         "fp8": bench_fp8}  # --only's names: each takes `quick`
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--only", default="attn,dit,vae,loop,stream,offload")
+    p.add_argument("--only", default="attn,dit,vae,loop,stream,offload", help=f"all, or some of {','.join(PARTS)}")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU: a smoke test of this script")
     args = p.parse_args()
+    parts = list(PARTS) if args.only == "all" else args.only.split(",")
+    if unknown := [part for part in parts if part not in PARTS]:
+        p.error(f"--only: no part {', '.join(unknown)}; the parts are {', '.join(PARTS)}")
     if args.tiny:
         set_tiny()
     log(f"{torch.cuda.get_device_name() if DEV == 'cuda' else 'CPU'}  torch {torch.__version__}  "
         f"{time.strftime('%Y-%m-%d')}")
-    for part in args.only.split(","):
+    failed = []
+    for part in parts:
+        log(f"--- {part}")
+        t0 = time.perf_counter()
         try:
-            {"dit": lambda: bench_dit(args.quick), "attn": bench_attention, "vae": lambda: bench_vae(args.quick),
-             "loop": lambda: bench_loop(args.quick), "stream": lambda: bench_stream(args.quick),
-             "offload": lambda: bench_offload(args.quick), "14b": lambda: bench_14b(args.quick),
-             "e2e": lambda: bench_offload_e2e(args.quick), "smoke": lambda: bench_smoke(args.quick),
-             "accuracy": lambda: bench_accuracy(args.quick), "resume": lambda: bench_resume(args.quick),
-             "fa4dit": lambda: bench_fa4_dit(args.quick), "fa4e2e": bench_fa4_e2e,
-             "fa4tiles": bench_fa4_tiles, "profile": bench_profile,
-             "fa4": bench_fa4, "budget": bench_budget, "fp8": bench_fp8}[part]()
-        except Exception as e:  # noqa: BLE001  one failing part should not hide the others
-            import traceback
-
+            PARTS[part](args.quick)
+            log(f"{part} done in {time.perf_counter() - t0:.1f} s")
+        except Exception:  # noqa: BLE001  one failing part should not hide the others
+            failed.append(part)
             log(f"{part} failed: {traceback.format_exc()[-1500:]}")
         torch.cuda.empty_cache()
     log("\n| figure | diffusers | ours | note |\n|---|---|---|---|")
     for r in ROWS:
         log("| " + " | ".join("" if c is None else str(c) for c in r) + " |")
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ Not collected by pytest. Each rank builds the same DF DiT with random bf16 weigh
 then times, as Pipeline.predict runs them in a synchronous DF step at 540P (25x68x120 latents = 51,000 tokens,
 text 512): one pass with no guidance (sequence parallelism over every rank) and one guided step (conditional +
 unconditional: CFG parallelism on an even number of ranks). --check compares both with one GPU's result (rank 0
-recomputes it alone; bf16, so a relative error of ~1e-3 is rounding). --tiny: tiny sizes on the CPU with gloo.
+recomputes it alone; bf16, so a relative error of ~1e-3 is rounding). --tiny: tiny sizes on the CPU with gloo
+(tests/test_benchmarks.py runs `torchrun --nproc_per_node 2 tests/bench_parallel.py --tiny --loop --check`).
 """
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -90,38 +92,43 @@ def main():
     if n > 1:
         pipe.parallel, pipe.cfg_parallel = skyreels.split_ranks()
     h, w = (4, 6) if args.tiny else (68, 120)
+    name = args.size if not args.tiny else "tiny"
+
+    def settings(guidance, **more):  # checked as generate checks them: a synchronous or asynchronous DF window
+        frames = (args.frames - 1) * 4 + 1
+        return skyreels.check_settings("df", cfg, skyreels.Settings(
+            "a cat", height=8 * h, width=8 * w, num_frames=frames, base_num_frames=frames,
+            num_inference_steps=args.steps, guidance_scale=guidance, shift=8.0, seed=0, **more))
     g = torch.Generator(dev).manual_seed(1)
     x = torch.randn(1, 16, args.frames, h, w, generator=g, device=dev).to(dtype)
     t = torch.full((1, args.frames), 700.0, device=dev)
     text, neg = (torch.randn(1, 512, cfg.text_dim, generator=g, device=dev).to(dtype) for _ in range(2))
     rank = dist.get_rank() if n > 1 else 0
     with torch.no_grad():
-        for name, negative in (("one pass, no guidance", None), ("guided step (2 passes)", neg)):
-            sec, out = timed(lambda: pipe.predict(x, t, text, negative, 5.0, fps=24), dev, args.runs)
+        s = settings(5.0)  # predict reads its guidance_scale and fps
+        for step, negative in (("one pass, no guidance", None), ("guided step (2 passes)", neg)):
+            sec, out = timed(lambda: pipe.predict(x, t, s, (text, negative)), dev, args.runs)
             note = ""
             if args.check and n > 1:
                 parallel, cfg_parallel, pipe.parallel, pipe.cfg_parallel = pipe.parallel, pipe.cfg_parallel, None, None
-                ref = pipe.predict(x, t, text, negative, 5.0, fps=24) if rank == 0 else out
+                ref = pipe.predict(x, t, s, (text, negative)) if rank == 0 else out
                 pipe.parallel, pipe.cfg_parallel = parallel, cfg_parallel
                 note = f"  rel. error vs one GPU {((out.float() - ref.float()).norm() / ref.float().norm()).item():.2e}"
             if rank == 0:
                 mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0
-                print(f"{args.size if not args.tiny else 'tiny'} x{args.frames} frames, {n} rank(s), {name}: "
-                      f"{sec:.3f} s  (peak {mem:.1f} GiB){note}", flush=True)
+                print(f"{name} x{args.frames} frames, {n} rank(s), {step}: {sec:.3f} s  (peak {mem:.1f} GiB){note}",
+                      flush=True)
         if args.loop:  # the asynchronous loop of bench.py's "loop" row: ar 5, blocks of 5, 10 steps, CFG
-            import schedule
-
-            ts, sigmas = schedule.timesteps(args.steps, 8.0)
-            win = skyreels.plan_windows("df", (args.frames - 1) * 4 + 1, (args.frames - 1) * 4 + 1, None, 5, 5, ts,
-                                        False)[0]
+            s = settings(6.0, ar_step=5, causal_block_size=5)
+            win = skyreels.plan_windows(s)[0]
             x0 = torch.randn(1, 16, args.frames, h, w, generator=g, device=dev)
-            warm = dict(win, matrix=win["matrix"][:2], update=win["update"][:2])
-            pipe.denoise_window(x0.clone(), warm, text, neg, 6.0, sigmas, 5, 0, 24)
-            sec, out = timed(lambda: pipe.denoise_window(x0.clone(), win, text, neg, 6.0, sigmas, 5, 0, 24), dev, 1)
+            warm = dataclasses.replace(win, matrix=win.matrix[:2], update=win.update[:2])
+            pipe.denoise_window(x0.clone(), warm, s, (text, neg))
+            sec, out = timed(lambda: pipe.denoise_window(x0.clone(), win, s, (text, neg)), dev, 1)
             if rank == 0:
                 mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0
-                print(f"{args.size} async loop ar 5 blocks of 5, {args.frames} frames, {args.steps} steps, CFG, "
-                      f"{len(win['matrix'])} iterations, {n} rank(s): {sec:.2f} s (peak {mem:.1f} GiB)", flush=True)
+                print(f"{name} async loop ar 5 blocks of 5, {args.frames} frames, {args.steps} steps, CFG, "
+                      f"{len(win.matrix)} iterations, {n} rank(s): {sec:.2f} s (peak {mem:.1f} GiB)", flush=True)
         if n > 1:  # all-to-all bandwidth at the size of one layer's q, k, v shards
             part = torch.randn(3 * args.frames * h * w // 4 // n * cfg.dim, device=dev).to(dtype)
             sec, _ = timed(lambda: dist.all_to_all_single(torch.empty_like(part), part), dev, 5)

@@ -1,8 +1,9 @@
-"""GPU benchmark of TeaCache's mechanism, not collected by pytest: `STEPS=12 python tests/bench_teacache.py` (on a
-CPU, a tiny smoke run). DF-1.3B at 540P (544x960x97 = 25x68x120 latents), random bf16 weights built on the GPU: the
-cost of a skipped DiT pass as a share of a computed one, and a guided synchronous window's DiT-loop time with half the
-steps' passes skipped (a forced pattern: every other step, after TeaCache's own decision) against TeaCache off. The
-skip pattern of real weights cannot be measured with random ones."""
+"""GPU benchmark of TeaCache's mechanism, not collected by pytest: `STEPS=12 python tests/bench_teacache.py` (with
+--tiny, or without CUDA, a tiny smoke run on the CPU). DF-1.3B at 540P (544x960x97 = 25x68x120 latents), random bf16
+weights built on the GPU: the cost of a skipped DiT pass as a share of a computed one, and a guided synchronous
+window's DiT-loop time with half the steps' passes skipped (a forced pattern: every other step, after TeaCache's own
+decision) against TeaCache off. The skip pattern of real weights cannot be measured with random ones."""
+import argparse
 import dataclasses
 import datetime
 import os
@@ -20,6 +21,11 @@ STEPS = int(os.environ.get("STEPS", "12"))
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: a tiny smoke run of this script
 TINY = DEV.type == "cpu"
 OUT = os.environ.get("OUT", ".")
+
+
+def set_tiny():
+    global DEV, TINY
+    DEV, TINY = torch.device("cpu"), True
 
 
 def log(*a):
@@ -58,6 +64,10 @@ def timed(fn, reps):
 
 
 def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--tiny", action="store_true", help="the tiny DiT on the CPU: a smoke run of this script")
+    if p.parse_args().tiny:
+        set_tiny()
     gpu = "cpu" if TINY else torch.cuda.get_device_name(DEV)
     now = datetime.datetime.now(datetime.timezone.utc)
     log(f"{now:%Y-%m-%d %H:%M} UTC, {gpu}, torch {torch.__version__}, STEPS={STEPS}")
@@ -85,7 +95,7 @@ def main():
         f"{skipped / computed:.4f}")
 
     # The DiT loop of a guided synchronous window: TeaCache off, then every other step skipped.
-    s = skyreels.check_settings("df", cfg.rope_max_seq_len, skyreels.Settings(
+    s = skyreels.check_settings("df", cfg, skyreels.Settings(
         "a cat", height=size[0], width=size[1], num_frames=97, num_inference_steps=STEPS, guidance_scale=6.0, seed=0))
     window = skyreels.plan_windows(s)[0]
     decide = skyreels.TeaCache.reuse

@@ -1,12 +1,13 @@
 """Peak memory of our VAE and diffusers' at the benchmark's sizes (540P, float32), measured on the CPU without compute.
 
-    python tests/vae_memory.py [--frames 25] [--only decode,encode]
+    python tests/vae_memory.py [--frames 25] [--height 544 --width 960] [--only decode,encode] [--tiny]
 
 Both models run on the meta device (shapes only, seconds per run) under a dispatch mode that tracks the storage of every
 tensor an op creates and sums those still alive after each op: the peak of that sum is what the call adds over the
 weights and input, as torch.cuda.max_memory_allocated would count it, less what cuDNN allocates inside a convolution
 (its workspace) and the allocator's rounding. Meta convolutions return contiguous tensors where CUDA (and the CPU) keep
 the input's channels-last layout, so the meter gives convolution outputs their input's layout, as a GPU would.
+--tiny: 2 latent frames at 32x48 (the same models, fewer ops), a smoke run of this script.
 """
 import argparse
 import os
@@ -54,20 +55,27 @@ def peak(model, fn, x):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--frames", type=int, default=25, help="latent frames (video frames: 4 * frames - 3)")
+    p.add_argument("--height", type=int, default=544, help="video height, a multiple of 8 (as --width)")
+    p.add_argument("--width", type=int, default=960)
     p.add_argument("--only", default="decode,encode")
+    p.add_argument("--tiny", action="store_true", help="2 latent frames at 32x48: a smoke run of this script")
     args = p.parse_args()
+    if args.tiny:
+        args.frames, args.height, args.width = 2, 32, 48
     from diffusers import AutoencoderKLWan
 
     with torch.device("meta"):
         ours, ref = V.VAE(V.CONFIGS["wan2.1"]).eval(), AutoencoderKLWan().eval()
-        z = torch.empty(1, 16, args.frames, 68, 120)
-        video = torch.empty(1, 3, 4 * args.frames - 3, 544, 960)
+        z = torch.empty(1, 16, args.frames, args.height // 8, args.width // 8)
+        video = torch.empty(1, 3, 4 * args.frames - 3, args.height, args.width)
+    size = f"{args.height}x{args.width}"
     if "decode" in args.only:
         a, b = peak(ours, ours.decode, z), peak(ref, lambda z: ref.decode(z).sample, z)
-        print(f"decode {args.frames} latent frames: ours {a:.2f} GiB, diffusers {b:.2f} GiB ({a / b:.2f}x)")
+        print(f"decode {args.frames} latent frames to {size}: ours {a:.2f} GiB, diffusers {b:.2f} GiB ({a / b:.2f}x)")
     if "encode" in args.only:
         a, b = peak(ours, ours.encode, video), peak(ref, lambda x: ref.encode(x).latent_dist.mode(), video)
-        print(f"encode {4 * args.frames - 3} frames: ours {a:.2f} GiB, diffusers {b:.2f} GiB ({a / b:.2f}x)")
+        print(f"encode {4 * args.frames - 3} frames of {size}: ours {a:.2f} GiB, diffusers {b:.2f} GiB "
+              f"({a / b:.2f}x)")
 
 
 if __name__ == "__main__":
