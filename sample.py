@@ -40,7 +40,11 @@ def parse_args(argv=None):  # flags named as skyreels.Settings' fields set those
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
         add_flags(m, mode, kind == "df")
     args = p.parse_args(argv)
-    args.flags = {a.dest: a.option_strings[0] for a in modes.choices[args.mode]._actions if a.option_strings}
+    typed = [str(t).split("=")[0] for t in (sys.argv[1:] if argv is None else argv)]
+    args.flags = {}  # setting name (num_frames) and first spelling (--num-frames): the flag as typed (--num_frames)
+    for a in modes.choices[args.mode]._actions:
+        as_typed = next((t for t in reversed(typed) if t in a.option_strings), a.option_strings[0])  # the last wins
+        args.flags.update({a.dest: as_typed, a.option_strings[0]: as_typed})
     return args
 
 
@@ -48,7 +52,7 @@ def add_flags(m, mode, df):  # help where a flag's name (and README.md) is not e
     add, (steps, guidance, shift) = m.add_argument, DEFAULTS[mode]
     add("--model", "--model_id", required=True, help="a -Diffusers folder, a Hugging Face id, or tiny-t2v/i2v/df")
     text = m.add_mutually_exclusive_group(required=True)
-    text.add_argument("--prompt", action="append", help="repeated: a prompt a window" if df else None)
+    text.add_argument("--prompt", action="append", help="repeated: a prompt a window" if df else "the video's text")
     text.add_argument("--prompt-file", help="a prompt a line" + ", a window each" * df)
     add("--negative-prompt", "--negative_prompt")
     if "i2v" in mode:
@@ -78,9 +82,13 @@ def add_flags(m, mode, df):  # help where a flag's name (and README.md) is not e
     add("--use-ret-steps", "--use_ret_steps", action="store_true", help="TeaCache: the first 5 steps always run")
     add("--dtype", choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
     add("--device", help="default: cuda if there is one")
-    for flag in ("--offload", "--compile", "--fp8") + ("--resume", "--keep-state") * df:
-        add(flag, action="store_true")
-    add("--lora", action="append", type=lora_arg, metavar="PATH[:SCALE]")
+    add("--offload", action="store_true", help="only the component at work on the GPU, the DiT's blocks streamed")
+    add("--compile", action="store_true", help="torch.compile the DiT's blocks: faster on a GPU, slower to start")
+    add("--fp8", action="store_true", help="quantize the DiT's and text encoder's Linear weights to fp8 as read")
+    if df:
+        add("--resume", action="store_true", help="continue the run kept in OUT's .state folder")
+        add("--keep-state", action="store_true", help="keep the .state folder after a finished run")
+    add("--lora", action="append", dest="loras", type=lora_arg, metavar="PATH[:SCALE]")
     add("--transformer", help="a one-file DiT (original Wan / ComfyUI or diffusers names, fp8 too)")
     add("--out", "--outdir", default="video.mp4", help="the mp4 (in a folder: video.mp4 there)")
 
@@ -134,10 +142,11 @@ def leave(code, error=None):  # say the error; exit with no signal left to inter
     sys.exit(code)
 
 
-def as_flags(message, flags):  # skyreels' setting names (num_inference_steps) as the flags (--steps), where they are
+def as_flags(message, flags):  # skyreels' setting names (num_frames) and our flags (--out) as typed (--outdir)
     def flag(m):  # a setting's name with an underscore, or followed by "must", "and", "differs" or ":"
         return flags[m[1]] + (m[2] or "") if m[1] in flags and ("_" in m[1] or m[2]) else m[0]
-    return re.sub(r"(?<!-)\b([a-z]+(?:_[a-z]+)*)\b( must| and| differs|:)?", flag, message)
+    message = re.sub(r"(?<!-)\b([a-z]+(?:_[a-z]+)*)\b( must| and| differs|:)?", flag, message)
+    return re.sub(r"--[\w-]+", lambda m: flags.get(m[0], m[0]), message)
 
 
 def join_ranks(args):  # join torchrun's process group (NCCL on GPU LOCAL_RANK, or gloo) and take rank 0's seed
@@ -171,7 +180,7 @@ def run(args):  # check everything, then load, generate and write (rank 0; the o
     out = Output(args.out, kind == "df" and "plan" not in a, a.get("plan"))
     media = {k: a.get(k) for k in ("image", "last_image", "video")}  # the JSON names them as given
     out.check([model if os.path.isdir(model) else None, a.get("transformer"), a.get("prompt_file"), *media.values()]
-              + [path for path, _ in a.get("lora", [])])
+              + [path for path, _ in a.get("loras", [])])
     s = skyreels.check_settings(kind, skyreels.dit_config(model), settings_of(args, out, skyreels))
     windows = skyreels.plan_windows(s) if kind == "df" else []
     if "plan" in a:
@@ -182,19 +191,21 @@ def run(args):  # check everything, then load, generate and write (rank 0; the o
         say(f"{len(windows)} windows, {sum(len(w.matrix) for w in windows)} denoising steps")
     ffmpeg()
     pipe = skyreels.load(model, device=device, dtype=dtype, offload="offload" in a, compile="compile" in a,
-                         loras=a.get("lora", []), transformer=a.get("transformer"), fp8="fp8" in a)
+                         loras=a.get("loras", []), transformer=a.get("transformer"), fp8="fp8" in a)
     chunks = pipe.run(dataclasses.replace(s, progress=progress(pipe.dit_passes) if RANK == 0 else None))
     if RANK > 0:
         for _ in chunks:
             pass
         return
     record = {k: v for k, v in vars(s).items() if k not in ("generator", "progress", "resume")}
-    record.update(model=args.model, dtype=str(dtype)[6:], loras=a.get("lora", []), transformer=a.get("transformer"),
+    record.update(model=args.model, dtype=str(dtype)[6:], loras=a.get("loras", []), transformer=a.get("transformer"),
                   fp8=pipe.fp8, world_size=WORLD, **media)
     if kind == "df":
         record.update(window_prompts=[w.prompt for w in windows], window_blocks=[list(w.blocks) for w in windows],
                       state=s.state if "keep_state" in a else None)
-    out.write(chunks, s.fps, record, len(s.video or []), keep_state="keep_state" in a, passes=pipe.dit_passes)
+    video = len(s.video or [])  # v2v's input, the first frames of its output
+    out.write(written(chunks, video + s.num_frames), s.fps, record, video, keep_state="keep_state" in a,
+              passes=pipe.dit_passes)
     print(out.path)
 
 
@@ -357,7 +368,8 @@ class Output:
 
     def check(self, inputs):  # refuse now, not after the denoising, an output over or in an input, or unwritable
         if os.path.isdir(self.json) or len(os.path.basename(self.json).encode()) > 255:
-            raise ValueError(f"cannot write {self.json}: {'a folder' if os.path.isdir(self.json) else 'name too long'}")
+            why = f"{self.json} is a folder" if os.path.isdir(self.json) else "its .json's name is over 255 bytes"
+            raise ValueError(f"cannot write --out {self.path}: {why}")
         if self.plan and (os.path.isdir(self.plan) or not self.plan.lower().endswith(".png")):
             raise ValueError(f"--plan must name a .png file{', not a folder' * os.path.isdir(self.plan)}: {self.plan}")
         outputs = [("--out", self.path, p) for p in (self.path, self.json, self.partial, self.partial_json, self.tmp)]
@@ -435,7 +447,7 @@ def say(message):  # a line on stderr, of its own even after a progress line
     print(("\n" if sys.stderr.isatty() else "") + message, file=sys.stderr)
 
 
-def progress(passes):  # show(step, total): a line redrawn on a terminal, a line a step in a log; passes: the DiT's
+def progress(passes):  # show(step, total), called after each denoising step; passes: the DiT's, computed and skipped
     start = time.time()
 
     def show(step, total):
@@ -444,11 +456,21 @@ def progress(passes):  # show(step, total): a line redrawn on a terminal, a line
         line = f"step {done}/{total}  {now - start:.0f}s elapsed  ETA {eta}"
         if passes["dit_passes_skipped"]:  # TeaCache's
             line += f"  {passes['dit_passes_skipped']}/{sum(passes.values())} DiT passes skipped"
-        sys.stderr.write(f"\r{line}   " if sys.stderr.isatty() else line + "\n")  # a terminal: one line, redrawn
-        if done == total:
-            sys.stderr.write("\n" * sys.stderr.isatty() + "the last step is done: decoding and writing the video\n")
-        sys.stderr.flush()
+        draw(line)
     return show
+
+
+def written(chunks, total):  # the chunks, each counted once the writer has it, before the next is decoded
+    done = 0
+    for chunk in chunks:
+        yield chunk
+        done += len(chunk)
+        draw(f"frame {done}/{total} written", last=done == total)
+
+
+def draw(line, last=False):  # one line redrawn on a terminal (ended after the last), a line an update in a log
+    sys.stderr.write(f"\r{line}\033[K" + "\n" * last if sys.stderr.isatty() else line + "\n")
+    sys.stderr.flush()
 
 
 def ffmpeg():  # the mp4s are read and written by imageio-ffmpeg's binary: without it, say so before any work

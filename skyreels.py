@@ -178,12 +178,13 @@ class Pipeline:
             stream_blocks(self)
 
     def generate(self, prompt, **settings):
-        """float32 frames (F, H, W, 3) in [0, 1], or the final latents (output_type="latent"); settings as Settings'."""
+        """float32 frames (F, H, W, 3) in [0, 1], or the final latents (16, F, h, w) (output_type="latent")."""
         chunks = list(self.stream(prompt, **settings))
-        return torch.cat(chunks, dim=2) if settings.get("output_type") == "latent" else np.concatenate(chunks)
+        return torch.cat(chunks, dim=1) if settings.get("output_type") == "latent" else np.concatenate(chunks)
 
     def stream(self, prompt, **settings):
-        """`generate` as finished frame chunks (F_i, H, W, 3), window by window; every setting is checked at once."""
+        """`generate` in chunks as they are finished: frames (F_i, H, W, 3) as the VAE decodes them (a latent frame's 1
+        or 4 at a time), or a window's latents; every setting (those of Settings) is checked at once."""
         try:
             s = Settings(prompt, **dict(dict(resolution=self.resolution), **settings))
         except TypeError as e:  # an argument Settings has no field for
@@ -219,7 +220,7 @@ class Pipeline:
             finite.append(torch.isfinite(x).all())
             if s.progress:
                 s.progress(i, len(ts))
-        yield self.decoder(s.output_type)(stop_unless_finite(x, finite))
+        yield from self.decoder(s.output_type)(stop_unless_finite(x, finite))
 
     # -- diffusion forcing: one loop for text-, image- and video-conditioned generation -------------------------------
 
@@ -245,7 +246,7 @@ class Pipeline:
                     state.save(k, x, generator)
             done += len(w.matrix)
             known = x[:, :, x.shape[2] - w.overlap:]  # the next window's prefix
-            yield decode(x[:, :, w.new_from:])
+            yield from decode(x[:, :, w.new_from:])
 
     def known_latents(self, s):  # the first window's (df-i2v: the image; v2v: the video's end), and the last image's
         if s.mode == "df-i2v":  # the first (and last) image, encoded as one-frame videos
@@ -306,7 +307,7 @@ class Pipeline:
         guided, prompts = s.guidance_scale > 1, list(dict.fromkeys(s.prompts))
         longest = max(len(self.tokenizer.encode(text.clean_prompt(p))) + 1 for p in prompts + [s.negative_prompt])
         if longest > s.max_sequence_length:
-            note(f"a prompt of {longest} tokens is cut to max_sequence_length, {s.max_sequence_length}")
+            note(f"a prompt of {longest} tokens is cut to {s.max_sequence_length} tokens")
         encoder = on_device(self, self.text_encoder)
         embeds = text.encode_prompts(self.tokenizer, encoder, prompts + [s.negative_prompt] * guided,
                                      s.max_sequence_length, self.device).to(self.transformer_dtype)
@@ -336,16 +337,17 @@ class Pipeline:
         return vae.normalize(vae.encode(video.to(self.device, dtype)).float())
 
     def decoder(self, output_type):
-        """Finished latents, in order, -> frames: the VAE carries its causal cache from piece to piece."""
+        """decode(finished latents, in order) -> their frames, a latent frame's at a time: the GPU holds four frames
+        of video, not a window's, and a reader sees each as it comes."""
         if output_type == "latent":
-            return lambda z: z
-        stream = self.vae.decoder_stream()
+            return lambda z: [z[0]]  # (16, F, h, w), unbatched as the frames are
+        cache = {}  # the VAE's causal cache, carried from call to call
 
-        def decode(z):  # a latent frame at a time: the GPU holds four frames of video, not a window's
+        def decode(z):
             vae = on_device(self, self.vae)
             dtype = next(vae.parameters()).dtype
-            return np.concatenate([to_frames(stream(vae.denormalize(frame.to(self.device, dtype))))
-                                   for frame in z.split(1, dim=2)])
+            for frame in z.split(1, dim=2):
+                yield to_frames(vae.decode(vae.denormalize(frame.to(self.device, dtype)), cache))
         return decode
 
     def noise(self, shape, generator):  # as diffusers' randn_tensor: drawn on the generator's device, then moved
@@ -375,7 +377,7 @@ def stop_unless_finite(x, finite, done=0):
 INTEGERS = dict(height=(16, math.inf), width=(16, math.inf), num_frames=(1, 2**20), fps=(1, 1000),
                 num_inference_steps=(1, 1000), seed=(-1, 2**64 - 1), ar_step=(0, math.inf),
                 causal_block_size=(1, math.inf), base_num_frames=(1, math.inf), overlap_history=(1, math.inf),
-                max_sequence_length=(1, math.inf))
+                max_sequence_length=(1, math.inf), redo_from=(1, math.inf))
 
 
 # Real settings: the least and the most, bounds the math carries (a shift of 1e308 makes every sigma 1).
@@ -415,22 +417,22 @@ def check_numbers(s):  # num_frames is rounded down to 1 + 4k, as diffusers does
     checked = {}
     for name, (low, high) in {**INTEGERS, **REALS}.items():
         v, integer = getattr(s, name), name in INTEGERS
-        if v is None and name in ("seed", "overlap_history", "height", "width", "cache_budget", "teacache"):
+        if v is None and Settings.__dataclass_fields__[name].default is None:  # unset (the mode's defaults are in)
             continue
         kind = numbers.Integral if integer else numbers.Real
         if isinstance(v, bool) or not isinstance(v, kind) or not low <= v <= high:
             raise ValueError(f"{name} must be {'an integer' if integer else 'a number'} in [{low}, {high}], got {v!r}")
         checked[name] = int(v) if integer else float(v)
     checked["num_frames"] = (checked["num_frames"] - 1) // TEMPORAL * TEMPORAL + 1
-    if not isinstance(s.use_ret_steps, bool) or s.use_ret_steps and s.teacache is None:
-        raise ValueError(f"use_ret_steps must be True or False, and True needs teacache; got {s.use_ret_steps!r}")
+    for name in ("use_ret_steps", "resume"):
+        if not isinstance(getattr(s, name), bool):
+            raise ValueError(f"{name} must be True or False, got {getattr(s, name)!r}")
+    if s.use_ret_steps and s.teacache is None:
+        raise ValueError("teacache must be given for use_ret_steps (the retention steps are TeaCache's)")
     return dataclasses.replace(s, **checked)
 
 
 def check_state(s):  # resuming without a seed takes the state's; -1 draws one
-    if not isinstance(s.resume, bool) or s.redo_from is not None and (
-            isinstance(s.redo_from, bool) or not isinstance(s.redo_from, numbers.Integral) or s.redo_from < 1):
-        raise ValueError(f"resume must be a bool and redo_from a window from 1, got {s.resume!r}, {s.redo_from!r}")
     if (s.resume or s.redo_from) and s.state is None:
         raise ValueError("resume and redo_from continue the run kept in a state folder: give state")
     if s.state is not None and s.mode in ("t2v", "i2v"):
@@ -438,7 +440,10 @@ def check_state(s):  # resuming without a seed takes the state's; -1 draws one
     if s.state is not None and not isinstance(s.state, (str, os.PathLike)):
         raise ValueError(f"state must be a folder's path, got {type(s.state).__name__}")
     if s.resume or s.redo_from:  # the earlier run's settings must be there; without a seed, its seed
-        recorded = read_json(os.path.join(s.state, "settings.json"))
+        settings = os.path.join(s.state, "settings.json")
+        if not os.path.isfile(settings):  # a finished run removed it
+            raise ValueError(f"{'resume' if s.resume else 'redo_from'}: {s.state} holds no run (no settings.json)")
+        recorded = read_json(settings)
         s = dataclasses.replace(s, seed=recorded.get("seed") if s.seed in (None, -1) else s.seed)
     if s.seed == -1:  # as the original CLI and the UIs people use: a random seed, recorded
         s = dataclasses.replace(s, seed=random.randrange(2**31))
@@ -458,12 +463,15 @@ def check_inputs(s):  # images and video read as PIL, the size chosen
         raise ValueError(f"output_type must be 'np' or 'latent', got {s.output_type!r}")
     if not isinstance(s.generator, (torch.Generator, type(None))) or s.progress is not None and not callable(s.progress):
         raise ValueError("generator must be a torch.Generator and progress a function progress(step, total)")
-    if s.resolution not in (None, *RESOLUTIONS) or (s.height is None) != (s.width is None):
-        raise ValueError(f"resolution must be one of {', '.join(RESOLUTIONS)}, or height and width both given")
+    if s.resolution not in (None, *RESOLUTIONS):
+        raise ValueError(f"resolution must be one of {', '.join(RESOLUTIONS)}, got {s.resolution!r}")
+    if (s.height is None) != (s.width is None):
+        raise ValueError("height and width must be given together (or neither: the resolution's size)")
     media = {name: to_pil(getattr(s, name), name) for name in ("image", "last_image") if getattr(s, name) is not None}
-    s = dataclasses.replace(s, **media, video=None if s.video is None else read_video(s.video))
+    s = dataclasses.replace(s, **media, video=None if s.video is None else read_video(s.video),
+                            resolution=s.resolution or "540P" if s.height is None else None)  # None: sized by height
     if s.height is None:
-        s = dataclasses.replace(s, **dict(zip(("height", "width"), default_size(s, s.resolution or "540P"))))
+        s = dataclasses.replace(s, **dict(zip(("height", "width"), default_size(s, s.resolution))))
     if s.height % 16 or s.width % 16:
         raise ValueError(f"height and width must be multiples of 16, got {s.height}x{s.width}")
     return s
@@ -496,8 +504,9 @@ def check_frames(kind, rope_max_seq_len, s):
     f = latent_frames(min(n, base)) + (s.last_image is not None) if kind == "df" else latent_frames(n)
     grid = (f, s.height // SPATIAL // 2, s.width // SPATIAL // 2)  # the DiT's tokens: 1x2x2 latent patches
     if max(grid) > rope_max_seq_len or math.prod(grid) > MAX_TOKENS:
-        raise ValueError(f"height and width make a {'x'.join(map(str, grid))} token grid, beyond rope_max_seq_len "
-                         f"{rope_max_seq_len} or {MAX_TOKENS} tokens: choose less")
+        size = f"resolution: {s.resolution}," if s.resolution else "height and width:"  # whichever set the size
+        raise ValueError(f"{size} {s.width}x{s.height} over {f} latent frames is a {'x'.join(map(str, grid))} token "
+                         f"grid, beyond rope_max_seq_len {rope_max_seq_len} or {MAX_TOKENS} tokens: choose less")
     if kind == "df" and s.fps not in (16, 24):
         raise ValueError(f"fps must be 16 or 24 (the rates diffusion-forcing models are trained on), got {s.fps}")
     if s.cache_budget is not None and s.causal_block_size < 2:
@@ -505,7 +514,7 @@ def check_frames(kind, rope_max_seq_len, s):
     if kind != "df" and len(s.prompts) > 1:
         raise ValueError(f"prompt: a list of prompts is for diffusion forcing (one a window); {s.mode} makes one pass")
     if kind == "df" and len(s.prompts) > (windows := len(plan_windows(s))):  # planning checks the causal blocks
-        raise ValueError(f"prompt: {len(s.prompts)} prompts for {windows} windows (a prompt a window)")
+        raise ValueError(f"prompt: {len(s.prompts)} prompts for {windows} window{'s' * (windows > 1)} (one each)")
 
 
 # ================================================================================================================
@@ -568,9 +577,9 @@ def check_load(path, dtypes, loras, transformer, flags):  # at the door: one err
         raise ValueError(f"loras must be a list of (path, scale) pairs, got {loras!r:.80}")
     if transformer is not None and str(path).startswith("tiny-"):
         raise ValueError("transformer: the tiny-* models are built in memory; a one-file DiT needs a model folder")
-    for file in ([transformer] if transformer else []) + [lora for lora, _ in loras]:
+    for name, file in [("transformer", transformer)] * bool(transformer) + [("loras", lora) for lora, _ in loras]:
         if not os.path.isfile(file):
-            raise CheckpointError(f"no such file: {file}")
+            raise CheckpointError(f"{name}: no such file {file}")
 
 
 def check_device(device):
@@ -834,7 +843,7 @@ def to_pil(image, what):  # from a PIL image, a path, or an (H, W, 3) array: uin
             with Image.open(image) as im:  # PIL refuses decompression bombs (over 179 Mpixels) here
                 return to_pil(im, what)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise ValueError(f"cannot read {what} {image}: {str(e).splitlines()[0]}") from None
+            raise ValueError(f"{what}: cannot read {image}: {str(e).splitlines()[0]}") from None
     if isinstance(image, Image.Image) and image.mode.startswith("I"):  # 16/32-bit grey: RGB would clip it to white
         image = Image.fromarray((np.asarray(image, np.float64) / 257).round().clip(0, 255).astype(np.uint8))
     if isinstance(image, Image.Image):
@@ -851,7 +860,7 @@ def read_video(video):  # PIL frames from a video file or a list (or array) of f
         try:
             video = imageio.mimread(video, memtest=False)
         except (OSError, ValueError, RuntimeError) as e:
-            raise ValueError(f"cannot read video {video}: {str(e).splitlines()[0]}") from None
+            raise ValueError(f"video: cannot read {video}: {str(e).splitlines()[0]}") from None
     if not hasattr(video, "__len__") or len(video) == 0:
         raise ValueError(f"video must be a file path or a non-empty list of frames, got {type(video).__name__}")
     return [to_pil(f, "a video frame") for f in video]

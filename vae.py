@@ -297,7 +297,7 @@ class VAE(nn.Module):
     @torch.no_grad()
     def decode(self, latents, cache=None):
         """Latents (B, z_dim, T, h, w), not normalised -> video (B, 3, F, 8h, 8w) in [-1, 1]; a first latent frame makes
-        one frame, later ones four. Pieces in order with one `cache` (decoder_stream): one decode, in bounded memory."""
+        one frame, later ones four. Pieces in order with one `cache` (a dict, empty at first): one decode, bounded memory."""
         if latents.ndim != 5 or latents.shape[1] != self.cfg.z_dim:
             raise ValueError(f"decode takes latents shape (B, {self.cfg.z_dim}, T, h, w), got {tuple(latents.shape)}")
         frames = self.temporal * latents.shape[2] - (self.temporal - 1) * (not cache)  # a video's first: one frame
@@ -309,11 +309,6 @@ class VAE(nn.Module):
             out[:, :, at:at + y.shape[2]] = y
             at += y.shape[2]
         return out
-
-    def decoder_stream(self):
-        """A function that decodes consecutive pieces of one latent sequence, carrying the cache between calls."""
-        cache = {}
-        return lambda latents: self.decode(latents, cache)
 
     # The DiT works on normalised latents. The arithmetic follows the diffusers pipelines exactly (the statistics
     # cast to z's dtype, then the reciprocal of std; multiply to normalise, divide to undo): rounding shows at 1e-5.

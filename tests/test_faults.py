@@ -226,7 +226,7 @@ def test_seed_minus_one_is_a_random_seed_recorded_in_the_json(tmp_path, capsys):
 def test_a_long_prompt_is_cut_once_with_a_note(df, capsys):
     df.generate("a cat " * 400, height=32, width=48, num_frames=5, num_inference_steps=1, seed=0)
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
-    assert len(notes) == 1 and "cut to max_sequence_length, 512" in notes[0], notes
+    assert len(notes) == 1 and "cut to 512 tokens" in notes[0], notes
 
 
 def test_a_tiny_model_leaves_no_temporary_folder():
@@ -248,11 +248,15 @@ def test_help_does_not_import_torch():
     assert run.stdout.strip().splitlines()[-1] == "False"
 
 
-def test_a_long_run_says_its_windows_and_steps_first_and_when_decoding_starts(tmp_path, capsys):
+def test_a_long_run_says_its_windows_and_steps_first_then_each_step_and_each_latent_frames_video_written(tmp_path,
+                                                                                                       capsys):
     sample.main(["df"] + TINY + ["--num-frames", "29", "--base-num-frames", "17", "--overlap-history", "5",
                                  "--out", str(tmp_path / "v.mp4")])
     err = capsys.readouterr().err.splitlines()
-    assert err[0] == "2 windows, 2 denoising steps" and "decoding" in err[-1], err
+    assert err[0] == "2 windows, 2 denoising steps" and err[1].startswith("step 1/2 "), err
+    frames = [f"frame {n}/29 written" for n in (1, 5, 9, 13, 17)]  # window 1: latent frames of 1, then 4 frames
+    assert err[2:7] == frames and err[7].startswith("step 2/2 "), err
+    assert err[8:] == [f"frame {n}/29 written" for n in (21, 25, 29)], err  # window 2: its 3 new latent frames
 
 
 def test_the_clis_copy_of_the_mode_defaults_is_skyreels_own():
