@@ -203,9 +203,8 @@ def run(args):  # check everything, then load, generate and write (rank 0; the o
     if kind == "df":
         record.update(window_prompts=[w.prompt for w in windows], window_blocks=[list(w.blocks) for w in windows],
                       state=s.state if "keep_state" in a else None)
-    video = len(s.video or [])  # v2v's input, the first frames of its output
-    out.write(written(chunks, video + s.num_frames), s.fps, record, video, keep_state="keep_state" in a,
-              passes=pipe.dit_passes)
+    out.write(written(chunks, len(s.video or []) + s.num_frames), s.fps, record, len(s.video or []),  # v2v: input first
+              keep_state="keep_state" in a, passes=pipe.dit_passes)
     print(out.path)
 
 
@@ -443,8 +442,9 @@ def remove(*paths):
             os.remove(path)
 
 
-def say(message):  # a line on stderr, of its own even after a progress line
-    print(("\n" if sys.stderr.isatty() else "") + message, file=sys.stderr)
+def say(line, redrawn=False):  # a line on stderr; on a terminal, a `redrawn` one (progress) is drawn over by the next
+    sys.stderr.write(f"\r{line}\033[K" + "\n" * (not redrawn) if sys.stderr.isatty() else line + "\n")
+    sys.stderr.flush()
 
 
 def progress(passes):  # show(step, total), called after each denoising step; passes: the DiT's, computed and skipped
@@ -456,7 +456,7 @@ def progress(passes):  # show(step, total), called after each denoising step; pa
         line = f"step {done}/{total}  {now - start:.0f}s elapsed  ETA {eta}"
         if passes["dit_passes_skipped"]:  # TeaCache's
             line += f"  {passes['dit_passes_skipped']}/{sum(passes.values())} DiT passes skipped"
-        draw(line)
+        say(line, redrawn=True)
     return show
 
 
@@ -465,12 +465,7 @@ def written(chunks, total):  # the chunks, each counted once the writer has it, 
     for chunk in chunks:
         yield chunk
         done += len(chunk)
-        draw(f"frame {done}/{total} written", last=done == total)
-
-
-def draw(line, last=False):  # one line redrawn on a terminal (ended after the last), a line an update in a log
-    sys.stderr.write(f"\r{line}\033[K" + "\n" * last if sys.stderr.isatty() else line + "\n")
-    sys.stderr.flush()
+        say(f"frame {done}/{total} written", redrawn=done < total)
 
 
 def ffmpeg():  # the mp4s are read and written by imageio-ffmpeg's binary: without it, say so before any work

@@ -183,8 +183,7 @@ class Pipeline:
         return torch.cat(chunks, dim=1) if settings.get("output_type") == "latent" else np.concatenate(chunks)
 
     def stream(self, prompt, **settings):
-        """`generate` in chunks as they are finished: frames (F_i, H, W, 3) as the VAE decodes them (a latent frame's 1
-        or 4 at a time), or a window's latents; every setting (those of Settings) is checked at once."""
+        """`generate` as chunks: frames as decoded (1, then 4 at a time) or a window's latents; all checked first."""
         try:
             s = Settings(prompt, **dict(dict(resolution=self.resolution), **settings))
         except TypeError as e:  # an argument Settings has no field for
