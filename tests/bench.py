@@ -348,7 +348,7 @@ def phase_peaks(pipe):
     pipe.encode_text = wrap("text", pipe.encode_text)
     pipe.predict = wrap("DiT", pipe.predict)
     decoder = pipe.decoder
-    pipe.decoder = lambda latent: wrap("VAE decode", decoder(latent))
+    pipe.decoder = lambda latent: wrap("VAE decode", lambda z: list(decoder(latent)(z)))  # decoded whole, measured
     return peaks
 
 
