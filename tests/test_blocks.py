@@ -89,7 +89,7 @@ def test_any_frame_count_makes_every_frame_requested(pipe, case):
     assert [w.blocks for w in planned(**settings)] == blocks
     torch.manual_seed(0)
     latents = pipe.generate("a cat", **SMALL, **settings, output_type="latent")
-    assert latents.shape[2] == skyreels.latent_frames(settings["num_frames"])
+    assert latents.shape[1] == skyreels.latent_frames(settings["num_frames"])  # (16, F, h, w)
 
 
 def test_a_shorter_last_block_decodes_to_every_frame(pipe):
