@@ -487,6 +487,44 @@ def bench_smoke(quick):
             f"{(out - base).abs().max().item():.2e}")
 
 
+def bench_blocks(quick):
+    """Asynchronous image-to-video that keeps its image (issue 29): DF-1.3B at 540P, 97 frames, ar_step 5, causal
+    blocks of 5, 2 steps, CFG, random weights: df-i2v (blocks 1+5+5+5+5+4, the image's latent a block of its own)
+    against t2v (5+5+5+5+5) in the same run, end to end to the latents; the first latent frame against the image's
+    latent; df-i2v with the shortcuts on against off."""
+    import numpy as np
+
+    import skyreels
+
+    size = (32, 48) if TINY else (544, 960)
+    settings = dict(height=size[0], width=size[1], num_frames=97, num_inference_steps=2, ar_step=5,
+                    causal_block_size=5, guidance_scale=5.0, seed=0, output_type="latent")
+    image = np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)
+    pipe = random_pipeline(DF13B, False)
+    with torch.no_grad():
+        pipe.generate("warm-up", **dict(settings, num_frames=9, num_inference_steps=1))
+        times, outs = {}, {}
+        for name, extra in (("t2v", {}), ("df-i2v", dict(image=image)), ("df-i2v", dict(image=image)),
+                            ("t2v", {})):  # each twice, alternating: the second of each is kept
+            torch.manual_seed(0)
+            times[name], outs[name] = wall(lambda: pipe.generate("a cat", **settings, **extra))
+        pipe.shortcuts = False
+        torch.manual_seed(0)
+        off = pipe.generate("a cat", **settings, image=image)
+        pipe.shortcuts = True
+        s = skyreels.check_settings("df", pipe.transformer.config, skyreels.Settings("a cat", **settings, image=image))
+        known = pipe.known_latents(s)[0]
+    blocks = "+".join(map(str, skyreels.plan_windows(s)[0].blocks))
+    row("df-i2v / t2v, 540P 97 frames, ar 5, blocks of 5, 2 steps, CFG", None,
+        f"{times['df-i2v']:.2f} s / {times['t2v']:.2f} s = {times['df-i2v'] / times['t2v']:.3f}", f"blocks {blocks}")
+    row("df-i2v: first latent frame vs the image's latent", None,
+        f"max abs {(outs['df-i2v'][:, :1] - known[0].to(outs['df-i2v'])).abs().max().item():.2e}")
+    row("df-i2v: shortcuts on vs off", None, f"max abs {(outs['df-i2v'] - off).abs().max().item():.2e}",
+        f"rel {rel(outs['df-i2v'], off):.1e}")
+    del pipe
+    free_memory()
+
+
 def bench_accuracy(quick):
     """Each fast path against a float32 forward of the same weights (DF-1.3B 540P, synchronous): which is nearer the
     exact result, eager bf16, compiled bf16, or flash-attn-4 (where installed)?"""
@@ -1051,7 +1089,7 @@ PARTS = {"dit": bench_dit, "attn": bench_attention, "vae": bench_vae, "loop": be
          "offload": bench_offload, "14b": bench_14b, "e2e": bench_offload_e2e, "smoke": bench_smoke,
          "accuracy": bench_accuracy, "resume": bench_resume, "fa4dit": bench_fa4_dit, "fa4e2e": bench_fa4_e2e,
          "fa4tiles": bench_fa4_tiles, "profile": bench_profile, "fa4": bench_fa4, "budget": bench_budget,
-         "fp8": bench_fp8}  # --only's names: each takes `quick`
+         "fp8": bench_fp8, "blocks": bench_blocks}  # --only's names: each takes `quick`
 
 
 def main():
