@@ -13,9 +13,9 @@ Folders (session-scoped, built once, a few seconds in all):
 
 Everything else the test modules share lives here too, once: the images and the media folder the runs take
 (`image`, `clip`, `media`), writable folder copies (`spoiled_copy`), our pipelines on those folders (`pipes`, one per
-session), diffusers' (`references`, one per folder per module), the parity helpers, and the CLI run in-process (`cli`).
-Every test gets back the signal handlers it found (`signal_handlers`): sample.main installs its own in whatever
-process runs it.
+session), diffusers' (`references`, one per folder per module), the parity helpers, the CLI run in-process (`cli`),
+and sample.py run in a process of its own until a line it prints, then signalled (`signal_at`). Every test gets back
+the signal handlers it found (`signal_handlers`): sample.main installs its own in whatever process runs it.
 """
 import collections
 import contextlib
@@ -23,7 +23,9 @@ import io
 import os
 import shutil
 import signal
+import subprocess
 import sys
+import threading
 
 import imageio.v2 as imageio
 import numpy as np
@@ -352,3 +354,54 @@ def cli(capsys):
         return CliRun(code, out, err)
 
     return run
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line, in a process of its own: real signals to a process group, as a terminal sends Ctrl-C
+
+
+def signal_at(argv, ready, sig, times=1, timeout=180):
+    """Run `python ARGV` (in the repository) in a process group of its own; at the first stderr line for which
+    ready(line) holds (a string: a line that starts with it), send the group `sig`, `times` times. Returns
+    (exit code, every stderr line). A line, not a sleep, says when: the signal lands where the test means on a machine
+    of any speed, and no sooner than needed. Past `timeout` s (start-up included) the group is killed and the test
+    fails, so a run that never prints the line, or never stops, cannot hang the suite."""
+    def is_ready(line):
+        return ready(line) if callable(ready) else line.startswith(ready)
+
+    p = subprocess.Popen([sys.executable] + [str(a) for a in argv], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    expired = []
+
+    def expire():
+        expired.append(True)
+        kill_group(p)
+    watchdog = threading.Timer(timeout, expire)
+    watchdog.start()
+    lines, sent = [], False
+    try:
+        for line in p.stderr:
+            lines.append(line)
+            if is_ready(line):
+                for _ in range(times):
+                    os.killpg(p.pid, sig)
+                sent = True
+                break
+        lines += p.stderr.readlines()  # to the end: the child's last words, after the signal
+        code = p.wait()
+    finally:
+        watchdog.cancel()
+        kill_group(p)  # only if the test itself was interrupted (a failure, Ctrl-C): no child outlives it
+        p.stderr.close()
+    assert not expired, f"killed after {timeout} s; its last lines: {lines[-5:]}"
+    assert sent, f"the line to signal at never came; the run ended with {code}: {lines[-5:]}"
+    return code, lines
+
+
+def kill_group(p):
+    """SIGKILL to p's process group while p has not been waited for: once it has, its number may be another's."""
+    if p.returncode is None:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 
 import sample
 import skyreels
+from conftest import ROOT, signal_at
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RNG = np.random.default_rng(0)
 IMAGES = [RNG.integers(0, 256, (32, 48, 3), dtype=np.uint8) for _ in range(2)]
 VIDEO = [RNG.integers(0, 256, (32, 48, 3), dtype=np.uint8) for _ in range(13)]
@@ -170,14 +170,8 @@ def cli_reference(tmp_path_factory):
                               "SIGKILL at the last step, while decoding and writing"])
 def test_the_cli_resumes_after_any_stop_to_the_same_video(tmp_path, cli_reference, sig, after):
     out = tmp_path / "v.mp4"
-    p = subprocess.Popen([sys.executable, "sample.py"] + CLI + ["--out", str(out)], cwd=ROOT, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
-    for line in p.stderr:
-        if line.startswith(after):
-            os.killpg(p.pid, sig)
-            break
-    p.stderr.read()
-    assert p.wait(timeout=60) == (-9 if sig == signal.SIGKILL else 128 + sig)
+    code, _ = signal_at(["sample.py"] + CLI + ["--out", out], after, sig)
+    assert code == (-9 if sig == signal.SIGKILL else 128 + sig)
     assert not out.exists() and os.path.isdir(tmp_path / "v.state")
     without_seed = CLI[:CLI.index("--seed")] + CLI[CLI.index("--seed") + 2:]  # resuming takes the state's seed
     resumed = subprocess.run([sys.executable, "sample.py"] + without_seed + ["--out", str(out), "--resume"], cwd=ROOT,
