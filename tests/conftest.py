@@ -13,14 +13,19 @@ Folders (session-scoped, built once, a few seconds in all):
 
 Everything else the test modules share lives here too, once: the images and the media folder the runs take
 (`image`, `clip`, `media`), writable folder copies (`spoiled_copy`), our pipelines on those folders (`pipes`, one per
-session), diffusers' (`references`, one per folder per module), the parity helpers, and the CLI run in-process (`cli`).
+session), diffusers' (`references`, one per folder per module), the parity helpers, the CLI run in-process (`cli`),
+and sample.py run in a process of its own until a line it prints, then signalled (`signal_at`). Every test gets back
+the signal handlers it found (`signal_handlers`): sample.main installs its own in whatever process runs it.
 """
 import collections
+import contextlib
 import io
 import os
 import shutil
 import signal
+import subprocess
 import sys
+import threading
 
 import imageio.v2 as imageio
 import numpy as np
@@ -28,7 +33,8 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 # A small multilingual corpus for the tokenizer: enough pieces that real prompts split into many tokens.
 CORPUS = [
@@ -295,6 +301,36 @@ def spoiled_copy(tiny_folders, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Signal handlers: each test leaves pytest the ones it found
+
+# sample.main installs its handler for these three, and on an error exit (leave) sets them to SIG_IGN; left so in
+# pytest's process, Ctrl-C and `timeout` could no longer stop the suite.
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+SESSION_HANDLERS = {sig: signal.getsignal(sig) for sig in SIGNALS}  # what pytest started with (test_harness checks)
+
+
+@contextlib.contextmanager
+def kept_signal_handlers():
+    """The SIGINT, SIGTERM and SIGHUP handlers of the block's start, put back at its end. For a fixture broader than
+    a test that runs sample.main: it runs before a test's `signal_handlers` records them."""
+    handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            if handler is not None:  # None: a handler not set from Python, which Python cannot set back
+                signal.signal(sig, handler)
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers():
+    """Every test: whatever it (or sample.main, in it) does to the handlers is undone when it ends. One place for the
+    whole suite, so no caller of sample.main can forget."""
+    with kept_signal_handlers():
+        yield
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The command line, in this process
 
 CliRun = collections.namedtuple("CliRun", "code out err")
@@ -303,11 +339,9 @@ CliRun = collections.namedtuple("CliRun", "code out err")
 @pytest.fixture
 def cli(capsys):
     """cli(argv): sample.main(argv) in this process, as `python sample.py ARGV` runs it (the signal and torchrun tests
-    run real processes); returns CliRun(code, out, err), code 0 for a run that returns. sample.main installs its
-    SIGINT / SIGTERM handlers; they are put back afterwards."""
+    run real processes); returns CliRun(code, out, err), code 0 for a run that returns. The handlers sample.main
+    installs are put back by `signal_handlers`, as for any test."""
     import sample
-
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def run(argv):
         capsys.readouterr()
@@ -319,6 +353,55 @@ def cli(capsys):
         out, err = capsys.readouterr()
         return CliRun(code, out, err)
 
-    yield run
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line, in a process of its own: real signals to a process group, as a terminal sends Ctrl-C
+
+
+def signal_at(argv, ready, sig, times=1, timeout=180):
+    """Run `python ARGV` (in the repository) in a process group of its own; at the first stderr line for which
+    ready(line) holds (a string: a line that starts with it), send the group `sig`, `times` times. Returns
+    (exit code, every stderr line). A line, not a sleep, says when: the signal lands where the test means on a machine
+    of any speed, and no sooner than needed. Past `timeout` s (start-up included) the group is killed and the test
+    fails, so a run that never prints the line, or never stops, cannot hang the suite."""
+    def is_ready(line):
+        return ready(line) if callable(ready) else line.startswith(ready)
+
+    p = subprocess.Popen([sys.executable] + [str(a) for a in argv], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    expired = []
+
+    def expire():
+        expired.append(True)
+        kill_group(p)
+    watchdog = threading.Timer(timeout, expire)
+    watchdog.start()
+    lines, sent = [], False
+    try:
+        for line in p.stderr:
+            lines.append(line)
+            if is_ready(line):
+                for _ in range(times):
+                    os.killpg(p.pid, sig)
+                sent = True
+                break
+        lines += p.stderr.readlines()  # to the end: the child's last words, after the signal
+        code = p.wait()
+    finally:
+        watchdog.cancel()
+        kill_group(p)  # only if the test itself was interrupted (a failure, Ctrl-C): no child outlives it
+        p.stderr.close()
+    assert not expired, f"killed after {timeout} s; its last lines: {lines[-5:]}"
+    assert sent, f"the line to signal at never came; the run ended with {code}: {lines[-5:]}"
+    return code, lines
+
+
+def kill_group(p):
+    """SIGKILL to p's process group while p has not been waited for: once it has, its number may be another's."""
+    if p.returncode is None:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

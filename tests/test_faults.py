@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 import imageio.v2 as imageio
 import numpy as np
@@ -19,8 +18,8 @@ from safetensors.torch import save_file
 
 import sample
 import skyreels
+from conftest import ROOT, signal_at
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "tiny-df", "--prompt", "a cat", "--height", "32", "--width", "48", "--steps", "1", "--seed", "0"]
 LORA_KEY = "diffusion_model.blocks.0.self_attn.q"
 
@@ -145,22 +144,12 @@ def test_no_output_may_land_on_or_inside_an_input(tmp_path, tiny_folders, capsys
 
 # 4 and 5. signals: a stop never replaces a complete video; every signal ends in one line, 128 + its number
 
-def start(tmp_path, extra=()):
-    argv = [sys.executable, "sample.py", "df"] + TINY + ["--num-frames", "401", "--base-num-frames", "17",
-                                                         "--overlap-history", "5", "--out", str(tmp_path / "v.mp4")]
-    return subprocess.Popen(argv + list(extra), cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def signal_after(p, step, sig, times=1):
-    lines = []
-    for line in p.stderr:
-        lines.append(line)
-        if line.startswith(f"step {step}/"):
-            for _ in range(times):
-                os.killpg(p.pid, sig)
-            break
-    lines += p.stderr.readlines()
-    return p.wait(timeout=60), lines
+def signal_run(tmp_path, ready, sig, times=1, python=()):
+    """A long tiny DF run (401 frames, windows of 17, one step each) signalled at its first stderr line that `ready`
+    accepts (conftest.signal_at): (exit code, stderr lines)."""
+    argv = list(python) + ["sample.py", "df"] + TINY + ["--num-frames", "401", "--base-num-frames", "17",
+                                                        "--overlap-history", "5", "--out", tmp_path / "v.mp4"]
+    return signal_at(argv, ready, sig, times)
 
 
 @pytest.mark.parametrize("sig,times", [(signal.SIGTERM, 1), (signal.SIGHUP, 1), (signal.SIGINT, 2),
@@ -169,7 +158,7 @@ def signal_after(p, step, sig, times=1):
 def test_a_stop_keeps_the_finished_windows_beside_an_older_complete_video(tmp_path, sig, times):
     (tmp_path / "v.mp4").write_bytes(b"an older complete video")
     (tmp_path / "v.json").write_text("{}")
-    code, lines = signal_after(start(tmp_path), 2, sig, times)
+    code, lines = signal_run(tmp_path, "step 2/", sig, times)
     assert code == 128 + sig and lines[-1].startswith("stopped; ") and "v.partial.mp4" in lines[-1], lines[-3:]
     assert not any("Traceback" in line for line in lines), lines
     assert (tmp_path / "v.mp4").read_bytes() == b"an older complete video"
@@ -178,12 +167,16 @@ def test_a_stop_keeps_the_finished_windows_beside_an_older_complete_video(tmp_pa
     assert sorted(os.listdir(tmp_path)) == ["v.json", "v.mp4", "v.partial.json", "v.partial.mp4", "v.state"]
 
 
+def importing_torch(line):
+    """A line of `python -X importtime` for a torch module: one has been imported, so torch's import is under way
+    (and sample.main, which imports it, has installed its handlers)."""
+    return line.startswith("import time:") and line.rpartition("|")[2].strip().startswith("torch")
+
+
 def test_ctrl_c_while_torch_imports_is_one_line_and_130(tmp_path):
-    p = start(tmp_path)
-    time.sleep(1.0)  # past interpreter start-up; sample.py then imports torch, some seconds on a CPU machine
-    os.killpg(p.pid, signal.SIGINT)
-    err = p.stderr.read().strip().splitlines()
-    assert p.wait(timeout=60) == 130 and len(err) == 1 and err[0].startswith("stopped"), err
+    code, lines = signal_run(tmp_path, importing_torch, signal.SIGINT, python=["-X", "importtime"])
+    err = "".join(line for line in lines if not line.startswith("import time:")).strip().splitlines()
+    assert code == 130 and len(err) == 1 and err[0].startswith("stopped"), err
     assert os.listdir(tmp_path) == []
 
 
@@ -229,10 +222,15 @@ def test_a_long_prompt_is_cut_once_with_a_note(df, capsys):
     assert len(notes) == 1 and "cut to 512 tokens" in notes[0], notes
 
 
-def test_a_tiny_model_leaves_no_temporary_folder():
-    before = set(os.listdir(tempfile.gettempdir()))
+def test_a_tiny_model_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    """Its tokenizer file goes through a temporary folder, which must go. The test's own temporary root, not the
+    shared one: anything else on the machine may make folders there meanwhile."""
+    root = tmp_path / "temporary"
+    root.mkdir()
+    monkeypatch.setenv("TMPDIR", str(root))
+    monkeypatch.setattr(tempfile, "tempdir", str(root))  # read once and kept: the variable alone would not do
     skyreels.load("tiny-t2v", device="cpu", dtype=torch.float32)
-    assert set(os.listdir(tempfile.gettempdir())) <= before
+    assert os.listdir(root) == []
 
 
 # 9. the first hour

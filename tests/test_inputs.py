@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 
 import imageio.v2 as imageio
@@ -21,8 +20,8 @@ from PIL import Image
 import sample
 import schedule
 import skyreels
+from conftest import signal_at
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--height", "32", "--width", "48", "--steps", "1", "--seed", "0"]
 
 IMAGE = np.zeros((32, 48, 3), np.uint8)
@@ -305,17 +304,10 @@ def test_each_mode_has_its_own_help_with_true_defaults(capsys, mode, steps):
 def interrupt(tmp_path, mode_args, sig, after_steps):
     """Run sample.py in a process group of its own; once stderr shows `after_steps` steps, signal the group."""
     out = tmp_path / "v.mp4"
-    argv = [sys.executable, "sample.py"] + mode_args[:1] + ["--model", "tiny-df", "--prompt", "a cat", "--height",
-                                                            "32", "--width", "48", "--out", str(out)] + mode_args[1:]
-    p = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    lines = []
-    for line in p.stderr:
-        lines.append(line)
-        if line.startswith(f"step {after_steps}/"):
-            os.killpg(p.pid, sig)
-            break
-    lines += p.stderr.readlines()
-    return p.wait(timeout=60), out, lines
+    argv = ["sample.py"] + mode_args[:1] + ["--model", "tiny-df", "--prompt", "a cat", "--height", "32", "--width",
+                                            "48", "--out", out] + mode_args[1:]
+    code, lines = signal_at(argv, f"step {after_steps}/", sig)
+    return code, out, lines
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

@@ -7,8 +7,6 @@ latents are kept in float32 and every random generator is restored; tiny models,
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import imageio.v2 as imageio
 import numpy as np
@@ -18,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 import sample
 import skyreels
+from conftest import kept_signal_handlers, signal_at
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RNG = np.random.default_rng(0)
 IMAGES = [RNG.integers(0, 256, (32, 48, 3), dtype=np.uint8) for _ in range(2)]
 VIDEO = [RNG.integers(0, 256, (32, 48, 3), dtype=np.uint8) for _ in range(13)]
@@ -145,11 +143,13 @@ def test_a_state_that_does_not_fit_is_one_line_and_nothing_is_lost(tmp_path, pip
     assert {name: open(os.path.join(state, name), "rb").read() for name in os.listdir(state)} == before
 
 
-# The command line: real signals, SIGKILL included, at several points of a run
+# The command line: real signals, SIGKILL included, at several points of a run. The stopped run is a process of its
+# own (a signal, a kill); the uninterrupted and the resumed run are this process's: what they read is on disk, so a
+# process of their own would test nothing more and cost seconds of start-up each.
 
 CLI = ["df", "--model", "tiny-df", "--prompt", "a cat", "--prompt", "a dog", "--height", "32", "--width", "48",
        "--num-frames", "41", "--base-num-frames", "17", "--overlap-history", "5", "--steps", "2", "--seed", "3",
-       "--addnoise-condition", "20"]
+       "--addnoise-condition", "20"]  # 3 windows of 2 steps: steps 1-2, 3-4, 5-6
 
 
 def frames(path):
@@ -159,30 +159,23 @@ def frames(path):
 @pytest.fixture(scope="module")
 def cli_reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "v.mp4"
-    subprocess.run([sys.executable, "sample.py"] + CLI + ["--out", str(out)], cwd=ROOT, check=True,
-                   capture_output=True)
+    with kept_signal_handlers():  # set up before any test's own `signal_handlers`: it puts back what sample.main sets
+        sample.main(CLI + ["--out", str(out)])
     return frames(out)
 
 
 @pytest.mark.parametrize("sig,after", [(signal.SIGTERM, "step 1/"), (signal.SIGKILL, "step 3/"),
-                                       (signal.SIGKILL, "step 6/"), (signal.SIGKILL, "step 6/6")],
+                                       (signal.SIGKILL, "step 5/"), (signal.SIGKILL, "step 6/6")],
                          ids=["SIGTERM in window 1", "SIGKILL in window 2", "SIGKILL in the last window",
                               "SIGKILL at the last step, while decoding and writing"])
-def test_the_cli_resumes_after_any_stop_to_the_same_video(tmp_path, cli_reference, sig, after):
+def test_the_cli_resumes_after_any_stop_to_the_same_video(tmp_path, cli_reference, cli, sig, after):
     out = tmp_path / "v.mp4"
-    p = subprocess.Popen([sys.executable, "sample.py"] + CLI + ["--out", str(out)], cwd=ROOT, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
-    for line in p.stderr:
-        if line.startswith(after):
-            os.killpg(p.pid, sig)
-            break
-    p.stderr.read()
-    assert p.wait(timeout=60) == (-9 if sig == signal.SIGKILL else 128 + sig)
+    code, _ = signal_at(["sample.py"] + CLI + ["--out", out], after, sig)
+    assert code == (-9 if sig == signal.SIGKILL else 128 + sig)
     assert not out.exists() and os.path.isdir(tmp_path / "v.state")
     without_seed = CLI[:CLI.index("--seed")] + CLI[CLI.index("--seed") + 2:]  # resuming takes the state's seed
-    resumed = subprocess.run([sys.executable, "sample.py"] + without_seed + ["--out", str(out), "--resume"], cwd=ROOT,
-                             capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = cli(without_seed + ["--out", out, "--resume"])
+    assert resumed.code == 0, resumed.err
     assert np.array_equal(frames(out), cli_reference)
     names = sorted(n for n in os.listdir(tmp_path) if not n.startswith(".sample-"))  # SIGKILL leaves its temp file
     assert names == ["v.json", "v.mp4"]  # the state is removed once the video is complete
