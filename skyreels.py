@@ -1007,7 +1007,8 @@ def fold_loras(pipe, loras):  # W += the scaled deltas in float32, rounded once 
             raise ValueError(f"a LoRA's scale must be a finite number, got {scale!r} for {path}")
         for name, coefficient, up, down in read_lora(path, pipe.transformer):
             terms.setdefault(name, []).append((scale * coefficient, up, down))
-    pipe.checkpoint["loras"] = pipe.checkpoint.get("loras", []) + [[content_id(path), scale] for path, scale in loras]
+    pipe.checkpoint["loras"] = pipe.checkpoint.get("loras", []) + [[content_id(path), float(scale)]
+                                                                   for path, scale in loras]
     on_device(pipe, None)  # offload: every parameter back in its home copy
     for name, group in terms.items():
         p = pipe.transformer.get_parameter(name)
@@ -1128,62 +1129,54 @@ class State:
 
     def __init__(self, s):
         self.folder, self.record, self.kept = os.fspath(s.state), None, 0
-        self.continuing = s.resume or s.redo_from is not None
-        if os.path.lexists(self.folder):  # only a folder this project made: anything else is left as it is
-            self.record = self.read()
+        self.continuing, path = s.resume or s.redo_from is not None, os.path.join(self.folder, "settings.json")
+        if os.path.lexists(self.folder):  # only a folder this project made is read, written in or removed
+            if not os.path.isfile(path):
+                raise ValueError(f"state {self.folder} exists and is not a state folder (no settings.json): it is "
+                                 f"left as it is; remove it or choose another name")
+            self.record = read_json(path)
+            windows = self.record.get("windows")
+            if self.record.get("format") != STATE_FORMAT:
+                raise CheckpointError(f"{path}: format is {self.record.get('format')!r}, not {STATE_FORMAT!r}")
+            if not isinstance(windows, list) or not windows or not all(
+                    isinstance(w, dict) and set(w) == {"prompt", "seed"} and isinstance(w["prompt"], str) and
+                    (w["seed"] is None or is_integer(w["seed"], 0, 2**64 - 1)) for w in windows):
+                raise CheckpointError(f"{path}: windows must be a list of each window's prompt (text) and seed (an "
+                                      f"integer), got {windows!r}")
             self.kept = next(k for k in itertools.count() if not os.path.isfile(self.path(k)))  # finished windows
         if self.continuing and self.record is None:
             raise ValueError(f"{self.folder} holds no run to resume (no settings.json)")
         if not self.continuing and self.kept:
             raise ValueError(f"{self.folder} holds {self.kept} finished windows of an earlier run: resume, redo or remove")
 
-    def read(self):  # settings.json, every value checked: the format, and each window's prompt and seed
-        path = os.path.join(self.folder, "settings.json")
-        if not os.path.isfile(path):
-            raise ValueError(f"state {self.folder} exists and is not a state folder (no settings.json): it is left as "
-                             f"it is; remove it or choose another name")
-        record = read_json(path)
-        if record.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"{path}: format is {record.get('format')!r}, not {STATE_FORMAT!r}")
-        windows = record.get("windows")
-        if not isinstance(windows, list) or not windows or not all(
-                isinstance(w, dict) and set(w) == {"prompt", "seed"} and isinstance(w["prompt"], str) and
-                (w["seed"] is None or is_integer(w["seed"], 0, 2**64 - 1)) for w in windows):
-            raise CheckpointError(f"{path}: windows must be a list of each window's prompt (text) and seed (an "
-                                  f"integer), got {windows!r}")
-        return record
-
     def plan(self, s):
         """The run's windows, and the prompt and seed of each (kept windows keep theirs); a resumed or redone run's
-        settings compared with the state's, and its prompts and seed on resume."""
+        settings compared with the state's, and on resume each window's prompt and the seed of those to make."""
         self.windows, self.shape = plan_windows(s), (s.height // SPATIAL, s.width // SPATIAL)
-        self.identity = identity(s)
+        self.identity, n = identity(s), len(self.windows)
         self.made, self.finished = [dict(prompt=w.prompt, seed=s.seed) for w in self.windows], 0
         if self.continuing:
             self.compare(self.identity)
-            old, n = self.record["windows"], len(self.windows)
-            self.finished = self.kept if s.resume else s.redo_from - 1
+            old, self.finished = self.record["windows"], self.kept if s.resume else s.redo_from - 1
             if len(old) != n or self.kept > n:
-                raise CheckpointError(f"{self.folder}: it holds {len(old)} windows' prompts and {self.kept} windows, "
-                                      f"the run makes {n}")
+                raise CheckpointError(f"{self.folder} holds {len(old)} windows' prompts and {self.kept} windows; the "
+                                      f"run makes {n}")
             if s.redo_from and s.redo_from > min(self.kept + 1, n):
                 raise ValueError(f"redo_from {s.redo_from}: {self.folder} holds {self.kept} finished windows of {n}; "
                                  f"redo one of 1 .. {min(self.kept + 1, n)}")
-            for k in range(n if s.resume else 0):  # the seeds of the windows to make; every prompt
-                for name in ("prompt", "seed")[:1 + (k >= self.finished)]:
-                    if old[k][name] != self.made[k][name]:
-                        raise ValueError(f"{name} of window {k + 1} differs from the state's in {self.folder} "
-                                         f"({old[k][name]!r} there, {self.made[k][name]!r} here): resume with the same "
-                                         f"prompts and seed, or redo from window {k + 1} (redo_from)")
+            if s.resume:  # every window's prompt, and the seed of those still to make (a kept one's may be a redo's)
+                now, then = ({f"window {k + 1}": w if k >= self.finished else w["prompt"] for k, w in enumerate(ws)}
+                             for ws in (self.made, old))
+                self.compare(now, then)
             self.made[:self.finished] = old[:self.finished]
         self.reseed = self.finished and self.made[self.finished - 1]["seed"] != s.seed  # a redo with another seed
         return self
 
-    def compare(self, now):  # the first field of the state's identity that differs, named, both values whole
+    def compare(self, now, old=None):  # the first field that differs from the state's, named, both values whole
         for name, value in now.items():
-            if self.record.get(name) != value:
-                raise ValueError(f"{name} differs from the state's in {self.folder} ({self.record.get(name)!r} there, "
-                                 f"{value!r} here): resume with the same settings")
+            if (old or self.record).get(name) != value:
+                raise ValueError(f"{name} differs from the state's in {self.folder} ({(old or self.record).get(name)!r}"
+                                 f" there, {value!r} here): resume with the same settings, or redo from a window")
 
     def begin(self, pipe, generator):  # the checkpoint compared, the kept windows verified, settings.json written
         if self.continuing:
@@ -1229,20 +1222,19 @@ class State:
             generator.set_state(t["generator"])
         return t["latents"].to(self.device), generator
 
-    def read_window(self, k, generator):  # (tensors, record): each tensor of the shape this run's needs, the checksum
+    def read_window(self, k, generator):  # (tensors, record): each tensor as this run's, the checksum and chain checked
         path = self.path(k)
         with _open(path) as f:
             t, record = {key: _tensor(f, path, key) for key in f.keys()}, (f.metadata() or {}).get("window")
-        want = dict(latents=torch.empty(1, 16, self.windows[k].size, *self.shape, device="meta"),
-                    rng=torch.get_rng_state(), generator=generator.get_state() if generator is not None else None,
-                    cuda_rng=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
-        for key, like in want.items():
-            got = t.get(key)
-            if like is not None and (got is None and key != "cuda_rng" or got is not None and
-                                     (got.dtype, got.shape) != (like.dtype, like.shape)):
-                raise CheckpointError(f"{path}: {key} is {got.dtype if got is not None else 'missing'} "
-                                      f"{tuple(got.shape) if got is not None else ''}; window {k + 1} of this run "
-                                      f"needs {like.dtype} {tuple(like.shape)}")
+        like = dict(latents=torch.empty(1, 16, self.windows[k].size, *self.shape, device="meta"),
+                    rng=torch.get_rng_state(), generator=generator.get_state() if generator is not None else None)
+        if "cuda_rng" in t and self.device.type == "cuda":
+            like["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        for key, want in like.items():
+            if want is not None and (key not in t or (t[key].dtype, t[key].shape) != (want.dtype, want.shape)):
+                got = f"{t[key].dtype} {tuple(t[key].shape)}" if key in t else "missing"
+                raise CheckpointError(f"{path}: {key} is {got}; window {k + 1} of this run needs {want.dtype} "
+                                      f"{tuple(want.shape)}")
         try:
             record = json.loads(record)
             body = {key: v for key, v in record.items() if key != "checksum"}
