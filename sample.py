@@ -122,18 +122,19 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-def on_signal(signum, frame):  # stop the run, but not while ffmpeg is fed or files are renamed; later signals: nothing
-    STOP["signal"] = STOP["signal"] or signum
-    if not STOP["defer"]:
-        STOP["defer"] = True  # from now on the run is stopping: a second Ctrl-C waits for it
-        raise KeyboardInterrupt
+def on_signal(signum, frame):  # the first signal stops the run (once ffmpeg is fed or files renamed); later ones wait
+    if STOP["signal"] is None:
+        STOP["signal"] = signum
+        if not STOP["defer"]:
+            raise KeyboardInterrupt
 
 
-def leave(code, error=None):  # say the error; exit, signals ignored: else one during shutdown would end the process
-    if error:
-        print(f"error: {error}", file=sys.stderr)
+def leave(code, error=None):  # every exit: signals ignored from here (one in the interpreter's shutdown would end it)
+    STOP["defer"] = True
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
     sys.exit(code)
 
 

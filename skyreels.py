@@ -1156,7 +1156,7 @@ class State:
         self.identity, n = identity(s), len(self.windows)
         self.made, self.finished = [dict(prompt=w.prompt, seed=s.seed) for w in self.windows], 0
         if self.continuing:
-            self.compare(self.identity)
+            self.compare(self.identity, self.record)
             old, self.finished = self.record["windows"], self.kept if s.resume else s.redo_from - 1
             if len(old) != n or self.kept > n:
                 raise CheckpointError(f"{self.folder} holds {len(old)} windows' prompts and {self.kept} windows; the "
@@ -1167,20 +1167,20 @@ class State:
             if s.resume:  # every window's prompt, and the seed of those still to make (a kept one's may be a redo's)
                 now, then = ({f"window {k + 1}": w if k >= self.finished else w["prompt"] for k, w in enumerate(ws)}
                              for ws in (self.made, old))
-                self.compare(now, then)
+                self.compare(now, then, "resume with its prompts and seed, or redo from that window (redo_from)")
             self.made[:self.finished] = old[:self.finished]
         self.reseed = self.finished and self.made[self.finished - 1]["seed"] != s.seed  # a redo with another seed
         return self
 
-    def compare(self, now, old=None):  # the first field that differs from the state's, named, both values whole
+    def compare(self, now, old, advice="resume with the same settings"):  # the first field that differs, named, whole
         for name, value in now.items():
-            if (old or self.record).get(name) != value:
-                raise ValueError(f"{name} differs from the state's in {self.folder} ({(old or self.record).get(name)!r}"
-                                 f" there, {value!r} here): resume with the same settings, or redo from a window")
+            if old.get(name) != value:
+                raise ValueError(f"{name} differs from the state's in {self.folder} ({old.get(name)!r} there, "
+                                 f"{value!r} here): {advice}")
 
     def begin(self, pipe, generator):  # the checkpoint compared, the kept windows verified, settings.json written
         if self.continuing:
-            self.compare(pipe.checkpoint)
+            self.compare(pipe.checkpoint, self.record)
         record = dict(format=STATE_FORMAT, **self.identity, **pipe.checkpoint, windows=self.made)
         self.chain = [hashlib.sha256(json.dumps(dict(record, windows=None)).encode()).hexdigest()]
         self.device, self.passes, self.counted = pipe.device, pipe.dit_passes, dict.fromkeys(PASSES, 0)
