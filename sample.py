@@ -373,7 +373,7 @@ class Output:
         self.tmp, self.tmp_json = tmp + ".mp4", tmp + ".json"
         self.plan = plan
 
-    def check(self, inputs):  # refuse now, not after the denoising: an output over, in or around an input, or unwritable
+    def check(self, inputs):  # refuse now, not after the denoising: an output over, in or holding an input, unwritable
         if self.plan and (os.path.isdir(self.plan) or not self.plan.lower().endswith(".png")):
             raise ValueError(f"--plan must name a .png file{', not a folder' * os.path.isdir(self.plan)}: {self.plan}")
         files = (self.path, self.json, self.partial, self.partial_json, self.tmp, self.tmp_json)
@@ -497,11 +497,9 @@ def ffmpeg():  # the mp4s are read and written by imageio-ffmpeg's binary: witho
 LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None  # for prctl, loaded before any fork
 
 
-def dies_with_us(parent=os.getpid()):  # ffmpeg's preexec_fn: killed when this process ends, kill -9 too (Linux)
+def dies_with_us():  # ffmpeg's preexec_fn: on Linux, SIGKILL when this process ends, kill -9 too
     if LIBC is not None:
         LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # it ended before that was set
-        os._exit(1)
 
 
 # ffmpeg runs in a session of its own, so a Ctrl-C reaches only us (who then finish the mp4), and dies with us.

@@ -8,7 +8,7 @@ The extras (the last part) and the lines of the method each one touches, so that
   offload (StreamedBlocks, on_device)   Pipeline.__init__; on_device(...) in predict and the four encoders/decoder
   LoRA (read_lora, fold_loras)          load(); pipe.load_lora / unload_loras are attached there
   async shortcuts (Shortcuts)           denoise_window: `frames = Shortcuts(...)`, `frames.plan(update)`, the pad
-  resume state (State)                  run(); run_diffusion_forcing: state.load, state.save
+  resume state (State)                  check_state; run(): state.begin; run_diffusion_forcing: state.load, save
   several ranks (split_ranks, ...)      load(); run(): check_ranks_agree; predict: guided_pair_across_ranks
   TeaCache                              run_lockstep, denoise_window: `teacache = ...`; predict: teacache.reuse
   fp8 (FP8Linear, use_fp8)              load(), load_component, load_weights (a weight quantized as it is read)
@@ -1147,7 +1147,8 @@ class State:
         if self.continuing and self.record is None:
             raise ValueError(f"{self.folder} holds no run to resume (no settings.json)")
         if not self.continuing and self.kept:
-            raise ValueError(f"{self.folder} holds {self.kept} finished windows of an earlier run: resume, redo or remove")
+            raise ValueError(f"{self.folder} holds {self.kept} finished windows of an earlier run: resume, redo, or "
+                             f"remove it")
 
     def plan(self, s):
         """The run's windows, and the prompt and seed of each (kept windows keep theirs); a resumed or redone run's

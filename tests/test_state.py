@@ -230,7 +230,7 @@ def test_a_window_file_not_of_this_run_is_refused_before_any_frame_is_written(fi
 
 
 @pytest.mark.parametrize("rewrite,refused", [(True, True), (False, False)],
-                         ids=["a LoRA rewritten at its path is refused", "the same LoRA by a relative path is the same"])
+                         ids=["a LoRA rewritten at its path is refused", "one LoRA by a relative path is the same"])
 def test_a_lora_is_known_by_its_content_not_its_path(tmp_path, cli, monkeypatch, rewrite, refused):
     path = lora(tmp_path / "style.safetensors", 0)
     argv = FILM + ["--out", tmp_path / "v.mp4", "--keep-state"]
