@@ -4,12 +4,12 @@
 too. Bad input gets one `error:` line and exit code 2 before any weight is read. The mp4 and its JSON appear whole or
 not at all; a stopped run leaves NAME.partial.mp4, and a diffusion-forcing one NAME.state for --resume (README.md)."""
 import argparse
+import ctypes
 import dataclasses
 import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -53,7 +53,8 @@ def add_flags(m, mode, df):  # help where a flag's name (and README.md) is not e
     add("--model", "--model_id", required=True, help="a -Diffusers folder, a Hugging Face id, or tiny-t2v/i2v/df")
     text = m.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", action="append", help="repeated: a prompt a window" if df else "the video's text")
-    text.add_argument("--prompt-file", help="a prompt a line" + ", a window each" * df)
+    text.add_argument("--prompt-file", action="append", help="UTF-8 text, a prompt a line" + ", a window each" * df
+                      + "; repeated: read in order")
     add("--negative-prompt", "--negative_prompt")
     if "i2v" in mode:
         add("--image", required=True)
@@ -108,6 +109,8 @@ def main(argv=None):
         signal.signal(sig, on_signal)
     try:
         run(args)
+    except SystemExit as stop:  # a stop after the frames finished were written (Output.write)
+        leave(stop.code)
     except KeyboardInterrupt:
         say("stopped before any frame was finished; nothing written")
         leave(128 + (STOP["signal"] or signal.SIGINT))
@@ -127,18 +130,19 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-def on_signal(signum, frame):  # stop the run, but not while ffmpeg is fed or files are renamed; later signals: nothing
-    STOP["signal"] = STOP["signal"] or signum
-    if not STOP["defer"]:
-        STOP["defer"] = True  # from now on the run is stopping: a second Ctrl-C waits for it
-        raise KeyboardInterrupt
+def on_signal(signum, frame):  # the first signal stops the run (once ffmpeg is fed or files renamed); later ones wait
+    if STOP["signal"] is None:
+        STOP["signal"] = signum
+        if not STOP["defer"]:
+            raise KeyboardInterrupt
 
 
-def leave(code, error=None):  # say the error; exit with no signal left to interrupt the interpreter's own shutdown
-    if error:
-        print(f"error: {error}", file=sys.stderr)
+def leave(code, error=None):  # every exit: signals ignored from here (one in the interpreter's shutdown would end it)
+    STOP["defer"] = True
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -179,8 +183,8 @@ def run(args):  # check everything, then load, generate and write (rank 0; the o
         raise ValueError(f"{args.mode} needs a {MODES[args.mode][0].upper()} checkpoint; {model} is {kind.upper()}")
     out = Output(args.out, kind == "df" and "plan" not in a, a.get("plan"))
     media = {k: a.get(k) for k in ("image", "last_image", "video")}  # the JSON names them as given
-    out.check([model if os.path.isdir(model) else None, a.get("transformer"), a.get("prompt_file"), *media.values()]
-              + [path for path, _ in a.get("loras", [])])
+    out.check([model if os.path.isdir(model) else None, a.get("transformer"), *a.get("prompt_file", []),
+               *media.values()] + [path for path, _ in a.get("loras", [])])
     s = skyreels.check_settings(kind, skyreels.dit_config(model), settings_of(args, out, skyreels))
     windows = skyreels.plan_windows(s) if kind == "df" else []
     if "plan" in a:
@@ -197,36 +201,50 @@ def run(args):  # check everything, then load, generate and write (rank 0; the o
         for _ in chunks:
             pass
         return
-    record = {k: v for k, v in vars(s).items() if k not in ("generator", "progress", "resume")}
+    record = {k: v for k, v in vars(s).items() if k not in ("generator", "progress", "resume", "state")}
     record.update(model=args.model, dtype=str(dtype)[6:], loras=a.get("loras", []), transformer=a.get("transformer"),
                   fp8=pipe.fp8, world_size=WORLD, **media)
-    if kind == "df":
-        record.update(window_prompts=[w.prompt for w in windows], window_blocks=[list(w.blocks) for w in windows],
-                      state=s.state if "keep_state" in a else None)
+    if kind == "df":  # what made each window (kept windows keep theirs), and where the state is kept
+        made = s.state.made
+        record.update(window_prompts=[w["prompt"] for w in made], window_seeds=[w["seed"] for w in made],
+                      window_blocks=[list(w.blocks) for w in windows], state=out.state if "keep_state" in a else None)
     out.write(written(chunks, len(s.video or []) + s.num_frames), s.fps, record, len(s.video or []),  # v2v: input first
-              keep_state="keep_state" in a, passes=pipe.dit_passes)
+              None if "keep_state" in a else s.state, pipe.dit_passes)
     print(out.path)
 
 
 def settings_of(args, out, skyreels):  # skyreels.Settings from the flags named as its fields, and the prompts
     a = vars(args)
     settings = {f: a[f] for f in skyreels.Settings.__dataclass_fields__ if f in a}
-    settings.update(prompt=a.get("prompt") or read_prompts(a["prompt_file"]),
+    settings.update(prompt=a.get("prompt") or [p for path in a["prompt_file"] for p in read_prompts(path)],
                     seed=a.get("seed", None if "resume" in a or "redo_from" in a else -1),  # resuming: the state's
                     state=out.state, resolution=a.get("resolution", "tiny" if args.model.startswith("tiny-") else None),
                     base_num_frames=a.get("base_num_frames", 121 if a.get("resolution") == "720P" else 97))
     return skyreels.Settings(**settings)
 
 
-def read_prompts(path):  # --prompt-file: a prompt a line
+PROMPT_FILE_MAX = 2**20  # bytes: a film's prompts take a few KiB; /dev/zero is refused, not read for ever
+
+
+def read_prompts(path):  # --prompt-file: UTF-8 text (a byte-order mark dropped), a prompt a line, blank lines skipped
     try:
-        with open(path, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()]
+        with open(path, "rb") as f:
+            data = f.read(PROMPT_FILE_MAX + 1)
+        text = data.decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read --prompt-file {path} ({e})") from None
+        raise ValueError(f"cannot read --prompt-file {path} as UTF-8 text ({e})") from None
+    control = re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", text)  # NUL and the like: not a text file
+    if len(data) > PROMPT_FILE_MAX or control:
+        why = f"over {PROMPT_FILE_MAX} bytes" if len(data) > PROMPT_FILE_MAX else f"it holds {control[0]!r}"
+        raise ValueError(f"--prompt-file {path} is not a prompt file: {why}")
+    prompts = [line.strip() for line in text.split("\n") if line.strip()]
     if not prompts:
         raise ValueError(f"--prompt-file {path} holds no prompt")
     return prompts
+
+
+def printable(text):  # control characters (a terminal's escape sequences, say) shown escaped, not obeyed
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def show_plan(s, windows, skyreels, picture):  # the windows, the frames each makes, its prompt; the matrices drawn
@@ -242,7 +260,7 @@ def show_plan(s, windows, skyreels, picture):  # the windows, the frames each ma
     for k, (w, (a, b)) in enumerate(zip(windows, frames)):
         blocks = f", blocks {'+'.join(map(str, w.blocks))}" if max(w.blocks) > 1 else ""
         lines.append(f"window {k + 1}: frames {a}-{b}, {len(w.matrix)} steps, {w.prefix} latent frames known{blocks}, "
-                     f"prompt: {w.prompt}")
+                     f"prompt: {printable(w.prompt)}")
     try:
         print("\n".join(lines + [picture] * bool(picture)), flush=True)
     except BrokenPipeError:  # the reader has what it wanted; Python's advice, so that exiting flushes into nothing
@@ -365,17 +383,19 @@ class Output:
         self.tmp, self.tmp_json = tmp + ".mp4", tmp + ".json"
         self.plan = plan
 
-    def check(self, inputs):  # refuse now, not after the denoising, an output over or in an input, or unwritable
-        if os.path.isdir(self.json) or len(os.path.basename(self.json).encode()) > 255:
-            why = f"{self.json} is a folder" if os.path.isdir(self.json) else "its .json's name is over 255 bytes"
-            raise ValueError(f"cannot write --out {self.path}: {why}")
+    def check(self, inputs):  # refuse now, not after the denoising: an output over, in or holding an input, unwritable
         if self.plan and (os.path.isdir(self.plan) or not self.plan.lower().endswith(".png")):
             raise ValueError(f"--plan must name a .png file{', not a folder' * os.path.isdir(self.plan)}: {self.plan}")
-        outputs = [("--out", self.path, p) for p in (self.path, self.json, self.partial, self.partial_json, self.tmp)]
-        outputs += [("--out", self.path, self.state), ("--plan", self.plan, self.plan)]  # (flag, as given, a path)
-        for flag, named, path in (o for o in outputs if o[2]):
-            for given in filter(None, inputs):  # the same path, or one inside it
-                if (os.path.realpath(path) + os.sep).startswith(os.path.realpath(given) + os.sep):
+        files = (self.path, self.json, self.partial, self.partial_json, self.tmp, self.tmp_json)
+        outputs = [("--out", self.path, p) for p in files + (self.state,)] + [("--plan", self.plan, self.plan)]
+        for flag, named, path in (o for o in outputs if o[2]):  # (flag, as given, a path it writes)
+            if path != self.state and os.path.isdir(path) or len(os.path.basename(path).encode()) > 255:
+                why = "is a folder" if os.path.isdir(path) else "has a name over 255 bytes"
+                raise ValueError(f"cannot write {flag} {named}: {path} {why}")
+            written = os.path.realpath(path) + os.sep
+            for given in filter(None, inputs):  # the same path, or one inside it; or an input in the state folder
+                read = os.path.realpath(given) + os.sep
+                if written.startswith(read) or path == self.state and read.startswith(written):
                     raise ValueError(f"{flag} {named} would overwrite: it writes {path}, over the input {given}")
         for flag, named in dict.fromkeys((f, n) for f, n, _ in outputs if n):  # prove that each folder takes files
             probe = os.path.join(os.path.dirname(os.path.abspath(named)), os.path.basename(self.tmp_json))
@@ -387,13 +407,17 @@ class Output:
                 why = "is a file" if os.path.isfile(folder) else e.strerror.lower()
                 raise ValueError(f"cannot write {flag} {named}: {folder}: {why}") from None
 
-    def write(self, chunks, fps, record, new_from=0, keep_state=False, passes=None):
-        """Frames to a temporary mp4, read back, renamed with their JSON: both or neither; stopped, NAME.partial.mp4."""
+    def write(self, chunks, fps, record, new_from=0, state=None, passes=None):
+        """Frames to a temporary mp4, read back, renamed with their JSON: both or neither; stopped, NAME.partial.mp4.
+        Complete, `state` (a skyreels.State) is removed."""
+        for name in os.listdir(self.folder):  # the temporaries of runs killed (kill -9) before they could remove them
+            if (killed := re.fullmatch(r"\.sample-(\d+)\.(mp4|json)", name)) and not alive(int(killed[1])):
+                os.remove(os.path.join(self.folder, name))
         written, stop = self.feed(chunks, fps)
         final = (self.path, self.json) if stop is None else (self.partial, self.partial_json)
         try:
             if written > new_from:
-                if frames_in(self.tmp) != written:  # ffmpeg failed (a full disk, say), and imageio does not tell
+                if frames_in(self.tmp) != written:  # ffmpeg failed (a full disk, say)
                     raise OSError(f"writing {final[0]} failed: ffmpeg made no readable video (is the disk full?)")
                 with open(self.tmp_json, "w") as f:
                     json.dump(dict(record, **passes or {}, frames=written, partial=stop is not None), f, indent=1)
@@ -401,8 +425,8 @@ class Output:
                 os.replace(self.tmp_json, final[1])
                 if stop is None:
                     remove(self.partial, self.partial_json)
-                    if self.state and not keep_state and os.path.isdir(self.state):
-                        shutil.rmtree(self.state)
+                    if state is not None:
+                        state.remove()
         finally:  # signals wait from here on: the run is done, or stopping
             remove(self.tmp, self.tmp_json)
         if stop is not None:  # an error (not a signal) then gets its own line
@@ -411,17 +435,15 @@ class Output:
             raise SystemExit(128 + STOP["signal"]) if isinstance(stop, KeyboardInterrupt) else stop
 
     def feed(self, chunks, fps):  # (frames written to the temporary mp4, what stopped it or None), signals deferred
-        import imageio.v2 as imageio
         import numpy as np
 
-        writer = imageio.get_writer(self.tmp, format="FFMPEG", fps=fps, codec="libx264", quality=8,
-                                    macro_block_size=1, ffmpeg_log_level="quiet")
-        written, stop = 0, None
+        writer, written, stop = None, 0, None
         try:
             for chunk in chunks:
-                STOP["defer"] = True  # imageio kills ffmpeg when interrupted while feeding it: the mp4 gets no index
-                for frame in chunk:
-                    writer.append_data((np.clip(frame, 0, 1) * 255).round().astype(np.uint8))
+                STOP["defer"] = True  # frames go to ffmpeg whole: a signal meanwhile waits
+                frames = (np.clip(chunk, 0, 1) * 255).round().astype(np.uint8)  # (F, H, W, 3)
+                writer = writer or mp4_writer(self.tmp, frames.shape[2], frames.shape[1], fps)
+                writer.stdin.write(frames.tobytes())  # raw rgb24, frame after frame
                 written += len(chunk)
                 STOP["defer"] = False
                 if STOP["signal"]:
@@ -430,7 +452,9 @@ class Output:
             stop = e
         STOP["defer"] = True
         try:
-            writer.close()
+            if writer is not None:
+                writer.stdin.close()  # ffmpeg then finishes the mp4 (its index) and ends
+                writer.wait()
         except OSError as e:  # ffmpeg ended early: a full disk, say; frames_in then finds the mp4 unreadable
             stop = stop or e
         return written, stop
@@ -445,6 +469,16 @@ def remove(*paths):
 def say(line, redrawn=False):  # a line on stderr; on a terminal, a `redrawn` one (progress) is drawn over by the next
     sys.stderr.write(f"\r{line}\033[K" + "\n" * (not redrawn) if sys.stderr.isatty() else line + "\n")
     sys.stderr.flush()
+
+
+def alive(pid):  # a process of this id runs (another user's too)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def progress(passes):  # show(step, total), called after each denoising step; passes: the DiT's, computed and skipped
@@ -477,12 +511,32 @@ def ffmpeg():  # the mp4s are read and written by imageio-ffmpeg's binary: witho
         raise OSError(f"no ffmpeg to write mp4s with ({type(e).__name__}: {e}): pip install imageio-ffmpeg") from None
 
 
-def frames_in(path):  # the frames an mp4 holds as ffmpeg decodes it (out of Ctrl-C's reach); 0 if it cannot
-    decoded = subprocess.run([ffmpeg(), "-i", path, "-map", "0:v:0", "-f", "null", "-"],
-                             capture_output=True, text=True, start_new_session=True)
+LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None  # for prctl, loaded before any fork
+
+
+def dies_with_us():  # ffmpeg's preexec_fn: on Linux, SIGKILL when this process ends, kill -9 too
+    if LIBC is not None:
+        LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+# ffmpeg runs in a session of its own, so a Ctrl-C reaches only us (who then finish the mp4), and dies with us.
+ALONE = dict(start_new_session=True, preexec_fn=dies_with_us)
+
+
+def mp4_writer(path, width, height, fps):  # ffmpeg encoding rgb24 frames from its stdin, as imageio's writer does
+    return subprocess.Popen([ffmpeg(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{width}x{height}",
+                             "-pix_fmt", "rgb24", "-r", str(fps), "-i", "-", "-an", "-vcodec", "libx264",
+                             "-pix_fmt", "yuv420p", "-crf", "10", "-v", "quiet", path],  # imageio's quality 8: crf 10
+                            stdin=subprocess.PIPE, **ALONE)
+
+
+def frames_in(path):  # the frames an mp4 holds as ffmpeg decodes it; 0 if it cannot
+    decoded = subprocess.run([ffmpeg(), "-i", path, "-map", "0:v:0", "-f", "null", "-"], capture_output=True,
+                             text=True, **ALONE)
     counts = re.findall(r"frame=\s*(\d+)", decoded.stderr)
     return int(counts[-1]) if decoded.returncode == 0 and counts else 0
 
 
 if __name__ == "__main__":
     main()
+    leave(0)  # as every exit: no signal handler of ours left to interrupt the interpreter's shutdown

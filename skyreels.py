@@ -8,7 +8,7 @@ The extras (the last part) and the lines of the method each one touches, so that
   offload (StreamedBlocks, on_device)   Pipeline.__init__; on_device(...) in predict and the four encoders/decoder
   LoRA (read_lora, fold_loras)          load(); pipe.load_lora / unload_loras are attached there
   async shortcuts (Shortcuts)           denoise_window: `frames = Shortcuts(...)`, `frames.plan(update)`, the pad
-  resume state (State)                  run(); run_diffusion_forcing: state.load, state.save
+  resume state (State)                  check_state; run(): state.begin; run_diffusion_forcing: state.load, save
   several ranks (split_ranks, ...)      load(); run(): check_ranks_agree; predict: guided_pair_across_ranks
   TeaCache                              run_lockstep, denoise_window: `teacache = ...`; predict: teacache.reuse
   fp8 (FP8Linear, use_fp8)              load(), load_component, load_weights (a weight quantized as it is read)
@@ -88,7 +88,7 @@ class Settings:
     generator: torch.Generator = None  # instead of seed
     progress: object = None  # progress(step, total), called after each denoising step
     output_type: str = "np"  # "np": frames; "latent": the final latents
-    state: str = None  # diffusion forcing: a folder that keeps every finished window (State), to resume from
+    state: str = None  # diffusion forcing: a folder that keeps every finished window, to resume from (then a State)
     resume: bool = False  # continue the run kept in `state` from its last finished window
     redo_from: int = None  # keep windows 1 .. redo_from - 1 of the run kept in `state`, make the others again
     cache_budget: float = None  # GiB for the asynchronous shortcuts' key/value cache; None: what the GPU has free
@@ -166,7 +166,7 @@ class Pipeline:
         self.kind, self.tokenizer, self.text_encoder, self.transformer = kind, tokenizer, text_encoder, transformer
         self.vae, self.clip, self.clip_preprocess, self.device, self.offload = vae, clip, clip_preprocess, device, offload
         self.resolution = "540P"  # the size without height and width (tiny_pipeline: "tiny")
-        self.checkpoint = {}  # what load was given (a State compares it)
+        self.checkpoint = {}  # what made its weights, the files by content (load, fold_loras): a State compares it
         self.dit_passes = dict(dit_passes=0, dit_passes_skipped=0)  # the last run's, computed and skipped (TeaCache)
         self.shortcuts = True  # the exact async shortcuts (Shortcuts); off: diffusers' full passes
         self.on_cpu, self.lora_originals = {}, {}  # the extras' own: offload's (on_device), the LoRAs' (fold_loras)
@@ -197,7 +197,7 @@ class Pipeline:
         if self.kind != "df":
             return self.run_lockstep(s)
         windows = plan_windows(s)
-        return self.run_diffusion_forcing(s, windows, s.state and State(self, s, windows))
+        return self.run_diffusion_forcing(s, windows, s.state and s.state.begin(self, s.generator))
 
     # -- text- and image-to-video: every latent frame at the same timestep -------------------------------------------
 
@@ -385,6 +385,10 @@ REALS = dict(guidance_scale=(0, 1000), shift=(1e-3, 1000), addnoise_condition=(0
              teacache=(0, 1e30))
 
 
+def is_integer(v, low, high=math.inf):  # a Python or numpy int, never a bool
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and low <= v <= high
+
+
 MAX_TOKENS = 2**20  # a window's tokens: 9x a 720P window's (31x45x80), about what one 80 GB GPU can attend over
 
 
@@ -396,9 +400,9 @@ def check_settings(kind, dit, s):
     mode = check_mode(kind, dit, s)
     defaults = dict(zip(("num_inference_steps", "guidance_scale", "shift"), DEFAULTS[mode]))
     s = dataclasses.replace(s, mode=mode, **{k: v for k, v in defaults.items() if getattr(s, k) is None})
-    s = check_inputs(check_state(check_numbers(s)))  # each trusts what the one before checked
+    s = check_inputs(check_numbers(s))  # each trusts what the one before checked
     check_frames(kind, dit.rope_max_seq_len, s)
-    return s
+    return check_state(s)
 
 
 def check_mode(kind, dit, s):  # from the checkpoint's kind and which media are given
@@ -431,24 +435,21 @@ def check_numbers(s):  # num_frames is rounded down to 1 + 4k, as diffusers does
     return dataclasses.replace(s, **checked)
 
 
-def check_state(s):  # resuming without a seed takes the state's; -1 draws one
+def check_state(s):  # the state folder read once (State), last: it compares the checked settings; -1 draws a seed
     if (s.resume or s.redo_from) and s.state is None:
         raise ValueError("resume and redo_from continue the run kept in a state folder: give state")
     if s.state is not None and s.mode in ("t2v", "i2v"):
         raise ValueError(f"state, resume and redo_from are for diffusion forcing; {s.mode} makes one pass")
-    if s.state is not None and not isinstance(s.state, (str, os.PathLike)):
-        raise ValueError(f"state must be a folder's path, got {type(s.state).__name__}")
-    if s.resume or s.redo_from:  # the earlier run's settings must be there; without a seed, its seed
-        settings = os.path.join(s.state, "settings.json")
-        if not os.path.isfile(settings):  # a finished run removed it
-            raise ValueError(f"{'resume' if s.resume else 'redo_from'}: {s.state} holds no run (no settings.json)")
-        recorded = read_json(settings)
-        s = dataclasses.replace(s, seed=recorded.get("seed") if s.seed in (None, -1) else s.seed)
+    if s.state is not None and not (isinstance(s.state, (str, os.PathLike)) and os.fspath(s.state)):
+        raise ValueError(f"state must be a folder's path, got {s.state!r}")
+    state = State(s) if s.state is not None else None
+    if (s.resume or s.redo_from) and s.seed in (None, -1):  # resuming without a seed: its last window's
+        s = dataclasses.replace(s, seed=state.record["windows"][-1]["seed"])
     if s.seed == -1:  # as the original CLI and the UIs people use: a random seed, recorded
         s = dataclasses.replace(s, seed=random.randrange(2**31))
     if s.generator is None and s.seed is not None:
         s = dataclasses.replace(s, generator=torch.Generator().manual_seed(s.seed))
-    return s
+    return dataclasses.replace(s, state=state and state.plan(s))
 
 
 def check_inputs(s):  # images and video read as PIL, the size chosen
@@ -545,15 +546,19 @@ def load(path, device=None, dtype=torch.bfloat16, offload=False, vae_dtype=torch
     """A ready pipeline from a -Diffusers folder, a Hugging Face id or tiny-t2v/i2v/df. transformer: a one-file DiT for
     the folder's; fp8: quantize on load; compile: ~20% faster on an H100, half the activations, ~10-30 s a new shape."""
     check_load(path, (dtype, vae_dtype), loras, transformer, dict(offload=offload, compile=compile, fp8=fp8))
+    if offload and path in TINY:  # built in memory, on the device
+        note("offload is for model folders: a tiny model runs whole on the device")
     device = check_device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    path = path if path in TINY or os.path.isdir(path) else download(path)
     pipe = tiny_pipeline(path, device, dtype) if path in TINY else \
         load_folder(path, device, dtype, offload, vae_dtype, transformer, fp8)
     for module in (pipe.transformer, pipe.text_encoder) if fp8 and path in TINY else ():
         use_fp8(module, device)  # built in memory: quantized now
     pipe.fp8 = (transformer and fp8_layout(transformer)) or ("quantized on load" if fp8 else None)
+    pipe.checkpoint = dict(model=path if path in TINY else content_id(path), loras=[],
+                           transformer=transformer and content_id(transformer), dtype=str(dtype)[6:],
+                           vae_dtype=str(vae_dtype)[6:], fp8=fp8)
     fold_loras(pipe, loras)  # LoRA
-    pipe.checkpoint = dict(model=path, transformer=transformer, loras=[list(lora) for lora in loras],
-                           dtype=str(dtype)[6:], vae_dtype=str(vae_dtype)[6:], fp8=fp8)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         pipe.parallel, pipe.cfg_parallel = split_ranks()
     if device.type == "cuda":
@@ -596,7 +601,6 @@ def dit_config(path):  # the DiT's sizes (its rotary table, first-last-frame or 
 
 
 def load_folder(path, device, dtype, offload, vae_dtype, transformer_file=None, fp8=False):
-    path = path if os.path.isdir(path) else download(path)
     kind = kind_of(path)
     home = torch.device("cpu") if offload else device  # offloaded components wait on the CPU
     sub = lambda name: os.path.join(path, name)  # noqa: E731
@@ -626,7 +630,7 @@ def read_json(path):
     try:
         with open(path) as f:
             data = json.load(f)
-    except (OSError, ValueError) as e:  # missing, unreadable, or not JSON
+    except (OSError, ValueError, RecursionError) as e:  # missing, unreadable, or not JSON (or nested too deep)
         raise CheckpointError(f"cannot read {path} ({e})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} is valid JSON but not an object ({{...}})")
@@ -675,7 +679,7 @@ def _open(path):  # a safetensors file whose header names each tensor once (json
             size = int.from_bytes(f.read(8), "little")
             json.loads(f.read(min(size, 100 * 2**20)), object_pairs_hook=unique_keys)
         return safe_open(path, framework="pt")
-    except (SafetensorError, OSError, ValueError) as e:  # missing, or not a (complete) safetensors file
+    except (SafetensorError, OSError, ValueError, RecursionError) as e:  # missing, not a (whole) safetensors file
         raise CheckpointError(f"cannot read {path} as safetensors ({e})") from None
 
 
@@ -1009,6 +1013,8 @@ def fold_loras(pipe, loras):  # W += the scaled deltas in float32, rounded once 
             raise ValueError(f"a LoRA's scale must be a finite number, got {scale!r} for {path}")
         for name, coefficient, up, down in read_lora(path, pipe.transformer):
             terms.setdefault(name, []).append((scale * coefficient, up, down))
+    pipe.checkpoint["loras"] = pipe.checkpoint.get("loras", []) + [[content_id(path), float(scale)]
+                                                                   for path, scale in loras]
     on_device(pipe, None)  # offload: every parameter back in its home copy
     for name, group in terms.items():
         p = pipe.transformer.get_parameter(name)
@@ -1036,6 +1042,7 @@ def unload_loras(pipe):  # pipe.unload_loras: the DiT's weights exactly as befor
     for name in list(pipe.lora_originals):
         p = pipe.transformer.get_parameter(name)
         p.data = pipe.lora_originals.pop(name).to(p.device)
+    pipe.checkpoint["loras"] = []
     if pipe.offload:
         stream_blocks(pipe)
 
@@ -1110,72 +1117,190 @@ SAME_ON_RESUME = ("mode", "negative_prompt", "height", "width", "num_frames", "n
                   "addnoise_condition", "fps", "max_sequence_length", "teacache", "use_ret_steps")
 
 
-class State:
-    """A run's state folder: settings.json (what its frames depend on) and, per finished window, window-K.safetensors:
-    its latents (float32, exact) and every random generator's state after it, each file written whole (atomic_write).
-    Resuming restores both, so the video is the one an uninterrupted run makes; redo_from K keeps windows 1 .. K-1."""
+STATE_FORMAT = "skyreels-v2 state 1"  # settings.json's "format": the folder is this project's to write in
 
-    def __init__(self, pipe, s, windows):
-        self.folder, self.device, self.windows = s.state, pipe.device, windows
+STATE_FILES = re.compile(r"(window-\d{4,}\.safetensors|settings\.json)(\.\d+\.tmp)?")  # what a State writes
+
+PASSES = ("dit_passes", "dit_passes_skipped")  # Pipeline.dit_passes' counts, kept per window
+
+
+class State:
+    """A run's state folder. settings.json, written first, makes it this project's: the run's identity (its settings,
+    the media's pixels and the checkpoint's files by content: identity, load) and each window's prompt and seed. Per
+    finished window, window-K.safetensors: its latents (float32, exact), every random generator's state after it, its
+    prompt, seed and DiT passes, and a checksum of all that and of the window before (of the identity for window 1):
+    a flipped bit, or a window of another run, is refused. Each file is written whole (atomic_write). Resuming
+    restores it all, so the video is the one an uninterrupted run makes; redo_from K keeps windows 1 .. K-1.
+    The folder is read once, at the door (check_state: __init__, plan), and written from begin(), by rank 0."""
+
+    def __init__(self, s):
+        self.folder, self.record, self.kept = os.fspath(s.state), None, 0
+        self.continuing, path = s.resume or s.redo_from is not None, os.path.join(self.folder, "settings.json")
+        if os.path.lexists(self.folder):  # only a folder this project made is read, written in or removed
+            if not os.path.isfile(path):
+                raise ValueError(f"state {self.folder} exists and is not a state folder (no settings.json): it is "
+                                 f"left as it is; remove it or choose another name")
+            self.record = read_json(path)
+            windows = self.record.get("windows")
+            if self.record.get("format") != STATE_FORMAT:
+                raise CheckpointError(f"{path}: format is {self.record.get('format')!r}, not {STATE_FORMAT!r}")
+            if not isinstance(windows, list) or not windows or not all(
+                    isinstance(w, dict) and set(w) == {"prompt", "seed"} and isinstance(w["prompt"], str) and
+                    (w["seed"] is None or is_integer(w["seed"], 0, 2**64 - 1)) for w in windows):
+                raise CheckpointError(f"{path}: windows must be a list of each window's prompt (text) and seed (an "
+                                      f"integer), got {windows!r}")
+            self.kept = next(k for k in itertools.count() if not os.path.isfile(self.path(k)))  # finished windows
+        if self.continuing and self.record is None:
+            raise ValueError(f"{'resume' if s.resume else 'redo_from'}: {self.folder} holds no run (no settings.json)")
+        if not self.continuing and self.kept:
+            raise ValueError(f"{self.folder} holds {self.kept} finished windows of an earlier run: resume, redo, or "
+                             f"remove it")
+
+    def plan(self, s):
+        """The run's windows, and the prompt and seed of each (kept windows keep theirs); a resumed or redone run's
+        settings compared with the state's, and on resume each window's prompt and the seed of those to make."""
+        self.windows, self.shape = plan_windows(s), (s.height // SPATIAL, s.width // SPATIAL)
+        self.identity, n = identity(s), len(self.windows)
+        self.made, self.finished = [dict(prompt=w.prompt, seed=s.seed) for w in self.windows], 0
+        if self.continuing:
+            self.compare(self.identity, self.record)
+            old, self.finished = self.record["windows"], self.kept if s.resume else s.redo_from - 1
+            if len(old) != n or self.kept > n:
+                raise CheckpointError(f"{self.folder} holds {len(old)} windows' prompts and {self.kept} windows; the "
+                                      f"run makes {n}")
+            if s.redo_from and s.redo_from > min(self.kept + 1, n):
+                raise ValueError(f"redo_from {s.redo_from}: {self.folder} holds {self.kept} finished windows of {n}; "
+                                 f"redo one of 1 .. {min(self.kept + 1, n)}")
+            if s.resume:  # every window's prompt, and the seed of those still to make (a kept one's may be a redo's)
+                now, then = ({f"window {k + 1}": w if k >= self.finished else w["prompt"] for k, w in enumerate(ws)}
+                             for ws in (self.made, old))
+                self.compare(now, then, "resume with its prompts and seed, or redo from that window (redo_from)")
+            self.made[:self.finished] = old[:self.finished]
+        self.reseed = self.finished and self.made[self.finished - 1]["seed"] != s.seed  # a redo with another seed
+        return self
+
+    def compare(self, now, old, advice="resume with the same settings"):  # the first field that differs, named, whole
+        for name, value in now.items():
+            if old.get(name) != value:
+                raise ValueError(f"{name} differs from the state's in {self.folder} ({old.get(name)!r} there, "
+                                 f"{value!r} here): {advice}")
+
+    def begin(self, pipe, generator):  # the checkpoint compared, the kept windows verified, settings.json written
+        if self.continuing:
+            self.compare(pipe.checkpoint, self.record)
+        record = dict(format=STATE_FORMAT, **self.identity, **pipe.checkpoint, windows=self.made)
+        self.chain = [hashlib.sha256(json.dumps(dict(record, windows=None)).encode()).hexdigest()]
+        self.device, self.passes, self.counted = pipe.device, pipe.dit_passes, dict.fromkeys(PASSES, 0)
+        for k in range(self.finished):  # each read whole before any frame is made
+            self.read_window(k, generator)
         self.writer = not dist.is_initialized() or dist.get_rank() == 0  # rank 0 writes, every rank reads
-        settings = os.path.join(self.folder, "settings.json")
-        record = state_record(pipe, s)
-        kept = next(k for k in itertools.count() if not os.path.isfile(self.path(k)))  # finished windows on disk
-        self.finished, self.reseed = 0, False
-        if s.resume or s.redo_from:
-            old = read_json(settings)
-            allowed = ("prompt", "seed") if s.redo_from else ()
-            for name in record:
-                if record[name] != old.get(name) and name not in allowed:
-                    raise ValueError(f"{name} differs from the state's in {self.folder} ({old.get(name)!r:.60} there, "
-                                     f"{record[name]!r:.60} here): resume with the same settings")
-            self.finished = kept if not s.redo_from else s.redo_from - 1
-            if self.finished > kept:
-                raise ValueError(f"redo_from {s.redo_from}: {self.folder} holds {kept} finished windows")
-            self.reseed = record["seed"] != old.get("seed")
-        elif kept:
-            raise ValueError(f"{self.folder} holds {kept} finished windows of an earlier run: resume, redo or remove")
         if self.writer:
-            os.makedirs(self.folder, exist_ok=True)
-            for k in reversed(range(self.finished, kept)):  # the windows to make again, last first
+            os.makedirs(self.folder, exist_ok=self.record is not None)  # a folder that came meanwhile: refused
+            for k in reversed(range(self.finished, self.kept)):  # the windows to make again, last first
                 os.remove(self.path(k))
-            atomic_write(settings, json.dumps(record, indent=1).encode())
+            atomic_write(os.path.join(self.folder, "settings.json"), json.dumps(record, indent=1).encode())
+        return self
 
     def path(self, k):
         return os.path.join(self.folder, f"window-{k + 1:04d}.safetensors")
 
     def save(self, k, x, generator):
-        if not self.writer:
-            return
         tensors = dict(latents=x.float().cpu().contiguous(), rng=torch.get_rng_state(),
                        generator=generator.get_state() if generator is not None else None,
                        cuda_rng=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
-        atomic_write(self.path(k), safetensors.torch.save({name: t for name, t in tensors.items() if t is not None},
-                                                          metadata=dict(prompt=self.windows[k].prompt)))
+        tensors = {name: t for name, t in tensors.items() if t is not None}
+        record = dict(window=k + 1, follows=self.chain[k], **self.made[k],
+                      **{n: self.passes[n] - self.counted[n] for n in PASSES})  # this window's passes
+        self.counted, self.chain[k + 1:] = dict(self.passes), [checksum(tensors, record)]
+        if self.writer:
+            metadata = dict(window=json.dumps(dict(record, checksum=self.chain[k + 1])))
+            atomic_write(self.path(k), safetensors.torch.save(tensors, metadata=metadata))
 
     def load(self, k, generator):
         """Window k's latents, and the generators as after it (the seeded one not, if a redo reseeds)."""
-        path = self.path(k)
-        with _open(path) as f:
-            t = {key: _tensor(f, path, key) for key in f.keys()}
-        if "latents" not in t or tuple(t["latents"].shape[:3]) != (1, 16, self.windows[k].size):
-            raise CheckpointError(f"{path} does not hold this run's window {k + 1}")
+        t, record = self.read_window(k, generator)
+        for n in PASSES:  # the whole film's passes: the kept windows' too
+            self.passes[n] += record[n]
+        self.counted = dict(self.passes)
         torch.set_rng_state(t["rng"])
         if "cuda_rng" in t and self.device.type == "cuda":
             torch.cuda.set_rng_state(t["cuda_rng"], self.device)
-        if generator is not None and "generator" in t and not self.reseed:
+        if generator is not None and not self.reseed:
             generator.set_state(t["generator"])
         return t["latents"].to(self.device), generator
 
+    def read_window(self, k, generator):  # (tensors, record): each tensor as this run's, the checksum and chain checked
+        path = self.path(k)
+        with _open(path) as f:
+            t, record = {key: _tensor(f, path, key) for key in f.keys()}, (f.metadata() or {}).get("window")
+        like = dict(latents=torch.empty(1, 16, self.windows[k].size, *self.shape, device="meta"),
+                    rng=torch.get_rng_state(), generator=generator.get_state() if generator is not None else None)
+        if "cuda_rng" in t and self.device.type == "cuda":
+            like["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        for key, want in like.items():
+            if want is not None and (key not in t or (t[key].dtype, t[key].shape) != (want.dtype, want.shape)):
+                got = f"{t[key].dtype} {tuple(t[key].shape)}" if key in t else "missing"
+                raise CheckpointError(f"{path}: {key} is {got}; window {k + 1} of this run needs {want.dtype} "
+                                      f"{tuple(want.shape)}")
+        try:
+            record = json.loads(record)
+            body = {key: v for key, v in record.items() if key != "checksum"}
+        except (TypeError, ValueError, AttributeError, RecursionError):  # none, not JSON, or not an object
+            raise CheckpointError(f"{path} has no record of its window") from None
+        if record.get("checksum") != checksum(t, body) or not all(is_integer(body.get(n), 0) for n in PASSES):
+            raise CheckpointError(f"{path} is damaged: its checksum does not match its contents")
+        for name, value in dict(window=k + 1, follows=self.chain[k], **self.made[k]).items():
+            if body.get(name) != value:
+                raise CheckpointError(f"{path} is not window {k + 1} of this run: its {name} is {body.get(name)!r}, "
+                                      f"not {value!r}")
+        self.chain[k + 1:] = [record["checksum"]]
+        return t, body
 
-def state_record(pipe, s):
-    """What a run's frames depend on, as JSON: compared on resume, naming the first setting that differs."""
+    def remove(self):  # this project's files (settings.json last), then the folder if that empties it
+        for name in sorted(os.listdir(self.folder), key=lambda name: name.startswith("settings.json")):
+            if STATE_FILES.fullmatch(name):
+                os.remove(os.path.join(self.folder, name))
+        try:
+            os.rmdir(self.folder)
+        except OSError:  # the user's own files in it, or a link to it: left as they are
+            pass
+
+
+def identity(s):
+    """What a run's frames depend on besides its checkpoint and each window's prompt and seed: the settings, and the
+    media by the digest of their pixels. A State keeps it, compared field by field; ranks compare it."""
     record = {name: getattr(s, name) for name in SAME_ON_RESUME}
-    for name in ("image", "last_image", "video"):  # media by the digest of their pixels
+    for name in ("image", "last_image", "video"):
         frames = getattr(s, name)
         frames = frames if isinstance(frames, list) else [frames] if frames is not None else []
         record[name] = hashlib.sha256(b"".join(im.tobytes() + repr(im.size).encode() for im in frames)).hexdigest()
-    return dict(record, checkpoint=pipe.checkpoint, prompt=s.prompts, seed=s.seed)
+    return record
+
+
+def content_id(path, header=False):
+    """A file's size and the sha256 of its bytes (header: of a safetensors file's header alone, its tensors' names,
+    dtypes, shapes and offsets), or a checkpoint folder's of its files', each weight file by its header (hashing 28 GB
+    at each start would take a minute). Kept in a state: a file rewritten at the same path is found, and one file
+    under two names is one file."""
+    if os.path.isdir(path):
+        files = sorted(os.path.relpath(os.path.join(folder, name), path) for folder, _, names in os.walk(path)
+                       for name in names if name.endswith((".json", ".model", ".safetensors")))
+        ids = [[name, content_id(os.path.join(path, name), name.endswith(".safetensors"))] for name in files]
+        return "sha256:" + hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+    with open(path, "rb") as f:
+        if header:
+            digest = hashlib.sha256(f.read(8 + int.from_bytes(f.read(8), "little"))).hexdigest()  # length, then JSON
+        else:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return f"{os.path.getsize(path)} bytes, sha256:{digest}"
+
+
+def checksum(tensors, record):  # a window's record and tensors (names, dtypes, shapes, bytes)
+    h = hashlib.sha256(json.dumps(record, sort_keys=True).encode())
+    for name, t in sorted(tensors.items()):
+        h.update(repr((name, t.dtype, tuple(t.shape))).encode())
+        h.update(t.contiguous().numpy())
+    return h.hexdigest()
 
 
 def atomic_write(path, data):
@@ -1219,7 +1344,8 @@ def guided_pair_across_ranks(one_pass, cfg_parallel):
 
 def check_ranks_agree(pipe, s):
     """Ranks that disagree on a seed, size or input make a garbled video together: compare digests before any work."""
-    h = hashlib.sha256(json.dumps([state_record(pipe, s), s.output_type, s.cache_budget]).encode())
+    h = hashlib.sha256(json.dumps([identity(s), pipe.checkpoint, s.prompts, s.seed, s.output_type, s.cache_budget])
+                       .encode())
     rng = torch.cuda.get_rng_state(pipe.device) if pipe.device.type == "cuda" else torch.get_rng_state()
     states = ([s.generator.get_state()] if s.generator is not None else []) + [rng] * (s.addnoise_condition > 0)
     for state in states:  # the seeded generator, and the global RNG that re-noising draws from
